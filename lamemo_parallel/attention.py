@@ -1,0 +1,176 @@
+"""Relative multi-head attention: causal attention of the current rows (Transformer-XL) and, for LaMemo,
+look-ahead attention of the memory rows plus the interpolation with their cached state (spec §4).
+
+Layout is batch-major: rows are [B, T, ...] with T = M + N (memory rows first). Scores are [B, H, Q, K].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .positions import causal_mask, lookahead_distances, lookahead_future_mask, lookahead_window, relative_shift
+
+#: Added to the interpolation's denominator, exactly as in the paper's release.
+INTERPOLATION_EPS = 1e-6
+
+
+def statistics_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """Z-bar / Z+ and the interpolation run in float32 whatever the activations (bf16, fp16), or in
+    float64 for a float64 model (so that float64 checks stay float64)."""
+    return torch.promote_types(activation_dtype, torch.float32)
+
+
+@dataclass
+class GlobalBiases:
+    """The biases shared by every layer, each [H_local, d_h] (spec §2)."""
+
+    content: torch.Tensor            # u  (r_w_bias)
+    position: torch.Tensor           # v  (r_r_bias)
+    future_position: torch.Tensor | None = None   # v+ (r_r_bias_future), variants 3 / 32 / 33
+    future_content: torch.Tensor | None = None    # u+ (r_w_bias_future), variant 32
+
+
+@dataclass
+class PositionEncodings:
+    """Sinusoids of one step, shared by every layer (dropout already applied once), each [rows, d].
+
+    ``causal`` holds distances T-1, ..., 0 (row r = distance T-1-r). ``lookahead`` is the table the memory
+    queries score against: distances 1..M (variants 3 / 32), -1..-M (31), or M-1..0 followed by 1..M (33);
+    ``lookahead_index(i, p)`` tells which row serves memory row i and key p.
+    """
+
+    causal: torch.Tensor
+    lookahead: torch.Tensor | None
+    variant: int
+
+    def lookahead_index(self, mem_len: int, start: int, end: int, device) -> torch.Tensor:
+        delta = lookahead_distances(mem_len, start, end, device=device)     # p - i
+        if self.variant == 33:
+            return delta + (mem_len - 1)           # rows M-1..0 are distances M-1..0, rows M.. are 1..M
+        return (delta - 1).clamp(min=0)            # row k is distance k + 1; p <= i is masked anyway
+
+
+@dataclass
+class AttentionResult:
+    output: torch.Tensor                     # [B, T, d] (LaMemo) or [B, N, d] (XL): before the FFN
+    vectors: torch.Tensor | None             # [B, T, H, d_h] new C-bar rows (LaMemo)
+    log_normalizers: torch.Tensor | None     # [B, T, H] new Z-bar rows, float32 (LaMemo)
+    probs: dict | None = None                # attention weights, when asked for
+
+
+class RelativeAttention(nn.Module):
+    """Multi-head attention with relative positions; look-ahead + interpolation when ``lookahead``."""
+
+    def __init__(self, *, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
+                 pre_lnorm: bool, lookahead: bool, variant: int, linears, layer_norm_eps: float = 1e-5):
+        super().__init__()
+        if n_head % linears.tp_size:
+            raise ValueError(f"n_head={n_head} is not divisible by the tensor-parallel size {linears.tp_size}")
+        self.n_local_heads = n_head // linears.tp_size
+        self.d_head = d_head
+        self.scale = 1.0 / math.sqrt(d_head)
+        self.pre_lnorm = pre_lnorm
+        self.lookahead = lookahead
+        self.variant = variant
+        inner = n_head * d_head
+        # Separate K and V projections (the release packs them) so that a column split gives each
+        # tensor-parallel rank whole heads of both.
+        self.q_proj = linears.column(d_model, inner, bias=False)
+        self.k_proj = linears.column(d_model, inner, bias=False)
+        self.v_proj = linears.column(d_model, inner, bias=False)
+        self.r_proj = linears.column(d_model, inner, bias=False)
+        self.o_proj = linears.row(inner, d_model, bias=False)
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*d_h] -> [B, H, T, d_h]."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_local_heads, self.d_head).transpose(1, 2)
+
+    def forward(self, z: torch.Tensor, *, mem_len: int, positions: PositionEncodings, biases: GlobalBiases,
+                cached_vectors: torch.Tensor | None = None, cached_log_normalizers: torch.Tensor | None = None,
+                return_probs: bool = False) -> AttentionResult:
+        """``z`` = [memory rows; current rows], [B, M+N, d].
+
+        LaMemo: every row gets a query; returns all M+N rows. XL: memory rows are keys only; returns N rows.
+        """
+        M = mem_len
+        T = z.shape[1]
+        N = T - M
+        zn = self.norm(z) if self.pre_lnorm else z
+        query_rows = zn if self.lookahead else zn[:, M:]
+        q = self._heads(self.q_proj(query_rows))             # [B, H, Tq, d_h]
+        k = self._heads(self.k_proj(zn))                     # [B, H, T, d_h]
+        v = self._heads(self.v_proj(zn))
+        r_causal = self.r_proj(positions.causal).view(T, self.n_local_heads, self.d_head)
+
+        # ---- causal attention of the current rows (exactly Transformer-XL) ---------------------------
+        q_cur = q[:, :, M:] if self.lookahead else q
+        content = torch.einsum("bhid,bhjd->bhij", q_cur + biases.content[:, None], k)
+        position = torch.einsum("bhid,jhd->bhij", q_cur + biases.position[:, None], r_causal)
+        scores = (content + relative_shift(position)) * self.scale
+        allowed = causal_mask(N, M, device=z.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        stat = statistics_dtype(scores.dtype)
+        lse_cur = torch.logsumexp(scores.to(stat), dim=-1)                     # Z_t, [B, H, N]
+        probs = torch.softmax(scores, dim=-1)
+        vec_cur = torch.matmul(self.dropatt(probs), v)                          # c_t, [B, H, N, d_h]
+        recorded = {"causal": probs.detach()} if return_probs else None
+
+        if not self.lookahead:
+            out = self._project(vec_cur, z[:, M:])
+            return AttentionResult(out, None, None, recorded)
+
+        # ---- look-ahead attention of the memory rows + interpolation ---------------------------------
+        if M > 0:
+            vec_mem, lse_prev = self._lookahead(q[:, :, :M], k, v, M, N, positions, biases,
+                                                cached_vectors, cached_log_normalizers, recorded)
+            vectors = torch.cat([vec_mem, vec_cur], dim=2)
+            lse = torch.cat([lse_prev, lse_cur], dim=2)
+        else:
+            vectors, lse = vec_cur, lse_cur
+        out = self._project(vectors, z)
+        return AttentionResult(out, vectors.transpose(1, 2), lse.transpose(1, 2), recorded)
+
+    def _lookahead(self, q_mem, k, v, M, N, positions, biases, cached_vectors, cached_lse, recorded):
+        start, end = lookahead_window(M, N)
+        k_win, v_win = k[:, :, start:end], v[:, :, start:end]
+        content_bias = biases.future_content if biases.future_content is not None else biases.content
+        position_bias = biases.position if self.variant == 31 else biases.future_position
+        r_table = self.r_proj(positions.lookahead).view(-1, self.n_local_heads, self.d_head)
+        content = torch.einsum("bhid,bhjd->bhij", q_mem + content_bias[:, None], k_win)
+        by_row = torch.einsum("bhid,rhd->bhir", q_mem + position_bias[:, None], r_table)
+        index = positions.lookahead_index(M, start, end, q_mem.device)          # [M, W]
+        position = torch.gather(by_row, 3, index.expand(*by_row.shape[:2], -1, -1))
+        scores = (content + position) * self.scale
+        if self.variant != 33:   # 33 is the 'full look-ahead' ablation: the same window, no strict-future mask
+            allowed = lookahead_future_mask(M, start, end, device=q_mem.device)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        stat = statistics_dtype(scores.dtype)
+        lse_new = torch.logsumexp(scores.to(stat), dim=-1)                    # Z+, [B, H, M], not detached
+        probs = torch.softmax(scores, dim=-1)
+        vec_new = torch.matmul(self.dropatt(probs), v_win)                    # a_i, [B, H, M, d_h]
+        if recorded is not None:
+            recorded["lookahead"] = probs.detach()
+            recorded["lookahead_window"] = (start, end)
+
+        # Interpolation in float32 (spec §4, step 4): one softmax over the union of old and new keys.
+        old_vec = cached_vectors.transpose(1, 2).to(stat)                     # [B, H, M, d_h]
+        old_lse = cached_lse.transpose(1, 2).to(stat)                         # [B, H, M]
+        top = torch.maximum(old_lse, lse_new)
+        w_old, w_new = torch.exp(old_lse - top), torch.exp(lse_new - top)
+        alpha = (w_old / (w_old + w_new + INTERPOLATION_EPS)).unsqueeze(-1)
+        mixed = alpha * old_vec + (1 - alpha) * vec_new.to(stat)
+        mixed = torch.nan_to_num(mixed.to(vec_new.dtype))
+        return mixed, torch.logaddexp(old_lse, lse_new)
+
+    def _project(self, vectors: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = vectors.shape
+        flat = vectors.transpose(1, 2).reshape(b, t, self.n_local_heads * self.d_head)
+        out = self.drop(self.o_proj(flat))
+        return residual + out if self.pre_lnorm else self.norm(residual + out)

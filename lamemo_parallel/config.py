@@ -1,0 +1,101 @@
+"""The model's configuration: one typed, validated, JSON-serialisable dataclass."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The release's ``attn_type`` numbers we support (spec §5).
+#: 0 = Transformer-XL, 3 = LaMemo (default), 31 / 32 / 33 = ablations of the look-ahead positions.
+SUPPORTED_VARIANTS = (0, 3, 31, 32, 33)
+LOOKAHEAD_VARIANTS = (3, 31, 32, 33)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model."""
+
+
+@dataclass
+class LaMemoConfig:
+    """Architecture of a LaMemo (or Transformer-XL) language model.
+
+    Sizes follow the paper's notation: ``d_model`` = d, ``n_head`` x ``d_head`` attention heads,
+    ``d_inner`` = d_ff. ``tgt_len`` / ``mem_len`` are defaults only: every forward call may override
+    them (evaluation often uses a longer memory than training).
+    """
+
+    vocab_size: int
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 8
+    d_head: int | None = None
+    """Width of one head; defaults to d_model // n_head."""
+    d_inner: int = 1024
+    variant: int = 3
+    """The release's attn_type: 0 (Transformer-XL), 3 (LaMemo), 31, 32, 33 (ablations)."""
+    pre_lnorm: bool = False
+    """Pre-LayerNorm blocks; the release's default (and ours) is post-LN."""
+    dropout: float = 0.0
+    dropatt: float = 0.0
+    clamp_len: int = -1
+    """Clamp every relative distance (future ones too) to at most this value; <= 0 disables."""
+    tgt_len: int = 128
+    mem_len: int | None = None
+    """Default memory length; None means 'equal to the segment length of the call' (the paper's N = M)."""
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata (e.g. where a checkpoint came from); not used by the model."""
+
+    def __post_init__(self) -> None:
+        if self.d_head is None:
+            if self.n_head <= 0 or self.d_model % self.n_head:
+                raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; set d_head")
+            self.d_head = self.d_model // self.n_head
+        self.validate()
+
+    def validate(self) -> None:
+        positive = {"vocab_size": self.vocab_size, "n_layer": self.n_layer, "d_model": self.d_model,
+                    "n_head": self.n_head, "d_head": self.d_head, "d_inner": self.d_inner, "tgt_len": self.tgt_len}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.variant not in SUPPORTED_VARIANTS:
+            raise ConfigError(f"variant must be one of {SUPPORTED_VARIANTS}, got {self.variant!r}")
+        if self.d_model % 2:
+            raise ConfigError(f"d_model must be even for the sinusoidal positions, got {self.d_model}")
+        if self.mem_len is not None and (not isinstance(self.mem_len, int) or self.mem_len < 0):
+            raise ConfigError(f"mem_len must be a non-negative integer or null, got {self.mem_len!r}")
+        for name in ("dropout", "dropatt"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+    @property
+    def uses_lookahead(self) -> bool:
+        return self.variant in LOOKAHEAD_VARIANTS
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LaMemoConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LaMemoConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no model config at {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+        return cls.from_dict(data)

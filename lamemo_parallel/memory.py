@@ -1,0 +1,176 @@
+"""The state carried between segments (spec §3), as one typed object.
+
+LaMemo (variants 3, 31, 32, 33) keeps
+  * ``embeddings``      [B, M, d]        FIFO of the input embeddings (after embedding dropout),
+  * ``vectors[l]``      [B, M, H, d_h]   C-bar: per-head attention vectors before W_o,
+  * ``log_normalizers[l]`` [B, M, H]     Z-bar: log-sum-exp of every logit the position attended (float32).
+Transformer-XL (variant 0) keeps the hidden states entering each layer instead:
+  * ``embeddings``      [B, M, d]        level 0 (input embeddings),
+  * ``hidden[l]``       [B, M, d]        the output of layer l, i.e. the input of layer l + 1 (l < L - 1).
+All rows are aligned: row i of every tensor describes the same token. Nothing here carries gradient once
+``detach`` has been called (the model detaches what it returns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_FORMAT = "lamemo-memory-v1"
+
+
+class MemoryMismatchError(ValueError):
+    """A memory that does not fit the model or the batch it is used with."""
+
+
+@dataclass
+class LaMemoMemory:
+    embeddings: torch.Tensor
+    vectors: list[torch.Tensor] = field(default_factory=list)
+    log_normalizers: list[torch.Tensor] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, *, batch_size: int, n_layer: int, d_model: int, n_head: int, d_head: int, lookahead: bool,
+              device=None, dtype=torch.float32) -> "LaMemoMemory":
+        """A memory with M = 0 rows (the first segment)."""
+        emb = torch.zeros(batch_size, 0, d_model, device=device, dtype=dtype)
+        if lookahead:
+            return cls(
+                embeddings=emb,
+                vectors=[torch.zeros(batch_size, 0, n_head, d_head, device=device, dtype=dtype)
+                         for _ in range(n_layer)],
+                log_normalizers=[torch.zeros(batch_size, 0, n_head, device=device,
+                                             dtype=torch.promote_types(dtype, torch.float32))
+                                 for _ in range(n_layer)],
+            )
+        return cls(embeddings=emb,
+                   hidden=[torch.zeros(batch_size, 0, d_model, device=device, dtype=dtype)
+                           for _ in range(n_layer - 1)])
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def length(self) -> int:
+        """M: number of memory rows."""
+        return self.embeddings.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def is_lookahead(self) -> bool:
+        return bool(self.vectors)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor view (the on-disk layout)."""
+        out = {"embeddings": self.embeddings}
+        out.update({f"vectors.{i}": t for i, t in enumerate(self.vectors)})
+        out.update({f"log_normalizers.{i}": t for i, t in enumerate(self.log_normalizers)})
+        out.update({f"hidden.{i}": t for i, t in enumerate(self.hidden)})
+        return out
+
+    # ------------------------------------------------------------------ transformations
+    def _map(self, fn) -> "LaMemoMemory":
+        return LaMemoMemory(
+            embeddings=fn(self.embeddings),
+            vectors=[fn(t) for t in self.vectors],
+            log_normalizers=[fn(t) for t in self.log_normalizers],
+            hidden=[fn(t) for t in self.hidden],
+        )
+
+    def detach(self) -> "LaMemoMemory":
+        return self._map(lambda t: t.detach())
+
+    def to(self, device=None, dtype=None) -> "LaMemoMemory":
+        """Move to a device; ``dtype`` converts the activation tensors but keeps Z-bar in float32 (or float64)."""
+        stat = None if dtype is None else torch.promote_types(dtype, torch.float32)
+        out = LaMemoMemory(
+            embeddings=self.embeddings.to(device=device, dtype=dtype),
+            vectors=[t.to(device=device, dtype=dtype) for t in self.vectors],
+            log_normalizers=[t.to(device=device, dtype=stat) for t in self.log_normalizers],
+            hidden=[t.to(device=device, dtype=dtype) for t in self.hidden],
+        )
+        return out
+
+    def select_rows(self, rows) -> "LaMemoMemory":
+        """The memory of a subset of batch rows (an index, a slice, a list or a LongTensor)."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        return self._map(lambda t: t[rows])
+
+    __getitem__ = select_rows
+
+    def last(self, n_rows: int) -> "LaMemoMemory":
+        """Keep the newest ``n_rows`` memory rows (all of them if there are fewer)."""
+        start = max(0, self.length - n_rows)
+        return self._map(lambda t: t[:, start:])
+
+    def clone(self) -> "LaMemoMemory":
+        return self._map(lambda t: t.clone())
+
+    @staticmethod
+    def concat_rows(parts: list["LaMemoMemory"]) -> "LaMemoMemory":
+        """Stack the memories of several batch slices back into one (inverse of ``select_rows``)."""
+        first = parts[0]
+        return LaMemoMemory(
+            embeddings=torch.cat([p.embeddings for p in parts]),
+            vectors=[torch.cat([p.vectors[i] for p in parts]) for i in range(len(first.vectors))],
+            log_normalizers=[torch.cat([p.log_normalizers[i] for p in parts])
+                             for i in range(len(first.log_normalizers))],
+            hidden=[torch.cat([p.hidden[i] for p in parts]) for i in range(len(first.hidden))],
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors().items()}
+        save_file(tensors, str(path), metadata={"format": _FORMAT})
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> "LaMemoMemory":
+        tensors = load_file(str(path), device="cpu")
+        if "embeddings" not in tensors:
+            raise MemoryMismatchError(f"{path} is not a LaMemo memory file (no 'embeddings' tensor)")
+
+        def series(prefix: str) -> list[torch.Tensor]:
+            items = []
+            while f"{prefix}.{len(items)}" in tensors:
+                items.append(tensors[f"{prefix}.{len(items)}"])
+            return items
+
+        memory = cls(embeddings=tensors["embeddings"], vectors=series("vectors"),
+                     log_normalizers=series("log_normalizers"), hidden=series("hidden"))
+        return memory.to(device=device) if device is not None else memory
+
+    # ------------------------------------------------------------------ checks
+    def check_compatible(self, *, batch_size: int, n_layer: int, d_model: int, n_head: int, d_head: int,
+                         lookahead: bool) -> None:
+        """Raise a clear error if this memory cannot be used with the given model and batch."""
+        if self.batch_size != batch_size:
+            raise MemoryMismatchError(f"memory holds {self.batch_size} batch rows but the input has {batch_size}")
+        if self.embeddings.shape[2] != d_model:
+            raise MemoryMismatchError(f"memory embeddings have width {self.embeddings.shape[2]}, the model {d_model}")
+        M = self.length
+        if lookahead:
+            if len(self.vectors) != n_layer or len(self.log_normalizers) != n_layer or self.hidden:
+                raise MemoryMismatchError(f"memory is not a LaMemo memory for {n_layer} layers "
+                                   f"({len(self.vectors)} vector / {len(self.log_normalizers)} normaliser tensors)")
+            for i, (c, z) in enumerate(zip(self.vectors, self.log_normalizers)):
+                if tuple(c.shape) != (batch_size, M, n_head, d_head):
+                    raise MemoryMismatchError(f"memory vectors.{i} has shape {tuple(c.shape)}, "
+                                       f"expected {(batch_size, M, n_head, d_head)}")
+                if tuple(z.shape) != (batch_size, M, n_head):
+                    raise MemoryMismatchError(f"memory log_normalizers.{i} has shape {tuple(z.shape)}, "
+                                       f"expected {(batch_size, M, n_head)}")
+                if z.dtype not in (torch.float32, torch.float64):
+                    raise MemoryMismatchError(f"memory log_normalizers.{i} must be float32, got {z.dtype}")
+        else:
+            if len(self.hidden) != n_layer - 1 or self.vectors:
+                raise MemoryMismatchError(f"memory is not a Transformer-XL memory for {n_layer} layers")
+            for i, h in enumerate(self.hidden):
+                if tuple(h.shape) != (batch_size, M, d_model):
+                    raise MemoryMismatchError(f"memory hidden.{i} has shape {tuple(h.shape)}, "
+                                       f"expected {(batch_size, M, d_model)}")

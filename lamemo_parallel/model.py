@@ -1,0 +1,248 @@
+"""The LaMemo language model on one device (plain torch), readable in one sitting.
+
+    model = LaMemoModel.from_pretrained(path)
+    out = model(tokens, targets=targets, memory=memory)   # tokens, targets: LongTensor [batch, time]
+    out.nll       # [batch, time] negative log-likelihood in nats
+    out.memory    # LaMemoMemory to pass to the next segment (memory=None starts empty)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attention import GlobalBiases, PositionEncodings, statistics_dtype
+from .config import ConfigError, LaMemoConfig
+from .layer import DecoderLayer
+from .linear import PlainLinears
+from .memory import LaMemoMemory
+from .positions import clamp_distances, inverse_frequencies, sinusoid
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict whose tensors do not match the model (missing, unexpected or mis-shaped)."""
+
+
+@dataclass
+class LaMemoOutput:
+    nll: torch.Tensor | None            # [B, N] in nats (None when no targets were given)
+    memory: LaMemoMemory                # the state for the next segment (detached)
+    logits: torch.Tensor | None = None  # [B, N, V] when asked for (or when no targets were given)
+    hidden: torch.Tensor | None = None  # [B, N, d] final hidden states of the current rows, when asked for
+    attentions: list | None = None      # per layer: {"causal": [B,H,N,T], "lookahead": [B,H,M,W], ...}
+
+
+class LaMemoModel(nn.Module):
+    def __init__(self, config: LaMemoConfig, linears=None):
+        super().__init__()
+        self.config = config
+        self.linears = linears or PlainLinears()
+        H, dh = config.n_head, config.d_head
+        self.n_local_heads = H // self.linears.tp_size
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.drop = nn.Dropout(config.dropout)
+        self.content_bias = nn.Parameter(torch.zeros(H, dh))
+        self.position_bias = nn.Parameter(torch.zeros(H, dh))
+        self.future_position_bias = nn.Parameter(torch.zeros(H, dh)) if config.variant in (3, 32, 33) else None
+        self.future_content_bias = nn.Parameter(torch.zeros(H, dh)) if config.variant == 32 else None
+        self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
+        self.register_buffer("inv_freq", inverse_frequencies(config.d_model), persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation (spec §7)
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.normal_(module.weight, 1.0, std)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embedding.weight, 0.0, std)
+        nn.init.zeros_(self.output_bias)
+        nn.init.normal_(self.content_bias, 0.0, std)
+        nn.init.normal_(self.position_bias, 0.0, std)
+        for future in (self.future_position_bias, self.future_content_bias):
+            if future is not None:
+                nn.init.xavier_uniform_(future)
+
+    # ------------------------------------------------------------------ memory
+    def empty_memory(self, batch_size: int, device=None, dtype=None) -> LaMemoMemory:
+        c = self.config
+        return LaMemoMemory.empty(batch_size=batch_size, n_layer=c.n_layer, d_model=c.d_model,
+                                  n_head=self.n_local_heads, d_head=c.d_head, lookahead=c.uses_lookahead,
+                                  device=device or self.embedding.weight.device,
+                                  dtype=dtype or self.embedding.weight.dtype)
+
+    def _resolve_mem_len(self, mem_len: int | None, seg_len: int) -> int:
+        mem_len = self.config.mem_len if mem_len is None else mem_len
+        mem_len = seg_len if mem_len is None else mem_len
+        if mem_len < 0:
+            raise ConfigError(f"mem_len must be >= 0, got {mem_len}")
+        return mem_len
+
+    # ------------------------------------------------------------------ pieces a parallel model overrides
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Scaled input embeddings [B, N, d] (before embedding dropout)."""
+        return self.embedding(tokens) * math.sqrt(self.config.d_model)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output layer tied to the input embedding, with a bias: [B, N, V]."""
+        return F.linear(hidden, self.embedding.weight, self.output_bias)
+
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(hidden).to(statistics_dtype(hidden.dtype))   # the loss in float32 at least
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def global_biases(self) -> GlobalBiases:
+        shard = self.linears.shard
+        return GlobalBiases(
+            content=shard(self.content_bias), position=shard(self.position_bias),
+            future_position=None if self.future_position_bias is None else shard(self.future_position_bias),
+            future_content=None if self.future_content_bias is None else shard(self.future_content_bias))
+
+    def position_encodings(self, mem_len: int, seg_len: int, dtype) -> PositionEncodings:
+        """Sinusoids for the causal distances T-1..0 and the look-ahead table, with dropout applied once
+        to all of them together (one mask shared by every layer)."""
+        c = self.config
+        T = mem_len + seg_len
+        device = self.inv_freq.device
+        distances = [torch.arange(T - 1, -1, -1.0, device=device)]
+        n_ahead = 0
+        if c.uses_lookahead and mem_len > 0:
+            if c.variant == 33:
+                if mem_len < seg_len:
+                    raise ConfigError(f"variant 33 (full look-ahead) needs mem_len >= tgt_len once memory is "
+                                      f"non-empty; got M={mem_len} < N={seg_len}")
+                # The table for signed distances: M-1..0 (past and self) then 1..M (future), magnitudes.
+                ahead = torch.cat([torch.arange(mem_len - 1, -1, -1.0, device=device),
+                                   torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)])
+            elif c.variant == 31:
+                ahead = -torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)
+            else:
+                ahead = torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)
+            distances.append(ahead)
+            n_ahead = ahead.numel()
+        table = sinusoid(clamp_distances(torch.cat(distances), c.clamp_len), self.inv_freq).to(dtype)
+        table = self.drop(table)
+        return PositionEncodings(causal=table[:T], lookahead=table[T:] if n_ahead else None, variant=c.variant)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                memory: LaMemoMemory | None = None, *, mem_len: int | None = None,
+                return_logits: bool = False, return_hidden: bool = False,
+                return_attention: bool = False) -> LaMemoOutput:
+        c = self.config
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} differs from tokens {tuple(tokens.shape)}")
+        B, N = tokens.shape
+        mem_len = self._resolve_mem_len(mem_len, N)
+        emb = self.drop(self.embed(tokens))
+        if memory is None:
+            memory = self.empty_memory(B, device=emb.device, dtype=emb.dtype)
+        memory.check_compatible(batch_size=B, n_layer=c.n_layer, d_model=c.d_model, n_head=self.n_local_heads,
+                                d_head=c.d_head, lookahead=c.uses_lookahead)
+        M = memory.length
+        positions = self.position_encodings(M, N, emb.dtype)
+        biases = self.global_biases()
+        attentions = [] if return_attention else None
+
+        if c.uses_lookahead:
+            hidden, new_memory = self._forward_lookahead(emb, memory, M, positions, biases, attentions)
+        else:
+            hidden, new_memory = self._forward_recurrent(emb, memory, M, positions, biases, attentions)
+        hidden = self.drop(hidden)
+        new_memory = new_memory.last(mem_len).detach() if mem_len > 0 else self.empty_memory(B)
+
+        nll = self.token_nll(hidden, targets) if targets is not None else None
+        logits = self.logits(hidden) if (return_logits or targets is None) else None
+        return LaMemoOutput(nll=nll, memory=new_memory, logits=logits,
+                            hidden=hidden if return_hidden else None, attentions=attentions)
+
+    def _forward_lookahead(self, emb, memory, M, positions, biases, attentions):
+        """LaMemo: memory rows are recomputed at every layer from the embedding FIFO (spec §4)."""
+        z = torch.cat([memory.embeddings, emb], dim=1)
+        vectors, lses = [], []
+        for i, layer in enumerate(self.layers):
+            result = layer(z, mem_len=M, positions=positions, biases=biases,
+                           cached_vectors=memory.vectors[i], cached_log_normalizers=memory.log_normalizers[i],
+                           return_probs=attentions is not None)
+            z = result.output
+            vectors.append(result.vectors)
+            lses.append(result.log_normalizers)
+            if attentions is not None:
+                attentions.append(result.probs)
+        new_memory = LaMemoMemory(embeddings=torch.cat([memory.embeddings, emb], dim=1),
+                                  vectors=vectors, log_normalizers=lses)
+        return z[:, M:], new_memory    # top-layer memory rows are discarded
+
+    def _forward_recurrent(self, emb, memory, M, positions, biases, attentions):
+        """Transformer-XL: layer l attends to the cached input of layer l (spec §5, variant 0)."""
+        levels = [memory.embeddings, *memory.hidden]
+        h = emb
+        inputs = []
+        for i, layer in enumerate(self.layers):
+            inputs.append(h)
+            result = layer(torch.cat([levels[i], h], dim=1), mem_len=M, positions=positions, biases=biases,
+                           return_probs=attentions is not None)
+            h = result.output
+            if attentions is not None:
+                attentions.append(result.probs)
+        stacked = [torch.cat([old, new], dim=1) for old, new in zip(levels, inputs)]
+        return h, LaMemoMemory(embeddings=stacked[0], hidden=stacked[1:])
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (the embedding/output tie is stored once)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save(path / CONFIG_NAME)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "lamemo-v1"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device=None, dtype=None) -> "LaMemoModel":
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}")
+        config = LaMemoConfig.load(path / CONFIG_NAME)
+        model = cls(config)
+        model.load_weights(load_file(str(path / WEIGHTS_NAME), device="cpu"))
+        model.eval()
+        return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Strict load with a message naming every missing, unexpected or mis-shaped tensor."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        misshaped = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+                     for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+        problems = []
+        if missing:
+            problems.append("missing tensors: " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected tensors: " + ", ".join(unexpected))
+        if misshaped:
+            problems.append("mis-shaped tensors: " + ", ".join(misshaped))
+        if problems:
+            raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
+        self.load_state_dict(state_dict, strict=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

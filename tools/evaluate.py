@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Perplexity and bits per character of a from_pretrained model over a token file or a text file.
+
+    python tools/evaluate.py MODEL_DIR --tokens data/wt2/valid        # a preprocessed .bin/.idx prefix
+    python tools/evaluate.py MODEL_DIR --text valid.txt              # tokenised with MODEL_DIR/tokenizer
+        [--tgt-len 128] [--mem-len 256] [--clamp-len 400] [--batch-size 1] [--device cuda] [--json]
+
+Fixed-length segments with streaming memory; every token is scored once (the last segment may be shorter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+from lamemo_parallel import LaMemoModel
+from pretrain.evaluation import evaluate_tokens
+
+
+def load_eval_tokens(args) -> tuple[torch.Tensor, int | None]:
+    """The token ids to score and, when known, the number of characters they encode (for bpc)."""
+    if args.tokens:
+        from pretrain.data.indexed import load_tokens
+        tokens = torch.from_numpy(load_tokens(args.tokens).astype("int64"))
+        return tokens, None
+    from pretrain.data.tokenizer import load_tokenizer
+    tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    text = Path(args.text).read_text(encoding="utf-8")
+    ids = []
+    for line in text.splitlines():
+        ids.extend(tokenizer.encode(line))
+        ids.append(tokenizer.eos_id)
+    return torch.tensor(ids, dtype=torch.long), len(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="from_pretrained directory (config.json + model.safetensors)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", help="prefix of a preprocessed token file (PREFIX.bin / PREFIX.idx)")
+    source.add_argument("--text", help="a UTF-8 text file, tokenised with the model's tokenizer (one <eos> a line)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL/tokenizer)")
+    parser.add_argument("--tgt-len", type=int, default=None, help="segment length (default: the model's tgt_len)")
+    parser.add_argument("--mem-len", type=int, default=None, help="memory length (default: the model's mem_len)")
+    parser.add_argument("--clamp-len", type=int, default=None, help="clamp relative distances (default: model's)")
+    parser.add_argument("--batch-size", type=int, default=1, help="number of parallel evaluation streams")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        model = LaMemoModel.from_pretrained(args.model, device=args.device)
+        tokens, n_chars = load_eval_tokens(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.max_tokens:
+        tokens = tokens[:args.max_tokens]
+    if int(tokens.max()) >= model.config.vocab_size:
+        print(f"error: token id {int(tokens.max())} is outside the model's vocabulary of {model.config.vocab_size}",
+              file=sys.stderr)
+        return 2
+    if args.clamp_len is not None:
+        model.config.clamp_len = args.clamp_len
+    tgt_len = args.tgt_len or model.config.tgt_len
+    mem_len = args.mem_len if args.mem_len is not None else (model.config.mem_len if model.config.mem_len is not None
+                                                             else tgt_len)
+    result = evaluate_tokens(model, tokens, tgt_len=tgt_len, mem_len=mem_len, batch_size=args.batch_size,
+                             device=args.device, progress=not args.json)
+    report = {"tokens": result.n_tokens, "loss": result.loss, "perplexity": result.perplexity,
+              "bits_per_token": result.bits_per_token, "tgt_len": tgt_len, "mem_len": mem_len,
+              "clamp_len": model.config.clamp_len}
+    if n_chars:
+        report["bits_per_character"] = result.bits_per_character(n_chars)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

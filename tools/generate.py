@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Sample text from a from_pretrained model: the prompt is fed in segments, then one token at a time.
+
+    python tools/generate.py MODEL_DIR --prompt "The meaning of" [--max-new-tokens 100] [--top-p 0.95]
+        [--top-k 0] [--temperature 1.0] [--seed 0] [--segment-len 256] [--mem-len 512] [--clamp-len 400]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+from lamemo_parallel import LaMemoModel
+from pretrain.sampling import generate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="from_pretrained directory")
+    parser.add_argument("--prompt", required=True, help="prompt text (or @FILE to read it from a file)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL/tokenizer)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--segment-len", type=int, default=None, help="prompt segment length (default tgt_len)")
+    parser.add_argument("--mem-len", type=int, default=None)
+    parser.add_argument("--clamp-len", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        from pretrain.data.tokenizer import load_tokenizer
+        model = LaMemoModel.from_pretrained(args.model, device=args.device)
+        tokenizer = load_tokenizer(Path(args.tokenizer or Path(args.model) / "tokenizer"))
+        prompt = Path(args.prompt[1:]).read_text(encoding="utf-8") if args.prompt.startswith("@") else args.prompt
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        print("error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    if args.clamp_len is not None:
+        model.config.clamp_len = args.clamp_len
+    segment_len = args.segment_len or model.config.tgt_len
+    mem_len = args.mem_len if args.mem_len is not None else (model.config.mem_len or segment_len)
+    new = generate(model, torch.tensor([ids], device=args.device), max_new_tokens=args.max_new_tokens,
+                   segment_len=segment_len, mem_len=mem_len, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    print(prompt + tokenizer.decode(new[0].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
