@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,8 +54,9 @@ class PositionEncodings:
         return (delta - 1).clamp(min=0)            # row k is distance k + 1; p <= i is masked anyway
 
 
-@dataclass
-class AttentionResult:
+class AttentionResult(NamedTuple):
+    """A named tuple (not a dataclass) so that ZeRO-3's hooks find the tensors in a layer's output."""
+
     output: torch.Tensor                     # [B, T, d] (LaMemo) or [B, N, d] (XL): before the FFN
     vectors: torch.Tensor | None             # [B, T, H, d_h] new C-bar rows (LaMemo)
     log_normalizers: torch.Tensor | None     # [B, T, H] new Z-bar rows, float32 (LaMemo)

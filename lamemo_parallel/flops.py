@@ -1,8 +1,13 @@
 """Multiply-add and FLOP accounting for LaMemo and Transformer-XL (spec §6).
 
-Counts are per sequence (one batch row) and per segment step; a FLOP is 2 multiply-adds. Training costs
-3x the forward pass (forward + two backward matmuls); with full activation recompute the hardware does one
-more forward (HFU counts it, MFU does not).
+Counts are per segment step, for one sequence (one batch row) by default; a FLOP is 2 multiply-adds.
+Training costs 3x the forward pass (forward + two backward matmuls); with activation recompute the
+hardware runs the layer stack forward once more (HFU counts it, MFU does not). The output layer and the
+loss sit outside the checkpointed layers, so they are not recomputed.
+
+The relative-position projection W_R runs on the distance table, which every row of a batch shares: it
+costs the same for a forward call of one sequence or of ``batch_size`` sequences. Pass ``batch_size`` (the
+sequences of one forward call, i.e. the micro-batch) to count it once per call instead of once per row.
 """
 from __future__ import annotations
 
@@ -20,29 +25,39 @@ class StepShape:
     lookahead: bool
 
 
-def xl_layer_macs(N: int, M: int, d: int, d_ff: int) -> int:
-    """Transformer-XL layer: Q/O on N rows, K/V on M+N rows, FFN on N rows, content + position logits and
-    the weighted sum over M+N keys, and W_R on the M+N distances."""
-    return (2 * N + 2 * (M + N)) * d * d + 2 * N * d * d_ff + 3 * N * (M + N) * d + (M + N) * d * d
+def xl_layer_macs(N: int, M: int, d: int, d_ff: int, *, batch_size: int = 1) -> int:
+    """Transformer-XL layer for ``batch_size`` sequences: Q/O on N rows, K/V on M+N rows, FFN on N rows,
+    content + position logits and the weighted sum over M+N keys; and once per call, W_R on the M+N
+    distances."""
+    per_row = (2 * N + 2 * (M + N)) * d * d + 2 * N * d * d_ff + 3 * N * (M + N) * d
+    return batch_size * per_row + (M + N) * d * d
 
 
-def lookahead_extra_macs(N: int, M: int, d: int, d_ff: int) -> int:
-    """What LaMemo adds per layer: Q and O on memory rows, FFN on memory rows, look-ahead logits and sum over
-    min(M, N) keys, and W_R on the M future distances. Linear in M."""
-    return 2 * M * d * d + 2 * M * d * d_ff + 3 * M * min(M, N) * d + M * d * d
+def lookahead_extra_macs(N: int, M: int, d: int, d_ff: int, *, batch_size: int = 1) -> int:
+    """What LaMemo adds per layer for ``batch_size`` sequences: Q and O on memory rows, FFN on memory rows,
+    look-ahead logits and sum over min(M, N) keys; and once per call, W_R on the M future distances.
+    Linear in M once M >= N."""
+    per_row = 2 * M * d * d + 2 * M * d * d_ff + 3 * M * min(M, N) * d
+    return batch_size * per_row + M * d * d
 
 
-def forward_macs(shape: StepShape, include_output: bool = True) -> int:
+def forward_macs(shape: StepShape, include_output: bool = True, *, batch_size: int = 1) -> int:
+    """Multiply-adds of one forward call on ``batch_size`` sequences (default: one sequence)."""
     N, M, d, f = shape.seg_len, shape.mem_len, shape.d_model, shape.d_inner
-    per_layer = xl_layer_macs(N, M, d, f) + (lookahead_extra_macs(N, M, d, f) if shape.lookahead else 0)
+    per_layer = xl_layer_macs(N, M, d, f, batch_size=batch_size)
+    if shape.lookahead:
+        per_layer += lookahead_extra_macs(N, M, d, f, batch_size=batch_size)
     total = shape.n_layer * per_layer
     if include_output:
-        total += N * d * shape.vocab_size
+        total += batch_size * N * d * shape.vocab_size
     return total
 
 
-def training_flops(shape: StepShape, *, recompute: bool = False) -> int:
-    """FLOPs of one training step for one sequence: 2 FLOPs per MAC, x3 for forward + backward,
-    +1 forward when activations are recomputed (hardware FLOPs)."""
-    passes = 4 if recompute else 3
-    return 2 * passes * forward_macs(shape)
+def training_flops(shape: StepShape, *, recompute: bool = False, batch_size: int = 1) -> int:
+    """FLOPs of one training step of a forward call on ``batch_size`` sequences (default one): 2 FLOPs per
+    MAC, x3 for forward + backward, plus one more forward of the layer stack when activations are recomputed
+    (hardware FLOPs; the output layer is not recomputed)."""
+    macs = 3 * forward_macs(shape, batch_size=batch_size)
+    if recompute:
+        macs += forward_macs(shape, include_output=False, batch_size=batch_size)
+    return 2 * macs

@@ -43,5 +43,4 @@ class DecoderLayer(nn.Module):
     def forward(self, z: torch.Tensor, **attention_inputs) -> AttentionResult:
         """LaMemo: z = [m; h] -> [m^l; h^l] (the FFN runs on memory rows too). XL: returns current rows only."""
         result = self.attn(z, **attention_inputs)
-        result.output = self.ff(result.output)
-        return result
+        return result._replace(output=self.ff(result.output))

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -31,8 +31,9 @@ class CheckpointMismatchError(ValueError):
     """A state dict whose tensors do not match the model (missing, unexpected or mis-shaped)."""
 
 
-@dataclass
-class LaMemoOutput:
+class LaMemoOutput(NamedTuple):
+    """What a forward call returns (a named tuple so that ZeRO-3's backward hooks see the tensors)."""
+
     nll: torch.Tensor | None            # [B, N] in nats (None when no targets were given)
     memory: LaMemoMemory                # the state for the next segment (detached)
     logits: torch.Tensor | None = None  # [B, N, V] when asked for (or when no targets were given)

@@ -1,0 +1,398 @@
+"""Tensor parallelism with megatron-core: the same LaMemo model, heads and vocabulary split across TP ranks.
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)   # after init_process_group
+    rng.manual_seed(seed)                              # the same seed on every rank of a TP group
+    model = TensorParallelLaMemoModel.from_full_state_dict(config, full_sd)   # or TensorParallelLaMemoModel(config)
+    out = model(tokens, targets=targets, memory=memory)   # out.nll: [B, N], the same on every TP rank
+    out.loss.backward() ... optimizer.step()           # no gradient sync across TP ranks is needed
+    full_sd = model.full_state_dict()                 # collective: the single-device layout, on every rank
+
+What is split (megatron semantics, Megatron-LM's names in brackets):
+
+* q/k/v/r projections and FFN ``fc1`` are ``ColumnParallelLinear`` (gather_output=False): this rank's heads /
+  inner units. ``o_proj`` and ``fc2`` are ``RowParallelLinear`` (input_is_parallel=True); ``fc2``'s bias is
+  added once, after the all-reduce.
+* The cached C-bar / Z-bar hold this rank's heads only (no communication); embeddings and XL hidden states
+  are replicated.
+* The input embedding is a ``VocabParallelEmbedding``; the tied output layer computes logits against the
+  local vocabulary shard plus the local shard of the output bias, and the loss is
+  ``vocab_parallel_cross_entropy``. A vocabulary not divisible by the TP size is padded internally with rows
+  whose logits are forced to -inf, so padding never changes the model (the state dicts stay unpadded).
+* The global biases u, v (and v+, u+) are **sharded parameters** [H / tp, d_h], like the heads they serve.
+  The alternative (full-size replicated parameters of which each rank uses a slice) would need a sum of
+  gradients across TP ranks after every backward, which a trainer must remember to call and which DeepSpeed's
+  pipeline engine gives no place for; sharded, their gradients are complete locally, the optimizer state is
+  sharded with them, and the state-dict conversion slices / gathers them like any column weight.
+* Everything else (LayerNorms, ``fc2``'s bias) is replicated; its gradient is already identical on every TP
+  rank because every gradient entering a replicated region has been all-reduced (megatron's f / g
+  operators). Sharded parameters carry megatron's ``tensor_model_parallel`` / ``partition_dim`` attributes,
+  which megatron's and DeepSpeed's gradient-norm code use to count replicated parameters once.
+
+Dropout: the attention-probability dropout (local heads) and the FFN dropout after ``fc1`` (local units) are
+``rng.SplitDropout`` (different, reproducible masks per TP rank); every other dropout acts on replicated
+tensors and uses torch's default generator, seeded identically on all TP ranks. See ``rng.py``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                           copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attention import GlobalBiases, statistics_dtype
+from .config import ConfigError, LaMemoConfig
+from .memory import LaMemoMemory
+from .model import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, LaMemoModel
+from .rng import SplitDropout
+
+#: Parameters split along the vocabulary (padded to a multiple of the TP size inside the TP model).
+VOCAB_PARALLEL = ("embedding.weight", "output_bias")
+
+
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor    # megatron wants an init_method; ours come from a full state dict (perform_initialization=False)
+
+
+def _mark_split(param: torch.Tensor, dim: int) -> None:
+    """Megatron's TP attributes (megatron sets them itself only when it initialises the weight)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+def is_split(param: torch.Tensor) -> bool:
+    """True for a parameter of which each TP rank holds a slice; False for a replicated one."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    return -(-vocab_size // tp_size) * tp_size
+
+
+def check_tensor_parallel_config(config: LaMemoConfig, tp_size: int) -> None:
+    """Raise ``ConfigError`` if ``config`` cannot be split over ``tp_size`` ranks (no process group needed)."""
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise ConfigError(f"tensor-parallel size must be a positive integer, got {tp_size!r}")
+    if config.n_head % tp_size:
+        raise ConfigError(f"n_head={config.n_head} is not divisible by the tensor-parallel size {tp_size}: "
+                          f"each TP rank must own whole attention heads")
+    if config.d_inner % tp_size:
+        raise ConfigError(f"d_inner={config.d_inner} is not divisible by the tensor-parallel size {tp_size}")
+
+
+# ---------------------------------------------------------------------------------------------- linears
+class _TensorOnly:
+    """Megatron linears return (output, bias); ours return a tensor and keep no ``_extra_state`` key, so a TP
+    rank's state dict has exactly the single-device names (with local shapes)."""
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+    def _drop_extra_state_hook(self) -> None:
+        # megatron registers a load pre-hook inserting '<prefix>_extra_state' (kept for Transformer Engine).
+        self._load_state_dict_pre_hooks.clear()
+
+
+class ColumnLinear(_TensorOnly, ColumnParallelLinear):
+    """Y_local = X W_local^T + b_local: this rank's output features; the input's gradient is all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig,
+                 tp_group):
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=bias,
+                         gather_output=False, skip_bias_add=False, tp_group=tp_group)
+        self._drop_extra_state_hook()
+        _mark_split(self.weight, 0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() > 3:     # megatron's weight-gradient code expects 2-D or 3-D inputs
+            return self.forward(input.flatten(0, -3)).unflatten(0, input.shape[:-2])
+        return super().forward(input)[0]
+
+
+class RowLinear(_TensorOnly, RowParallelLinear):
+    """Y = all_reduce(X_local W_local^T) + b: the bias (replicated) is added once, after the reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig,
+                 tp_group):
+        super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=bias,
+                         input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+        self._drop_extra_state_hook()
+        _mark_split(self.weight, 1)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() > 3:
+            return self.forward(input.flatten(0, -3)).unflatten(0, input.shape[:-2])
+        output, bias = super().forward(input)
+        return output if bias is None else output + bias
+
+
+class MegatronLinears:
+    """The linear factory of a tensor-parallel model (see ``linear.PlainLinears`` for the interface)."""
+
+    def __init__(self, tp_group=None, *, params_dtype: torch.dtype = torch.float32):
+        if tp_group is None:
+            if parallel_state.get_tensor_model_parallel_group(check_initialized=False) is None:
+                raise RuntimeError("megatron-core's tensor-parallel group is not initialised: call "
+                                   "parallel_state.initialize_model_parallel(tensor_model_parallel_size=...) "
+                                   "after torch.distributed.init_process_group, or pass tp_group")
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_group = tp_group
+        self.tp_size = tp_group.size()
+        self.tp_rank = tp_group.rank()
+        self.config = ModelParallelConfig(tensor_model_parallel_size=self.tp_size, params_dtype=params_dtype,
+                                          use_cpu_initialization=True, perform_initialization=False)
+
+    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        self.local(out_features)
+        return ColumnLinear(in_features, out_features, bias, config=self.config, tp_group=self.tp_group)
+
+    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        self.local(in_features)
+        return RowLinear(in_features, out_features, bias, config=self.config, tp_group=self.tp_group)
+
+    def local(self, size: int) -> int:
+        if size % self.tp_size:
+            raise ConfigError(f"a split dimension of size {size} is not divisible by the tensor-parallel size "
+                              f"{self.tp_size}")
+        return size // self.tp_size
+
+    def shard(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's contiguous slice along ``dim`` (whole heads for [H, ...] or [H * d_h, ...] tensors)."""
+        size = self.local(tensor.shape[dim])
+        return tensor.narrow(dim, self.tp_rank * size, size)
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dimension; backward keeps this rank's slice (megatron's version allocates
+    on CUDA, this one on the input's device)."""
+
+    @staticmethod
+    def forward(ctx, input, group):
+        ctx.group = group
+        ctx.width = input.shape[-1]
+        parts = [torch.empty_like(input) for _ in range(group.size())]
+        dist.all_gather(parts, input.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank = ctx.group.rank()
+        return grad[..., rank * ctx.width:(rank + 1) * ctx.width].contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------------- model
+class TensorParallelLaMemoModel(LaMemoModel):
+    """``LaMemoModel`` with heads, FFN units and vocabulary split across a megatron-core TP group.
+
+    ``TensorParallelLaMemoModel(config)`` draws the same initial weights as ``LaMemoModel(config)`` would
+    from the same RNG state (seed every TP rank identically); ``initialize=False`` skips that (zeros) when a
+    state dict is loaded next. Outputs (nll, logits, hidden) are identical on every TP rank; the memory holds
+    the local heads (``gather_memory`` / ``shard_memory`` convert).
+    """
+
+    def __init__(self, config: LaMemoConfig, *, tp_group=None, params_dtype: torch.dtype = torch.float32,
+                 initialize: bool = True):
+        linears = MegatronLinears(tp_group, params_dtype=torch.float32)
+        check_tensor_parallel_config(config, linears.tp_size)
+        if parallel_state.get_tensor_model_parallel_group(check_initialized=False) is not linears.tp_group:
+            raise ValueError("vocab_parallel_cross_entropy reduces over megatron-core's global tensor-parallel "
+                             "group: tp_group must be parallel_state.get_tensor_model_parallel_group()")
+        rng_state = torch.get_rng_state()
+        super().__init__(config, linears)     # reset_parameters is deferred (see below)
+        torch.set_rng_state(rng_state)         # the base constructor's throw-away draws leave no trace
+        tp, rank = linears.tp_size, linears.tp_rank
+        H_local, dh = self.n_local_heads, config.d_head
+
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp)
+        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.d_model, init_method=_no_init,
+                                                config=linears.config, tp_group=linears.tp_group)
+        _mark_split(self.embedding.weight, 0)
+        local_vocab = self.padded_vocab_size // tp
+        self.output_bias = nn.Parameter(torch.zeros(local_vocab))
+        _mark_split(self.output_bias, 0)
+        first = rank * local_vocab
+        padding = torch.arange(first, first + local_vocab) >= config.vocab_size
+        self.register_buffer("vocab_padding", padding, persistent=False)
+        for name in ("content_bias", "position_bias", "future_position_bias", "future_content_bias"):
+            if getattr(self, name) is not None:
+                setattr(self, name, nn.Parameter(torch.zeros(H_local, dh)))
+                _mark_split(getattr(self, name), 0)
+        for layer in self.layers:          # the dropouts of split regions
+            layer.attn.dropatt = SplitDropout(config.dropatt, rank)
+            layer.ff.drop_inner = SplitDropout(config.dropout, rank)
+
+        self._tp_ready = True
+        with torch.no_grad():
+            for param in self.parameters():
+                param.zero_()              # megatron allocates with torch.empty
+        if initialize:
+            self.reset_parameters()
+        if params_dtype != torch.float32:
+            self.to(dtype=params_dtype)
+
+    @property
+    def tp_group(self):
+        return self.linears.tp_group
+
+    @property
+    def tp_size(self) -> int:
+        return self.linears.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.linears.tp_rank
+
+    def reset_parameters(self) -> None:
+        """Initialise exactly as a single-device ``LaMemoModel`` built from the current RNG state."""
+        if not getattr(self, "_tp_ready", False):
+            return                         # called by LaMemoModel.__init__ before the TP pieces exist
+        self.load_full_state_dict(LaMemoModel(self.config).state_dict())
+
+    # ------------------------------------------------------------------ overridden pieces
+    def global_biases(self) -> GlobalBiases:
+        return GlobalBiases(content=self.content_bias, position=self.position_bias,
+                            future_position=self.future_position_bias, future_content=self.future_content_bias)
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of this rank's vocabulary shard, [B, N, V_padded / tp] (padding columns are -inf)."""
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)   # all-reduce its gradient
+        logits = F.linear(hidden, self.embedding.weight, self.output_bias)
+        return logits.masked_fill(self.vocab_padding, float("-inf"))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits [B, N, V], gathered over the TP group (for evaluation and generation)."""
+        full = _GatherLastDim.apply(self.local_logits(hidden), self.tp_group)
+        return full[..., :self.config.vocab_size]
+
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.local_logits(hidden).to(statistics_dtype(hidden.dtype))
+        # megatron's loss works in place on (a float32 copy of) the logits and upcasts to float32.
+        return vocab_parallel_cross_entropy(logits, targets)
+
+    # ------------------------------------------------------------------ layouts
+    def _split_dims(self) -> dict[str, int | None]:
+        """State-dict name -> the dimension it is split along (None: replicated)."""
+        return {name: (param.partition_dim if is_split(param) else None)
+                for name, param in self.named_parameters()}
+
+    def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of tensors in the single-device layout (weights, gradients, optimizer moments)."""
+        dims = self._split_dims()
+        local = {}
+        for name, tensor in full.items():
+            dim = dims.get(name)
+            if dim is not None:
+                if name in VOCAB_PARALLEL:
+                    pad = self.padded_vocab_size - tensor.shape[0]
+                    tensor = torch.cat([tensor, tensor.new_zeros(pad, *tensor.shape[1:])]) if pad > 0 else tensor
+                tensor = self.linears.shard(tensor, dim)
+            local[name] = tensor
+        return local
+
+    def to_full_layout(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Collective over the TP group: tensors of this rank's layout gathered into the single-device layout.
+        Every rank must call it with the same names in the same order. Replicated tensors are returned as
+        this rank holds them."""
+        dims = self._split_dims()
+        full = {}
+        for name, tensor in local.items():
+            dim = dims.get(name)
+            if dim is not None:
+                parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+                dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
+                tensor = torch.cat(parts, dim=dim)
+                if name in VOCAB_PARALLEL:
+                    tensor = tensor[:self.config.vocab_size]
+            full[name] = tensor
+        return full
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the single-device state dict (``LaMemoModel.state_dict()`` layout), on every rank."""
+        return self.to_full_layout({name: t.detach() for name, t in self.state_dict().items()})
+
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load this rank's shards of a single-device state dict, with a message naming every missing,
+        unexpected or mis-shaped tensor. No communication."""
+        local_shapes = {name: t.shape for name, t in self.state_dict().items()}
+        dims = self._split_dims()
+
+        def full_shape(name):
+            shape = list(local_shapes[name])
+            if dims.get(name) is not None:
+                shape[dims[name]] *= self.tp_size
+                if name in VOCAB_PARALLEL:
+                    shape[0] = self.config.vocab_size
+            return tuple(shape)
+
+        missing = sorted(set(local_shapes) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(local_shapes))
+        misshaped = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {full_shape(k)})"
+                     for k in sorted(set(local_shapes) & set(state_dict))
+                     if tuple(state_dict[k].shape) != full_shape(k)]
+        problems = []
+        if missing:
+            problems.append("missing tensors: " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected tensors: " + ", ".join(unexpected))
+        if misshaped:
+            problems.append("mis-shaped tensors: " + ", ".join(misshaped))
+        if problems:
+            raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
+        self.load_state_dict(self.to_local_layout(state_dict), strict=True)
+
+    load_weights = load_full_state_dict   # LaMemoModel's name for 'load the single-device layout'
+
+    @classmethod
+    def from_full_state_dict(cls, config: LaMemoConfig, state_dict: dict[str, torch.Tensor],
+                             **kwargs) -> "TensorParallelLaMemoModel":
+        model = cls(config, initialize=False, **kwargs)
+        model.load_full_state_dict(state_dict)
+        return model
+
+    # ------------------------------------------------------------------ memory
+    def gather_memory(self, memory: LaMemoMemory) -> LaMemoMemory:
+        """Collective: C-bar / Z-bar gathered over heads (the single-device memory); the rest is replicated."""
+        def heads(t):
+            parts = [torch.empty_like(t) for _ in range(self.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+            return torch.cat(parts, dim=2)
+
+        return LaMemoMemory(embeddings=memory.embeddings, vectors=[heads(t) for t in memory.vectors],
+                            log_normalizers=[heads(t) for t in memory.log_normalizers], hidden=list(memory.hidden))
+
+    def shard_memory(self, memory: LaMemoMemory) -> LaMemoMemory:
+        """This rank's heads of a single-device memory (no communication)."""
+        return LaMemoMemory(embeddings=memory.embeddings,
+                            vectors=[self.linears.shard(t, 2) for t in memory.vectors],
+                            log_normalizers=[self.linears.shard(t, 2) for t in memory.log_normalizers],
+                            hidden=list(memory.hidden))
+
+    # ------------------------------------------------------------------ persistence (single-device format)
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Collective: gather the full weights; TP rank 0 writes the single-device model directory."""
+        tensors = {name: t.contiguous().cpu() for name, t in self.full_state_dict().items()}
+        path = Path(path)
+        if self.tp_rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            self.config.save(path / CONFIG_NAME)
+            save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "lamemo-v1"})
+        dist.barrier(group=self.tp_group)       # the directory is complete when any rank returns
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device=None, dtype=None,
+                        tp_group=None) -> "TensorParallelLaMemoModel":
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}")
+        model = cls.from_full_state_dict(LaMemoConfig.load(path / CONFIG_NAME),
+                                         load_file(str(path / WEIGHTS_NAME), device="cpu"), tp_group=tp_group)
+        model.eval()
+        return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model

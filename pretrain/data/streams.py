@@ -1,0 +1,250 @@
+"""The segment-recurrent loader (Transformer-XL style) with exact resume, and the evaluation iterator.
+
+Layout. The token array is cut into ``S = dp_size * micro_batches * micro_batch_size`` contiguous
+streams. Stream ``s`` owns the ``L`` (input, target) pairs ``(t[i], t[i+1])`` for
+``i in [s*L, (s+1)*L)``, i.e. it reads tokens ``t[s*L] .. t[(s+1)*L]`` (neighbouring streams share the
+boundary token, once as a target and once as an input). ``L`` is ``(len(t) - 1) // S`` rounded down to a
+multiple of ``tgt_len`` so every step has the same shape (static shapes keep the memory layout fixed);
+the unused tail is fewer than ``S * tgt_len + S`` tokens at the very end of the split.
+
+Step ``k`` gives every stream its pairs ``[k*tgt_len, (k+1)*tgt_len)`` modulo ``L``: one segment per
+stream, the continuation of the stream's previous segment, so the model's memory carries over. Row
+``row`` of micro-batch ``m`` on data-parallel rank ``r`` is stream ``stream_id(r, m, row)``; that mapping
+is a pure function, so each DP rank reads a disjoint, contiguous block of the data and the memory of
+each (micro-batch, row) slot always belongs to the same stream.
+
+State. The whole state is ``offset`` = pairs consumed per stream = ``steps * tgt_len`` (it keeps growing
+across epochs; the epoch is ``offset // L``). Restoring the offset restores the exact token sequence.
+
+Roll. With ``roll_seed`` set, each stream is rotated at the start of every epoch by a shift drawn from
+``(roll_seed, epoch)`` -- Transformer-XL's ``--roll``, deterministic so resume stays exact. Pairs are
+rotated, not tokens, so every target is still the true next token; only the context is cut once per
+stream at the rotation point, as at a document boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.data.errors import DataError
+
+IGNORE_INDEX = -100
+"""Target value of padding positions in :func:`eval_segments` (``torch.nn.functional.cross_entropy``'s
+default ``ignore_index``)."""
+
+
+def stream_id(dp_rank: int, micro_batch: int, row: int, *, micro_batches: int, micro_batch_size: int) -> int:
+    """The stream read by ``row`` of micro-batch ``micro_batch`` on data-parallel rank ``dp_rank``.
+
+    Rank-major, so DP rank ``r`` owns streams ``[r * micro_batches * micro_batch_size, (r + 1) * ...)``.
+    """
+    return (dp_rank * micro_batches + micro_batch) * micro_batch_size + row
+
+
+def _as_numpy(tokens: Any) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise DataError(f"tokens must be a 1-D array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"tokens must be integers, got dtype {arr.dtype}")
+    return arr
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+class SegmentStreams:
+    """S contiguous streams, one ``tgt_len`` segment per stream per step (see the module docstring).
+
+    Args:
+        tokens: the training split, 1-D integer array (a ``numpy.memmap`` from ``load_tokens`` is read
+            lazily: a step touches only the tokens it returns).
+        tgt_len: tokens per segment (the model's N).
+        dp_size, dp_rank: data-parallel world size and this rank.
+        micro_batches: micro-batches per step (gradient accumulation / pipeline micro-batches).
+        micro_batch_size: rows per micro-batch.
+        roll_seed: ``None`` for no roll, else the seed of the per-epoch stream rotation.
+
+    Raises:
+        DataError: bad sizes, or fewer than ``tgt_len + 1`` tokens per stream (checked here, before any
+            compute).
+    """
+
+    def __init__(
+        self,
+        tokens: Any,
+        *,
+        tgt_len: int,
+        dp_size: int,
+        dp_rank: int,
+        micro_batches: int,
+        micro_batch_size: int,
+        roll_seed: int | None = None,
+    ) -> None:
+        _positive(tgt_len=tgt_len, dp_size=dp_size, micro_batches=micro_batches, micro_batch_size=micro_batch_size)
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        self.tokens = _as_numpy(tokens)
+        self.tgt_len = int(tgt_len)
+        self.dp_size = int(dp_size)
+        self.dp_rank = int(dp_rank)
+        self.micro_batches = int(micro_batches)
+        self.micro_batch_size = int(micro_batch_size)
+        self.roll_seed = roll_seed
+        self.num_streams = self.dp_size * self.micro_batches * self.micro_batch_size
+        pairs = max(0, (len(self.tokens) - 1) // self.num_streams)
+        if pairs < self.tgt_len:
+            need = self.num_streams * self.tgt_len + 1
+            raise DataError(
+                f"data too short: {len(self.tokens)} tokens cannot give {self.num_streams} streams "
+                f"(dp {self.dp_size} x micro-batches {self.micro_batches} x micro-batch size "
+                f"{self.micro_batch_size}) one segment of tgt_len {self.tgt_len} (+1 target) each; "
+                f"need at least {need} tokens: use more data or reduce tgt_len / the batch layout"
+            )
+        self.stream_len = pairs - pairs % self.tgt_len
+        """L: (input, target) pairs per stream and epoch, a multiple of tgt_len."""
+        self.steps_per_epoch = self.stream_len // self.tgt_len
+        """Steps until every stream has delivered all of its pairs once."""
+        self.offset = 0
+        """Pairs consumed per stream since the start (all epochs): the loader's whole state."""
+        # This rank's streams in (micro-batch, row) order, and where each starts in the token array.
+        self._ids = np.array(
+            [[self.stream_id(self.dp_rank, m, r) for r in range(self.micro_batch_size)]
+             for m in range(self.micro_batches)],
+            dtype=np.int64,
+        )
+        self._base = self._ids * self.stream_len
+        self._shift_epoch: int | None = None
+        self._shift = np.zeros_like(self._ids)
+
+    # -- layout ---------------------------------------------------------------------------------------
+    def stream_id(self, dp_rank: int, micro_batch: int, row: int) -> int:
+        """Pure function of (dp rank, micro-batch index, row); see the module-level :func:`stream_id`."""
+        return stream_id(dp_rank, micro_batch, row, micro_batches=self.micro_batches,
+                         micro_batch_size=self.micro_batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far (derived from the offset)."""
+        return self.offset // self.stream_len
+
+    def roll_shifts(self, epoch: int) -> np.ndarray:
+        """Rotation of every stream (all S, indexed by stream id) in ``epoch``; zeros without a roll."""
+        if self.roll_seed is None:
+            return np.zeros(self.num_streams, dtype=np.int64)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.roll_seed), int(epoch)])))
+        return rng.integers(0, self.stream_len, size=self.num_streams, dtype=np.int64)
+
+    # -- stepping -------------------------------------------------------------------------------------
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next segment of this rank's streams, then advance the offset by ``tgt_len``.
+
+        Returns:
+            One ``(inputs, targets)`` per micro-batch, each ``LongTensor [micro_batch_size, tgt_len]``;
+            ``targets[b, i]`` is the token after ``inputs[b, i]``.
+        """
+        epoch, position = divmod(self.offset, self.stream_len)
+        if self._shift_epoch != epoch:
+            self._shift = self.roll_shifts(epoch)[self._ids]
+            self._shift_epoch = epoch
+        steps = np.arange(self.tgt_len, dtype=np.int64)
+        # [M, B, T] indices of the inputs; the targets are the next tokens.
+        pair = (position + self._shift[..., None] + steps) % self.stream_len
+        index = self._base[..., None] + pair
+        inputs = torch.from_numpy(np.asarray(self.tokens[index], dtype=np.int64))
+        targets = torch.from_numpy(np.asarray(self.tokens[index + 1], dtype=np.int64))
+        self.offset += self.tgt_len
+        return [(inputs[m], targets[m]) for m in range(self.micro_batches)]
+
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Endless: ``next_step()`` forever (epochs wrap around)."""
+        while True:
+            yield self.next_step()
+
+    # -- resume ---------------------------------------------------------------------------------------
+    def layout(self) -> dict[str, int]:
+        """What the offset's meaning depends on; stored next to it to refuse a silent mismatch."""
+        return {"num_streams": self.num_streams, "tgt_len": self.tgt_len, "num_tokens": len(self.tokens)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"offset", "epoch", "layout"}``; only ``offset`` is state, the rest is for checking/logging."""
+        return {"offset": self.offset, "epoch": self.epoch, "layout": self.layout()}
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Restore the offset; the next ``next_step()`` repeats exactly what followed the save.
+
+        If the saved ``layout`` differs (another DP size, micro-batching, tgt_len or data), ``strict``
+        raises :class:`DataError`; ``strict=False`` warns and resumes at the same epoch and the same
+        fraction of it, rounded down to a whole step (the token sequence then differs from an
+        uninterrupted run; the caller should reset the model's memory).
+        """
+        offset = state.get("offset")
+        if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
+            raise DataError(f"invalid loader state: offset {offset!r} is not a non-negative integer")
+        saved = state.get("layout")
+        if saved is None or saved == self.layout():
+            if offset % self.tgt_len:
+                raise DataError(f"loader offset {offset} is not a multiple of tgt_len {self.tgt_len}")
+            self.offset = int(offset)
+            return
+        changed = {k: (saved.get(k), v) for k, v in self.layout().items() if saved.get(k) != v}
+        detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        if strict:
+            raise DataError(
+                f"the data layout changed since the checkpoint ({detail}); the saved offset no longer "
+                "names the same tokens. Restore the old layout, or resume non-strictly (memory reset)"
+            )
+        old_len = (saved["num_tokens"] - 1) // saved["num_streams"]
+        old_len -= old_len % saved["tgt_len"]
+        epoch, position = divmod(int(offset), max(old_len, 1))
+        fraction = position / max(old_len, 1)
+        step = math.floor(fraction * self.steps_per_epoch)
+        self.offset = epoch * self.stream_len + step * self.tgt_len
+        warnings.warn(
+            f"data layout changed ({detail}): resuming at epoch {epoch}, step {step} of {self.steps_per_epoch}; "
+            "the token order differs from an uninterrupted run",
+            stacklevel=2,
+        )
+
+
+def eval_segments(tokens: Any, *, tgt_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Segments over a whole valid/test split, every target token exactly once, in order per row.
+
+    The ``n - 1`` (input, target) pairs of the ``n`` tokens are cut into ``batch_size`` contiguous rows of
+    ``ceil((n - 1) / batch_size)`` pairs (the last row(s) shorter), then walked ``tgt_len`` pairs at a
+    time, like Transformer-XL's evaluation iterator. The last segment is shorter when the row length is
+    not a multiple of ``tgt_len``. Positions past the end of a short row are padding: their target is
+    :data:`IGNORE_INDEX` (and their input 0), so ``(targets != IGNORE_INDEX).sum()`` over all segments is
+    exactly ``n - 1``. Every token but the first is predicted once; unlike Transformer-XL nothing at the
+    end is dropped. The memory length is the model's business: any ``mem_len`` works with these segments.
+
+    Yields:
+        ``(inputs, targets)``, ``LongTensor [batch_size, T]`` with ``T = tgt_len`` except the last.
+    """
+    _positive(tgt_len=tgt_len, batch_size=batch_size)
+    arr = _as_numpy(tokens)
+    pairs = len(arr) - 1
+    if pairs < 1:
+        raise DataError(f"evaluation data needs at least 2 tokens, got {len(arr)}")
+    row_len = -(-pairs // batch_size)
+    starts = np.arange(batch_size, dtype=np.int64) * row_len
+    ends = np.minimum(starts + row_len, pairs)
+    for begin in range(0, row_len, tgt_len):
+        width = min(tgt_len, row_len - begin)
+        index = starts[:, None] + begin + np.arange(width, dtype=np.int64)
+        valid = index < ends[:, None]
+        safe = np.where(valid, index, 0)
+        inputs = np.where(valid, np.asarray(arr[safe], dtype=np.int64), 0)
+        targets = np.where(valid, np.asarray(arr[safe + 1], dtype=np.int64), IGNORE_INDEX)
+        yield torch.from_numpy(inputs), torch.from_numpy(targets)

@@ -1,0 +1,176 @@
+"""The training engine: the model (plain or tensor-parallel), DeepSpeed (data parallel, ZeRO, precision,
+gradient accumulation and clipping) and one optimizer step over the micro-batches with memory carried per
+micro-batch slot."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lamemo_parallel import LaMemoConfig, LaMemoModel, LaMemoMemory
+
+from .config import TrainConfig
+from .layout import Layout
+from .optim import build_optimizer, build_scheduler
+
+
+def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
+    m, d = config.model, config.data
+    return LaMemoConfig(vocab_size=vocab_size, n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head,
+                        d_head=m.d_head, d_inner=m.d_inner, variant=m.variant, pre_lnorm=m.pre_lnorm,
+                        dropout=m.dropout, dropatt=m.dropatt, clamp_len=m.clamp_len, tgt_len=d.tgt_len,
+                        mem_len=d.mem_len, init_std=m.init_std)
+
+
+def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
+    d, p = config.data, config.parallel
+    return {
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": d.micro_batches,
+        "train_batch_size": d.micro_batch_size * d.micro_batches * layout.data,
+        # DeepSpeed's default clip is 1.0: always set it explicitly (0 disables).
+        "gradient_clipping": config.optim.clip_grad,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": p.precision == "bf16"},
+        "fp16": {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _quiet_deepspeed() -> None:
+    import logging
+
+    import deepspeed.ops
+    # DeepSpeed builds its shm_comm C++ op on every init (~45 s on CPU) unless told it is incompatible.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from deepspeed.utils import logger
+    logger.setLevel(logging.WARNING)
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean token nll over the global batch (nats)
+    lr: float            # learning rate used by this step
+    grad_norm: float
+    tokens: int          # tokens processed by the whole job in this step
+    seconds: float
+
+
+class Engine:
+    """Owns the DeepSpeed engine and the per-slot memory; ``train_step`` runs one optimizer step."""
+
+    def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
+        import deepspeed
+        _quiet_deepspeed()
+        self.config, self.layout, self.device = config, layout, device
+        self.model_config = model_config(config, vocab_size)
+        # Identical initial weights on every rank: the full model is built from run.seed everywhere.
+        torch.manual_seed(config.run.seed)
+        model = LaMemoModel(self.model_config)
+        if layout.tensor > 1:
+            model = self._tensor_parallel(model)
+        self.model = model.to(device)
+        optimizer = build_optimizer(self.model.parameters(), config.optim, device)
+        scheduler = build_scheduler(optimizer, config.optim, config.run.steps)
+        if config.parallel.zero_stage == 3:
+            # The tied output layer reads the embedding weight outside the embedding module's forward.
+            deepspeed.zero.register_external_parameter(self.model, self.model.embedding.weight)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(config, layout), mpu=self._mpu(), dist_init_required=False)
+        self.memories: list[LaMemoMemory | None] = [None] * config.data.micro_batches
+        # Dropout differs across data-parallel ranks, agrees across tensor-parallel ranks (split regions
+        # are forked inside the tensor-parallel model).
+        torch.manual_seed(config.run.seed + 1 + self.dp_rank)
+
+    # ------------------------------------------------------------------ parallel pieces
+    @property
+    def dp_rank(self) -> int:
+        if self.layout.tensor > 1 or self.layout.pipeline > 1:
+            from megatron.core import parallel_state
+            return parallel_state.get_data_parallel_rank()
+        return dist.get_rank()
+
+    @property
+    def dp_group(self):
+        if self.layout.tensor > 1 or self.layout.pipeline > 1:
+            from megatron.core import parallel_state
+            return parallel_state.get_data_parallel_group()
+        return None
+
+    def _mpu(self):
+        if self.layout.tensor == 1:
+            return None
+        from .megatron_mpu import MegatronMPU
+        return MegatronMPU()
+
+    def _tensor_parallel(self, full_model: LaMemoModel):
+        from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel
+        return TensorParallelLaMemoModel.from_full_state_dict(self.model_config, full_model.state_dict())
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimizer step: forward/backward of every micro-batch (memory carried per slot), then step."""
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.train()
+        losses = []
+        for slot, (inputs, targets) in enumerate(micro_batches):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            out = self.engine(inputs, targets=targets, memory=self.memories[slot])
+            loss = out.nll.float().mean()
+            self.engine.backward(loss)
+            if slot == len(micro_batches) - 1:
+                grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+            self.memories[slot] = out.memory
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        if dist.is_initialized() and self.layout.data > 1:
+            dist.all_reduce(loss, group=self.dp_group)
+            loss /= self.layout.data
+        if grad_norm is None:      # ZeRO / mixed-precision optimizers compute it during their step
+            grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        tokens = sum(x.numel() for x, _ in micro_batches) * self.layout.data
+        return StepResult(loss=loss.item(), lr=lr, grad_norm=grad_norm, tokens=tokens,
+                          seconds=time.perf_counter() - start)
+
+    def _grad_norm_before_step(self) -> float | None:
+        """Global gradient norm (before clipping) when DeepSpeed's plain fp32 path does not record it: at the
+        accumulation boundary the gradients are already averaged over data-parallel ranks; tensor-parallel
+        shards are combined through the mpu without counting replicated parameters twice."""
+        p = self.config.parallel
+        if p.zero_stage > 0 or p.precision != "fp32":
+            return None
+        from deepspeed.runtime.utils import get_flattened_grad_norm
+        params = [q for q in self.engine.module.parameters() if q.grad is not None]
+        return float(get_flattened_grad_norm(params, mpu=self.engine.mpu))
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in the single-device layout (gathered over tensor-parallel ranks and ZeRO-3 shards)."""
+        module = self.engine.module
+        if self.config.parallel.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
+        elif hasattr(module, "full_state_dict"):
+            state = module.full_state_dict()
+        else:
+            state = {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
+        return state
+
+    def single_device_model(self) -> LaMemoModel:
+        model = LaMemoModel(self.model_config)
+        model.load_weights(self.full_model_state_dict())
+        return model.eval()
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,126 @@
+"""The trainer (real DeepSpeed, real megatron-core, gloo on CPU) against the single-device reference.
+
+Each layout is one real `torchrun` launch of `python -m pretrain.train`; per-step losses (metrics.jsonl)
+and final weights (the exported single-device directory) must equal a plain-torch run over the same global
+batch to ~1e-5 relative (fp32, dropout off; the only differences are summation orders of the gradient
+reductions)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamemo_parallel import LaMemoModel
+from pretrain.config import TrainConfigError, load_config
+from pretrain.layout import resolve_layout, split_layers
+from train_reference import reference_run
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A byte-level token file made from the first 60 kB of tinyshakespeare."""
+    import lzma
+
+    from pretrain.data.indexed import preprocess
+    from pretrain.data.tokenizer import train_tokenizer
+    work = tmp_path_factory.mktemp("corpus")
+    text = lzma.open(ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt.xz", "rt").read()[:60000]
+    (work / "train.txt").write_text(text)
+    train_tokenizer("byte", [work / "train.txt"], work / "tok")
+    preprocess([work / "train.txt"], work / "tok", work / "train", workers=1)
+    return work
+
+
+def base_overrides(corpus, run_dir):
+    return [f"data.train={corpus / 'train'}", "data.valid=", f"data.tokenizer={corpus / 'tok'}", f"run.dir={run_dir}",
+            f"run.steps={STEPS}", "data.tgt_len=8", "data.mem_len=8", "data.micro_batch_size=2",
+            "data.micro_batches=2", "model.n_layer=2", "model.d_model=16", "model.n_head=4", "model.d_inner=32",
+            "model.dropout=0.0", "optim.lr=0.003", "optim.clip_grad=0.5", "run.mlflow=false", "run.log_interval=1"]
+
+
+def launch(nproc, overrides, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={_port()}", "-m", "pretrain.train",
+           "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def _port():
+    from pretrain.distributed import free_port
+    return free_port()
+
+
+def read_losses(run_dir):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+LAYOUTS = [  # (tensor, pipeline, data, zero stage)
+    (1, 1, 1, 0),
+    (1, 1, 2, 1),
+    (1, 1, 2, 2),
+    (1, 1, 2, 3),
+    (2, 1, 1, 0),
+    (2, 1, 2, 1),
+]
+
+
+@pytest.mark.parametrize("tp,pp,dp,zero", LAYOUTS)
+def test_layout_matches_single_device(corpus, tmp_path, tp, pp, dp, zero):
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(corpus, run_dir) + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
+                                                   f"parallel.zero_stage={zero}"]
+    result = launch(tp * pp * dp, overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    losses = read_losses(run_dir)
+    config = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
+    config.model.vocab_size = 257
+    ref_losses, ref_state, _ = reference_run(config, STEPS, dp_size=dp)
+    assert len(losses) == STEPS
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    exported = LaMemoModel.from_pretrained(run_dir / "final").state_dict()
+    for name, tensor in ref_state.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_impossible_layouts_fail_with_one_message():
+    def layout(world, **parallel):
+        overrides = [f"parallel.{k}={v}" for k, v in parallel.items()]
+        return resolve_layout(load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides), world, cuda=False)
+
+    assert layout(8, tensor=2, pipeline=2).data == 2
+    with pytest.raises(TrainConfigError, match="n_head=4 is not divisible by parallel.tensor=3"):
+        layout(3, tensor=3)
+    with pytest.raises(TrainConfigError, match="fewer than parallel.pipeline=8"):
+        layout(8, pipeline=8)
+    with pytest.raises(TrainConfigError, match="world size 6 is not divisible"):
+        layout(6, tensor=4)
+    with pytest.raises(TrainConfigError, match="ZeRO stage 2 cannot be combined with pipelining"):
+        layout(4, pipeline=2, zero_stage=2)
+    with pytest.raises(TrainConfigError, match="fp16 needs a GPU"):
+        layout(1, precision="fp16")
+    assert [list(r) for r in split_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+
+
+def test_trainer_reports_bad_layout_and_config_at_startup(corpus, tmp_path):
+    result = launch(2, base_overrides(corpus, tmp_path / "r") + ["parallel.pipeline=2", "parallel.zero_stage=3"])
+    assert result.returncode != 0
+    assert "ZeRO stage 3 cannot be combined with pipelining" in result.stderr
+    # torchrun prints its own summary of a failed child; no frame of our code may appear (a clean exit 2)
+    assert str(ROOT / "pretrain") not in result.stderr and "exitcode  : 2" in result.stderr
+    bad = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "config file not found" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = subprocess.run([sys.executable, "-m", "pretrain.train", "--config",
+                              str(ROOT / "configs" / "tiny-cpu.yaml"), "optim.lrr=3"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert unknown.returncode == 2 and "unknown config key 'optim.lrr'" in unknown.stderr
