@@ -100,6 +100,9 @@ class RunSection:
     save_interval: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 3
+    exit_after: int = 0
+    """Stop (after saving a checkpoint) once this process has run this many steps (0: run to run.steps);
+    for time-sliced jobs and resume tests."""
     resume: str = "auto"
     """auto (newest complete checkpoint in run.dir, if any), never, or a checkpoint directory."""
     device: str = "auto"

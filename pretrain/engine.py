@@ -166,6 +166,29 @@ class Engine:
             state = {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
         return state
 
+    # ------------------------------------------------------------------ checkpoint hooks
+    def memory_state(self) -> list[dict | None]:
+        """This rank's memory per micro-batch slot, as plain tensors (for the per-rank checkpoint file)."""
+        from .checkpoint import memory_to_state
+        return [memory_to_state(m) for m in self.memories]
+
+    def load_memory_state(self, state: list[dict | None]) -> None:
+        from .checkpoint import memory_from_state
+        if len(state) != len(self.memories):
+            raise ValueError(f"checkpoint holds memory for {len(state)} micro-batch slots, this run has "
+                             f"{len(self.memories)}")
+        self.memories = [memory_from_state(s, self.device) for s in state]
+
+    def reset_memory(self) -> None:
+        self.memories = [None] * len(self.memories)
+
+    def split_dims(self) -> dict[str, int | None]:
+        """Which dimension of each weight is split over tensor-parallel ranks (None: replicated)."""
+        module = self.engine.module
+        if hasattr(module, "_split_dims"):
+            return module._split_dims()
+        return {name: None for name in module.state_dict()}
+
     def single_device_model(self) -> LaMemoModel:
         model = LaMemoModel(self.model_config)
         model.load_weights(self.full_model_state_dict())
@@ -174,3 +197,11 @@ class Engine:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def build_engine(config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
+    """The engine for this layout: DeepSpeed's pipeline engine when pipelining, the plain one otherwise."""
+    if layout.pipeline > 1:
+        from .pipeline_engine import PipelineEngine
+        return PipelineEngine(config, layout, vocab_size, device)
+    return Engine(config, layout, vocab_size, device)

@@ -6,10 +6,10 @@ Every optimizer step appends one JSON object to ``<run.dir>/metrics.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 
 from lamemo_parallel import ConfigError
+from lamemo_parallel.flops import StepShape
 
 from .config import TrainConfig, TrainConfigError, load_config
+from .checkpoint import CheckpointError
 from .data.errors import DataError
 from .distributed import init_distributed
 from .layout import Layout, resolve_layout
@@ -75,20 +77,25 @@ def load_training_data(config: TrainConfig, layout: Layout, dp_rank: int):
 
 
 def evaluate_validation(engine, config: TrainConfig) -> dict | None:
-    """Validation loss of the current weights with streaming memory (rank 0 computes; all ranks gather)."""
+    """Validation loss of the current weights with streaming memory. Without pipelining every rank runs the
+    parallel model itself (tensor-parallel collectives, ZeRO-3 gathers); with pipelining rank 0 scores the
+    gathered single-device model."""
     if not config.data.valid:
         return None
     from .data.indexed import load_tokens
     from .evaluation import evaluate_tokens
-    model = engine.single_device_model()        # collective: every rank takes part in the gather
+    tokens = torch.from_numpy(load_tokens(config.data.valid).astype("int64"))
+    if config.run.eval_tokens:
+        tokens = tokens[:config.run.eval_tokens + 1]
+    mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
+    if config.parallel.pipeline == 1:
+        model, scoring = engine.engine.module, True
+    else:
+        model, scoring = engine.single_device_model().to(engine.device), dist.get_rank() == 0
     result = None
-    if dist.get_rank() == 0:
-        tokens = torch.from_numpy(load_tokens(config.data.valid).astype("int64"))
-        if config.run.eval_tokens:
-            tokens = tokens[:config.run.eval_tokens + 1]
-        mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
-        r = evaluate_tokens(model.to(engine.device), tokens, tgt_len=config.data.tgt_len, mem_len=mem_len,
-                            batch_size=1, device=engine.device)
+    if scoring:
+        r = evaluate_tokens(model, tokens, tgt_len=config.data.tgt_len, mem_len=mem_len, batch_size=1,
+                            device=engine.device)
         result = {"eval_loss": r.loss, "eval_ppl": r.perplexity, "eval_bits_per_token": r.bits_per_token,
                   "eval_tokens": r.n_tokens}
     dist.barrier()
@@ -114,6 +121,26 @@ def set_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+class StopSignal:
+    """SIGUSR1 / SIGTERM ask for a checkpoint and a clean exit (so a scheduler can requeue the job).
+    Ranks agree on stopping through a tiny all-reduce after each step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
 def run(config: TrainConfig) -> Path:
     device = resolve_device(config)
     set_cpu_threads(device)
@@ -127,32 +154,79 @@ def run(config: TrainConfig) -> Path:
         config.save(run_dir / "config.yaml")
     log(f"layout: {layout.describe()}; {config.model.n_layer} layers, d_model {config.model.d_model}, "
         f"variant {config.model.variant}; {streams.steps_per_epoch} steps per epoch")
+    stop = StopSignal()
 
-    from .engine import Engine
-    engine = Engine(config, layout, config.model.vocab_size, device)
+    from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+    from .engine import build_engine
+    from .throughput import ThroughputMeter, format_console_line, resolve_peak_tflops
+    from .tracking import Tracker
+    engine = build_engine(config, layout, config.model.vocab_size, device)
     log(f"model: {sum(p.numel() for p in engine.model.parameters()):,} parameters on this rank")
-    metrics_path = run_dir / "metrics.jsonl"
-    for step in range(1, config.run.steps + 1):
-        result = engine.train_step(streams.next_step())
-        if not math.isfinite(result.loss):
-            raise FloatingPointError(f"loss became {result.loss} at step {step}")
-        record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                  "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds}
-        if config.run.eval_interval and step % config.run.eval_interval == 0 and step < config.run.steps:
-            record.update(evaluate_validation(engine, config) or {})
-        if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % config.run.log_interval == 0 or step == 1 or step == config.run.steps:
-                log(f"step {step:>6} | loss {result.loss:.4f} | lr {result.lr:.3e} | grad norm "
-                    f"{result.grad_norm:.3f} | {record['tokens_per_s']:.0f} tok/s")
-    final_eval = evaluate_validation(engine, config)
-    if rank == 0 and final_eval:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({"step": config.run.steps, **final_eval}) + "\n")
-        log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")
-    out = export_final(engine, config, run_dir)
-    log(f"exported {out}")
+
+    start_step, run_id = 0, None
+    resume_from = find_resume_checkpoint(run_dir, config.run.resume, log=log)
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, engine=engine, streams=streams, layout=layout, log=log)
+        start_step = meta["step"]
+        log(f"resumed from {resume_from} at step {start_step}")
+
+    tracker = Tracker(run_dir, run_name=run_dir.name, enabled=rank == 0, mlflow=config.run.mlflow)
+    run_id = tracker.start(config.flat(), resume=resume_from is not None)
+    if rank == 0 and resume_from is None:
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifacts(config.data.tokenizer, "tokenizer")
+    m = config.model
+    meter = ThroughputMeter(
+        StepShape(m.n_layer, m.d_model, m.d_inner, m.vocab_size, config.data.tgt_len, config.data.mem_len,
+                  lookahead=m.variant != 0),
+        micro_batch_size=config.data.micro_batch_size, forward_calls_per_step=layout.data * config.data.micro_batches,
+        n_devices=world, peak_tflops=resolve_peak_tflops(config.run.peak_tflops or None, device,
+                                                         config.parallel.precision),
+        recompute=config.parallel.activation_checkpointing, warmup_steps=2, device=device)
+
+    def checkpoint(step):
+        save_checkpoint(engine=engine, streams=streams, config=config, step=step, layout=layout,
+                        tracker_run_id=run_id, keep=config.run.keep_checkpoints, log=log)
+
+    status, step = "FINISHED", start_step
+    try:
+        for step in range(start_step + 1, config.run.steps + 1):
+            meter.begin()
+            result = engine.train_step(streams.next_step())
+            meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(f"loss became {result.loss} at step {step}")
+            metrics = {"loss": result.loss, "ppl": math.exp(min(result.loss, 700.0)), "lr": result.lr,
+                       "grad_norm": result.grad_norm, **meter.interval_metrics(),
+                       "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds}
+            if config.run.eval_interval and step % config.run.eval_interval == 0 and step < config.run.steps:
+                metrics.update(evaluate_validation(engine, config) or {})
+            tracker.log_metrics(step, metrics)
+            if step % config.run.log_interval == 0 or step == start_step + 1 or step == config.run.steps:
+                log(format_console_line(step, metrics, total_steps=config.run.steps))
+            ran = step - start_step
+            stopping = stop.agreed() or (config.run.exit_after and ran >= config.run.exit_after)
+            if stopping or (config.run.save_interval and step % config.run.save_interval == 0):
+                checkpoint(step)
+            if stopping:
+                status = "KILLED"
+                log(f"stopping at step {step}" + (f" on signal {stop.received}" if stop.received else "")
+                    + ": checkpoint saved, exiting cleanly")
+                return run_dir
+        final_eval = evaluate_validation(engine, config)
+        if final_eval:
+            tracker.log_metrics(config.run.steps, final_eval)
+            log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")
+        if start_step < config.run.steps and not (config.run.save_interval
+                                                  and config.run.steps % config.run.save_interval == 0):
+            checkpoint(config.run.steps)
+        out = export_final(engine, config, run_dir)
+        log(f"exported {out}")
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.finish(status)
     return run_dir
 
 
@@ -165,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         run(config)
-    except (TrainConfigError, DataError, ConfigError, FileNotFoundError) as err:
+    except (TrainConfigError, DataError, ConfigError, CheckpointError, FileNotFoundError) as err:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

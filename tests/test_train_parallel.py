@@ -88,8 +88,11 @@ def test_layout_matches_single_device(corpus, tmp_path, tp, pp, dp, zero):
     assert len(losses) == STEPS
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     exported = LaMemoModel.from_pretrained(run_dir / "final").state_dict()
+    # Adam divides each coordinate's update by its gradient RMS: a coordinate whose gradient is at rounding
+    # level moves by up to ~lr with its rounding noise at full relative size. atol = lr / 300 bounds that;
+    # everything else is held at 1e-5 relative.
     for name, tensor in ref_state.items():
-        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_impossible_layouts_fail_with_one_message():

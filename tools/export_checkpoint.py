@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Export a training checkpoint to a single-device directory that loads with plain torch.
+
+    python tools/export_checkpoint.py RUN_DIR/checkpoints/step_00001000 OUT
+    python tools/export_checkpoint.py RUN_DIR OUT          # the newest complete checkpoint of a run
+
+The checkpoint's manifest is verified first (missing / truncated files, interrupted saves). The weights were
+merged over tensor-, pipeline- and ZeRO-shards when the checkpoint was saved (checkpoints/*/consolidated);
+the export checks them against the model config, writes config.json + model.safetensors + tokenizer/, and
+loads the result with lamemo_parallel.LaMemoModel to prove it (no deepspeed or megatron-core needed).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+from lamemo_parallel import CheckpointMismatchError, LaMemoModel
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_N) or a run directory")
+    parser.add_argument("out", help="output directory")
+    args = parser.parse_args(argv)
+    from pretrain.checkpoint import CheckpointError, complete_checkpoints, validate
+    ckpt = Path(args.checkpoint)
+    try:
+        if not (ckpt / "trainer.json").exists() and (ckpt / "checkpoints").is_dir():
+            found = complete_checkpoints(ckpt)
+            if not found:
+                raise CheckpointError(f"{ckpt} holds no complete checkpoint")
+            ckpt = found[0]
+        meta = validate(ckpt)
+        source = ckpt / "consolidated"
+        model = LaMemoModel.from_pretrained(source)       # strict: names every missing / mis-shaped tensor
+    except (CheckpointError, CheckpointMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if (source / "tokenizer").is_dir():
+        shutil.copytree(source / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    LaMemoModel.from_pretrained(out)
+    c = model.config
+    print(f"exported step {meta['step']} of {ckpt}: variant {c.variant}, {c.n_layer} layers, d_model {c.d_model}, "
+          f"{model.num_parameters():,} parameters -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
