@@ -6,9 +6,10 @@ Layout of one checkpoint (one directory per step):
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's own shards
         trainer_state_rank_00000.pt ...     per rank: memory per micro-batch slot, data offset, RNG states
         trainer.json                        step, layout, split dims of tensor-parallel weights, MLflow run id
-        consolidated/                       the weights merged over TP / PP / ZeRO shards in the single-device
-                                            layout (config.json + model.safetensors + tokenizer/): what
-                                            tools/export_checkpoint.py exports and a changed layout reshards from
+        consolidated/                       the weights (and Adam moments) merged over TP / PP / ZeRO shards in
+                                            the single-device layout (config.json + model.safetensors +
+                                            optimizer.safetensors + tokenizer/): what tools/export_checkpoint.py
+                                            exports and what a changed layout reshards from (pretrain/reshard.py)
         config.yaml, tokenizer/             the resolved config and the tokenizer of the run
         COMPLETE.json                       written last: the manifest (every file and its size)
 
@@ -165,11 +166,15 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
     dist.barrier()
     engine.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     full_weights = engine.full_model_state_dict()          # collective gather over TP / PP / ZeRO shards
+    full_optimizer = engine.full_optimizer_state()         # collective; None where the engine cannot
     torch.save({"step": step, "memory": engine.memory_state(), "streams": streams.state_dict(), "rng": rng_state(),
                 "layout": vars(layout)}, rank_state_path(ckpt, rank))
     if rank == 0:
         config.save(ckpt / "config.yaml")
         write_consolidated(ckpt / "consolidated", engine.model_config, full_weights, config.data.tokenizer)
+        if full_optimizer is not None:
+            from .reshard import save_full_optimizer_state
+            save_full_optimizer_state(ckpt / "consolidated", full_optimizer, step)
         if config.data.tokenizer:
             shutil.copytree(config.data.tokenizer, ckpt / "tokenizer", dirs_exist_ok=True)
         (ckpt / TRAINER_META).write_text(json.dumps({

@@ -7,7 +7,7 @@
 2. A sentencepiece BPE tokenizer trained on the train split.
 3. Preprocessing into memory-mapped token files.
 4. Training with configs/tiny-cpu.yaml (DeepSpeed engine, MLflow tracking into a local SQLite store).
-5. Export to a single-device directory and evaluation of the exported model on the valid split.
+5. Export of the newest checkpoint to a single-device directory and evaluation of it on the test split.
 Steps 1-3 are skipped when their outputs already exist.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs", help="where data and the run go (default: runs/)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300, a few minutes)")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500: a few minutes)")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for the trainer")
     args = parser.parse_args(argv)
@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data(data_dir, args.vocab_size)
         overrides = [f"data.train={data_dir / 'train'}", f"data.valid={data_dir / 'valid'}",
                      f"data.tokenizer={data_dir / 'tokenizer'}", f"run.dir={workdir / 'demo'}",
-                     f"run.steps={args.steps}", "run.log_interval=25", "run.eval_tokens=20000",
+                     f"run.steps={args.steps}", "run.log_interval=50", "run.eval_tokens=20000",
+                     # a somewhat larger model than configs/tiny-cpu.yaml's (which is sized for 4 processes)
+                     "model.d_model=128", "model.n_head=4", "model.d_inner=512", "data.tgt_len=64",
+                     "data.mem_len=64", "model.dropout=0.1",
                      f"run.save_interval={max(args.steps // 2, 1)}", *args.overrides]
         config = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
         run_dir = run(config)
@@ -66,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.indexed import load_tokens
     from .evaluation import evaluate_tokens
-    export = run_dir / "final"
+    from .export import export_checkpoint
+    export = run_dir / "export"
+    export_checkpoint(run_dir, export)                       # the newest checkpoint -> single-device format
+    print(f"[demo] exported the newest checkpoint of {run_dir} to {export}", flush=True)
     model = LaMemoModel.from_pretrained(export)
     tokens = torch.from_numpy(load_tokens(data_dir / "test").astype("int64"))[:20001]
     result = evaluate_tokens(model, tokens, tgt_len=config.data.tgt_len, mem_len=config.data.mem_len, progress=True)

@@ -12,13 +12,11 @@ loads the result with lamemo_parallel.LaMemoModel to prove it (no deepspeed or m
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from lamemo_parallel import CheckpointMismatchError, LaMemoModel
+from lamemo_parallel import CheckpointMismatchError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,29 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_N) or a run directory")
     parser.add_argument("out", help="output directory")
     args = parser.parse_args(argv)
-    from pretrain.checkpoint import CheckpointError, complete_checkpoints, validate
-    ckpt = Path(args.checkpoint)
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.export import export_checkpoint
     try:
-        if not (ckpt / "trainer.json").exists() and (ckpt / "checkpoints").is_dir():
-            found = complete_checkpoints(ckpt)
-            if not found:
-                raise CheckpointError(f"{ckpt} holds no complete checkpoint")
-            ckpt = found[0]
-        meta = validate(ckpt)
-        source = ckpt / "consolidated"
-        model = LaMemoModel.from_pretrained(source)       # strict: names every missing / mis-shaped tensor
+        model, meta, ckpt = export_checkpoint(args.checkpoint, args.out)
     except (CheckpointError, CheckpointMismatchError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if (source / "tokenizer").is_dir():
-        shutil.copytree(source / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    LaMemoModel.from_pretrained(out)
     c = model.config
     print(f"exported step {meta['step']} of {ckpt}: variant {c.variant}, {c.n_layer} layers, d_model {c.d_model}, "
-          f"{model.num_parameters():,} parameters -> {out}")
+          f"{model.num_parameters():,} parameters -> {args.out}")
     return 0
 
 
