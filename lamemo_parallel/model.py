@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import GlobalBiases, PositionEncodings, statistics_dtype
 from .config import ConfigError, LaMemoConfig
@@ -57,6 +58,10 @@ class LaMemoModel(nn.Module):
         self.future_content_bias = nn.Parameter(torch.zeros(H, dh)) if config.variant == 32 else None
         self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
         self.register_buffer("inv_freq", inverse_frequencies(config.d_model), persistent=False)
+        #: Recompute each layer's activations in the backward pass (training only). The cached memory enters a
+        #: layer as an explicit input and the new memory leaves it as an output, so a recompute reads the
+        #: memory as it was at forward time; torch's checkpoint replays the dropout RNG state.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation (spec §7)
@@ -173,12 +178,17 @@ class LaMemoModel(nn.Module):
         return LaMemoOutput(nll=nll, memory=new_memory, logits=logits,
                             hidden=hidden if return_hidden else None, attentions=attentions)
 
+    def _run_layer(self, layer, z, **inputs):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, z, use_reentrant=False, **inputs)
+        return layer(z, **inputs)
+
     def _forward_lookahead(self, emb, memory, M, positions, biases, attentions):
         """LaMemo: memory rows are recomputed at every layer from the embedding FIFO (spec §4)."""
         z = torch.cat([memory.embeddings, emb], dim=1)
         vectors, lses = [], []
         for i, layer in enumerate(self.layers):
-            result = layer(z, mem_len=M, positions=positions, biases=biases,
+            result = self._run_layer(layer, z, mem_len=M, positions=positions, biases=biases,
                            cached_vectors=memory.vectors[i], cached_log_normalizers=memory.log_normalizers[i],
                            return_probs=attentions is not None)
             z = result.output
@@ -197,7 +207,7 @@ class LaMemoModel(nn.Module):
         inputs = []
         for i, layer in enumerate(self.layers):
             inputs.append(h)
-            result = layer(torch.cat([levels[i], h], dim=1), mem_len=M, positions=positions, biases=biases,
+            result = self._run_layer(layer, torch.cat([levels[i], h], dim=1), mem_len=M, positions=positions, biases=biases,
                            return_probs=attentions is not None)
             h = result.output
             if attentions is not None:

@@ -75,6 +75,7 @@ class Engine:
         model = LaMemoModel(self.model_config)
         if layout.tensor > 1:
             model = self._tensor_parallel(model)
+        model.activation_checkpointing = config.parallel.activation_checkpointing
         self.model = model.to(device)
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         scheduler = build_scheduler(optimizer, config.optim, config.run.steps)

@@ -246,3 +246,26 @@ def test_gradient_flow(variant):
         model(tokens[:, 6:12], targets=tokens[:, 7:13], memory=memory).nll.sum().backward()
         assert model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
         assert model.layers[1].ff.fc1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", [3, 0])
+def test_activation_checkpointing_gives_identical_losses_and_gradients(variant):
+    """Dropout on: the recompute must replay the same masks and read the memory as it was at forward time."""
+    results = []
+    for recompute in (False, True):
+        model = make_model(variant, dropout=0.2, dropatt=0.2).train()
+        model.activation_checkpointing = recompute
+        torch.manual_seed(11)
+        tokens = torch.randint(0, 41, (2, 19))
+        memory, grads, losses = None, [], []
+        for s in range(3):
+            out = model(tokens[:, s * 6:(s + 1) * 6], targets=tokens[:, s * 6 + 1:(s + 1) * 6 + 1], memory=memory)
+            out.nll.mean().backward()
+            memory = out.memory
+            losses.append(out.nll.detach())
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((losses, grads, memory))
+    (l0, g0, m0), (l1, g1, m1) = results
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g0, g1))
+    assert all(torch.equal(a, b) for a, b in zip(m0.tensors().values(), m1.tensors().values()))

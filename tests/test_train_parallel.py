@@ -127,3 +127,27 @@ def test_trainer_reports_bad_layout_and_config_at_startup(corpus, tmp_path):
                               str(ROOT / "configs" / "tiny-cpu.yaml"), "optim.lrr=3"],
                              capture_output=True, text=True, cwd=ROOT)
     assert unknown.returncode == 2 and "unknown config key 'optim.lrr'" in unknown.stderr
+
+
+def test_activation_checkpointing_and_bf16_in_the_trainer(corpus, tmp_path):
+    """Tensor-parallel run with dropout on: activation checkpointing on and off give identical losses.
+    bf16 trains (finite, decreasing-ish loss) while the memory's Z-bar stays float32."""
+    runs = {}
+    for recompute in ("false", "true"):
+        run_dir = tmp_path / f"ckpt-{recompute}"
+        args = base_overrides(corpus, run_dir) + ["parallel.tensor=2", "model.dropout=0.1", "model.dropatt=0.1",
+                                                  f"parallel.activation_checkpointing={recompute}"]
+        result = launch(2, args)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[recompute] = read_losses(run_dir)
+    assert runs["false"] == runs["true"]
+
+    run_dir = tmp_path / "bf16"
+    result = launch(1, base_overrides(corpus, run_dir) + ["parallel.precision=bf16", "run.steps=8"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = read_losses(run_dir)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    state = torch.load(run_dir / "checkpoints" / "step_00000008" / "trainer_state_rank_00000.pt", weights_only=False)
+    slot = state["memory"][0]
+    assert slot["embeddings"].dtype == torch.bfloat16 and slot["vectors.0"].dtype == torch.bfloat16
+    assert slot["log_normalizers.0"].dtype == torch.float32
