@@ -1,0 +1,41 @@
+"""Every shipped config loads and validates; the paper's configs have the paper's sizes (spec §7)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamemo_parallel import LaMemoModel
+from pretrain.config import load_config
+from pretrain.engine import model_config
+from pretrain.layout import resolve_layout
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_its_layout_resolves(path):
+    config = load_config(path)
+    p = config.parallel
+    world = p.tensor * p.pipeline * 2
+    layout = resolve_layout(config, world, cuda=p.precision == "fp16" or world > 8)
+    assert layout.data == 2
+
+
+def parameter_count(path, vocab_size):
+    config = load_config(path)
+    with torch.device("meta"):
+        return LaMemoModel(model_config(config, vocab_size)).num_parameters()
+
+
+def test_paper_base_models_have_the_paper_sizes():
+    root = CONFIGS[0].parent
+    wt103 = parameter_count(root / "wt103-lamemo-base.yaml", 267_735)
+    assert abs(wt103 - 151.1e6) < 0.1e6                          # the paper's 151.1 M
+    assert parameter_count(root / "wt103-xl-base.yaml", 267_735) == wt103 - 410   # one [10, 41] bias fewer
+    enwik8 = parameter_count(root / "enwik8-lamemo-base.yaml", 257)
+    assert abs(enwik8 - 41e6) < 1e6
+    assert parameter_count(root / "text8-lamemo-base.yaml", 257) == enwik8
+    for name in ("wt103-lamemo-base", "enwik8-lamemo-base", "text8-lamemo-base"):
+        c = load_config(root / f"{name}.yaml")
+        assert (c.optim.lr, c.optim.clip_grad, c.optim.schedule, c.optim.warmup_steps) == (2.5e-4, 0.25, "cosine", 0)
+        assert c.data.tgt_len == c.data.mem_len and c.model.dropout == 0.1 and c.model.dropatt == 0.0
