@@ -160,3 +160,22 @@ def test_reshard_data_parallel_change_resets_memory_and_continues(corpus, tmp_pa
     assert sorted(b) == list(range(1, 9))
     for s in range(5, 9):
         assert abs(b[s] - a[s]) < 0.1 * a[s], (s, a[s], b[s])
+
+
+def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):
+    """The embedded SQLite store in the run directory: one MLflow run across the restart, metrics 1..6."""
+    from mlflow.tracking import MlflowClient
+    run = tmp_path / "run"
+    args = [a for a in overrides(corpus, run) if a != "run.mlflow=false"] + ["run.mlflow=true"]
+    env = {"MLFLOW_TRACKING_URI": ""}
+    assert launch(1, args + ["run.exit_after=3"], env_extra=env).returncode == 0
+    second = launch(1, args, env_extra=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    runs = [r for e in experiments for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted({m.step for m in history}) == list(range(1, STEPS + 1))
+    assert runs[0].data.params["model.d_model"] == "16"
+    assert runs[0].info.status == "FINISHED"
