@@ -106,6 +106,13 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str, log=print) -> Path 
     return None
 
 
+def stage_sizes(config) -> list[int]:
+    """Layers per pipeline stage as this config resolves them."""
+    from .layout import split_layers
+    p = config.parallel
+    return [len(r) for r in split_layers(config.model.n_layer, p.pipeline, p.pipeline_partition)]
+
+
 # ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -180,7 +187,8 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
         (ckpt / TRAINER_META).write_text(json.dumps({
             "step": step, "layout": vars(layout), "variant": config.model.variant,
             "model": engine.model_config.to_dict(), "mlflow_run_id": tracker_run_id,
-            "split_dims": engine.split_dims(), "world_size": dist.get_world_size()}, indent=2))
+            "split_dims": engine.split_dims(), "world_size": dist.get_world_size(),
+            "pipeline_partition": stage_sizes(config)}, indent=2))
     dist.barrier()
     if os.environ.get("LAMEMO_FAULT_KILL_DURING_SAVE") == str(step):
         # Fault injection for tests: a real SIGKILL after the shards are written, before the marker.
@@ -201,7 +209,8 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
     RNG exactly. A changed layout reshards the weights and optimizer and resets the memory with a warning."""
     meta = json.loads((ckpt / TRAINER_META).read_text())
     saved_layout = meta["layout"]
-    same = saved_layout == vars(layout)
+    # DeepSpeed names per-layer pipeline files by position: another partition is another layout.
+    same = saved_layout == vars(layout) and meta.get("pipeline_partition") == stage_sizes(engine.config)
     if meta["model"] != engine.model_config.to_dict():
         changed = sorted(k for k in meta["model"] if meta["model"][k] != engine.model_config.to_dict().get(k))
         raise CheckpointError(f"checkpoint {ckpt} was made for another model (differs in: {', '.join(changed)})")
@@ -214,7 +223,8 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
         set_rng_state(state["rng"])
     else:
         from .reshard import reshard_load
-        log(f"warning: checkpoint layout {saved_layout} differs from this run's {vars(layout)}: resharding "
+        log(f"warning: checkpoint layout {saved_layout} (stages {meta.get('pipeline_partition')}) differs from this "
+            f"run's {vars(layout)} (stages {stage_sizes(engine.config)}): resharding "
             f"weights and optimizer state; the memory starts empty")
         reshard_load(ckpt, meta, engine)
         state = torch.load(rank_state_path(ckpt, 0), map_location="cpu", weights_only=False)

@@ -69,7 +69,9 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
     device = next(module.parameters()).device
     full = load_file(str(ckpt / "consolidated" / "model.safetensors"))
     local = module.to_local_layout(full) if hasattr(module, "to_local_layout") else full
-    params = dict(module.named_parameters())
+    # a pipeline module names its parameters by layer position; named_model_parameters gives ours
+    params = (module.named_model_parameters() if hasattr(module, "named_model_parameters")
+              else dict(module.named_parameters()))
     with torch.no_grad():
         for name, param in params.items():
             value = local[name].to(device)

@@ -42,16 +42,18 @@ def losses(run_dir):
     return out
 
 
-@pytest.mark.parametrize("tp,dp,zero", [(1, 1, 0), (2, 1, 0), (1, 2, 1), (2, 2, 1)])
-def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, dp, zero):
-    """Dropout on: exact resume needs the RNG states, the data offset and the memory of every slot."""
-    layout = [f"parallel.tensor={tp}", f"parallel.zero_stage={zero}"]
-    straight = launch(tp * dp, overrides(corpus, tmp_path / "straight", *layout))
+@pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 1, 0), (2, 2, 1, 0), (1, 2, 2, 1), (2, 1, 2, 1)])
+def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, zero):
+    """Dropout on, 2 micro-batches: exact resume needs the RNG states, the data offset and the memory of every
+    micro-batch slot on every stage."""
+    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}"]
+    n = tp * pp * dp
+    straight = launch(n, overrides(corpus, tmp_path / "straight", *layout))
     assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(tp * dp, overrides(corpus, tmp_path / "resumed", *layout, "run.exit_after=3"))
+    first = launch(n, overrides(corpus, tmp_path / "resumed", *layout, "run.exit_after=3"))
     assert first.returncode == 0, first.stderr[-4000:]
     assert "stopping at step 3" in first.stdout
-    second = launch(tp * dp, overrides(corpus, tmp_path / "resumed", *layout))
+    second = launch(n, overrides(corpus, tmp_path / "resumed", *layout))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
@@ -104,9 +106,11 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     assert refused.returncode == 2 and "truncated" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_export_of_tensor_parallel_checkpoint_reproduces_eval_loss(corpus, tmp_path):
+def test_export_of_tensor_and_pipeline_parallel_checkpoint_reproduces_eval_loss(corpus, tmp_path):
+    """(TP, PP) = (2, 2): the export's evaluation loss equals the one the training run computed."""
     run = tmp_path / "run"
-    result = launch(2, overrides(corpus, run, "parallel.tensor=2", "model.dropout=0.0", "model.dropatt=0.0"))
+    result = launch(4, overrides(corpus, run, "parallel.tensor=2", "parallel.pipeline=2", "model.dropout=0.0",
+                                 "model.dropatt=0.0"))
     assert result.returncode == 0, result.stderr[-4000:]
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
     out = tmp_path / "export"
@@ -115,7 +119,7 @@ def test_export_of_tensor_parallel_checkpoint_reproduces_eval_loss(corpus, tmp_p
     assert tool.returncode == 0, tool.stderr
     assert (out / "tokenizer" / "tokenizer.json").exists()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    parallel_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]     # scored by the TP model
+    parallel_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]     # scored by the training run
     from pretrain.data.indexed import load_tokens
     from pretrain.evaluation import evaluate_tokens
     tokens = torch.from_numpy(load_tokens(corpus / "train").astype("int64"))[:301]
@@ -145,14 +149,16 @@ def test_reshard_tensor_parallel_change_continues_exactly_without_memory(corpus,
                                torch.tensor([a[s] for s in range(1, STEPS + 1)]), rtol=1e-5, atol=1e-6)
 
 
-def test_reshard_data_parallel_change_resets_memory_and_continues(corpus, tmp_path):
-    """(TP, DP) = (1, 2) -> (2, 1): the streams are re-laid out and the memory starts empty (warned); the loss
-    continues within a small band of the uninterrupted run's."""
-    straight = launch(2, overrides(corpus, tmp_path / "straight", "run.steps=8"))
+def test_reshard_tensor_to_pipeline_layout_resets_memory_and_continues(corpus, tmp_path):
+    """(TP, PP, DP) = (2, 1, 2) -> (1, 2, 2), ZeRO-1: weights and Adam moments move from tensor shards to pipeline
+    stages, the memory starts empty (warned), and the loss continues within a small band of the uninterrupted
+    run's."""
+    base = ["run.steps=8", "parallel.zero_stage=1"]
+    straight = launch(4, overrides(corpus, tmp_path / "straight", *base, "parallel.tensor=2"))
     assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(2, overrides(corpus, tmp_path / "run", "run.steps=8", "run.exit_after=4"))
+    first = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=2", "run.exit_after=4"))
     assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(2, overrides(corpus, tmp_path / "run", "run.steps=8", "parallel.tensor=2"))
+    second = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.pipeline=2"))
     assert second.returncode == 0, second.stderr[-4000:]
     output = second.stdout + second.stderr
     assert "memory starts empty" in output

@@ -1,0 +1,600 @@
+"""Pipeline parallelism: the LaMemo model cut into DeepSpeed ``PipelineModule`` stages, memory kept per stage.
+
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)    # after init_process_group
+    module = LaMemoPipelineModule(config, topology=topology, parts=[range(0, 2), range(2, 4)],
+                                  micro_batches=4, mem_len=128, tensor_parallel=tp > 1)
+    module.load_full_state_dict(LaMemoModel(config).state_dict())   # each stage / TP rank takes its part
+    engine, *_ = deepspeed.initialize(model=module, optimizer=..., config=ds_config)
+    module.runtime.begin_step(step)
+    loss = engine.train_batch(iter([(tokens, targets), ...]))         # one (tokens, targets) per micro-batch
+    module.runtime.end_step()
+
+What each stage runs (``forward_funcs``, in order; stage s holds the decoder layers ``parts[s]``):
+
+    first stage   EmbeddingPipe (tied 'embedding')  tokens -> scaled embeddings, embedding dropout
+    every stage   GlobalBiasesPipe (tied 'biases')  enter: look up this micro-batch's memory, build the carry
+                  DecoderLayerPipe x len(parts[s])  carry -> carry (the only checkpointable functions)
+                  StageRuntime.exit                 commit the new memory, return the stage's one output tensor
+    last stage    EmbeddingPipe.head (tied)         final dropout; (hidden, tied output weight)
+                  OutputLayerPipe                   logits (+ output bias); the loss is ``TokenLoss``
+
+Between stages one tensor travels (DeepSpeed back-propagates through the first output tensor only):
+LaMemo sends [memory rows; current rows] = [B, M+N, d]: both parts carry gradient, since the memory rows are
+recomputed at every layer. Transformer-XL sends the current rows [B, N, d]: layer l reads the cached input of
+layer l, which the stage holding layer l keeps itself.
+
+Inside a stage a *carry* tuple flows through the functions (layout ``ACT .. FIRST_MEMORY`` below): the
+activation, the global biases u, v, v+, u+ (``None`` where a variant has none), the position tables of the
+step, then this stage's memory inputs per layer (C-bar, Z-bar for LaMemo; the cached layer input for XL).
+A decoder layer replaces its own memory entries with the new rows it produced (detached). So with activation
+checkpointing (DeepSpeed's ``activation_checkpoint_interval``; only ``DecoderLayerPipe`` is checkpointable)
+a recompute reads the memory it was given at forward time (an explicit input of the checkpointed function,
+saved by it), never the store; the store is read by ``enter`` and written by ``exit``, which run once per
+forward and are never recomputed.
+
+Memory (``StageMemory``): per micro-batch slot, this stage's layers' C-bar / Z-bar (local heads under tensor
+parallelism) or XL's cached layer inputs, plus the embedding FIFO on the first stage of a LaMemo model. The
+slot is the forward count within the step: DeepSpeed's schedules run the forwards of a step in micro-batch
+order on every stage. Names follow ``LaMemoMemory.tensors()`` with global layer indices, so the union of the
+stages' memories (heads gathered) is the single-device memory.
+
+Shapes: the memory length M is the same for every slot; it grows 0, N, 2N, .. up to mem_len over the first
+steps and is constant after that. The trainer calls DeepSpeed's ``reset_activation_shape()`` on the steps
+where the inter-stage shape changes (see pretrain/pipeline_engine.py), so steady-state steps use DeepSpeed's
+static-shape path and the first segments are exactly the single-device model's (no padded, masked rows).
+
+Tied parameters: the input embedding (first stage) and the output layer (last stage) share one weight, and
+every stage uses the global biases u, v (v+, u+): both are ``TiedLayerSpec`` modules, whose gradients
+DeepSpeed all-reduces across the stages that hold them before the data-parallel reduction. The output bias
+lives on the last stage only. Their first appearance runs the module's own ``forward`` (not a ``forward_fn``),
+so DeepSpeed's per-layer checkpoint files hold them; the last stage's copy is re-synchronised on load.
+While the memory is empty the look-ahead biases are tied into the graph with a zero, so that every tied
+parameter has a gradient on every stage (DeepSpeed's bf16 tied-gradient reduction needs one).
+
+Dropout: every dropout acts on the default generator of its stage (seed stages differently), except the
+dropout of the position table, which the spec shares between all layers: each stage redraws the same mask
+from a seed that is a function of (seed, data-parallel rank, step, slot) only.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+
+from .attention import GlobalBiases, PositionEncodings, statistics_dtype
+from .config import ConfigError, LaMemoConfig
+from .layer import DecoderLayer
+from .linear import PlainLinears
+from .memory import LaMemoMemory
+from .model import LaMemoModel
+from .positions import inverse_frequencies
+
+#: Positions in the carry tuple that flows through a stage.
+ACT, CONTENT, POSITION, FUTURE_POSITION, FUTURE_CONTENT, POS_CAUSAL, POS_AHEAD = range(7)
+FIRST_MEMORY = 7
+
+BIAS_NAMES = ("content_bias", "position_bias", "future_position_bias", "future_content_bias")
+#: Single-device names of the tied parameters (held by several stages; the first stage speaks for them).
+TIED = ("embedding.weight",) + BIAS_NAMES
+
+
+def layer_memory_names(layer: int, lookahead: bool) -> list[str]:
+    """The memory tensors that layer ``layer`` reads and writes, in ``LaMemoMemory.tensors()`` naming."""
+    if lookahead:
+        return [f"vectors.{layer}", f"log_normalizers.{layer}"]
+    return ["embeddings" if layer == 0 else f"hidden.{layer - 1}"]   # XL: the cached input of the layer
+
+
+def _tensor_parallel():
+    """megatron-core pieces, imported only when a stage is tensor-parallel."""
+    from . import tensor_parallel
+    return tensor_parallel
+
+
+def _linears(tensor_parallel: bool):
+    return _tensor_parallel().MegatronLinears() if tensor_parallel else PlainLinears()
+
+
+def _local_heads(config: LaMemoConfig, tensor_parallel: bool) -> int:
+    return config.n_head // (_linears(tensor_parallel).tp_size if tensor_parallel else 1)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class StageMemory:
+    """The memory one pipeline stage keeps, per micro-batch slot: name -> [B, M, ...] tensor (detached)."""
+
+    def __init__(self, n_slots: int, names: list[str], mem_len: int):
+        self.names = list(names)
+        self.mem_len = mem_len
+        self.slots: list[dict[str, torch.Tensor] | None] = [None] * n_slots
+
+    def get(self, slot: int) -> dict[str, torch.Tensor] | None:
+        return self.slots[slot]
+
+    def length(self) -> int:
+        """M, the number of memory rows: the same for every slot (0 before the first step)."""
+        lengths = {0 if s is None else s[self.names[0]].shape[1] for s in self.slots}
+        if len(lengths) != 1:
+            raise RuntimeError(f"the micro-batch slots hold memories of different lengths {sorted(lengths)}")
+        return lengths.pop()
+
+    def commit(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep the newest ``mem_len`` rows of every tensor (as ``LaMemoMemory.last`` and ``detach``)."""
+        if sorted(tensors) != sorted(self.names):
+            raise RuntimeError(f"memory commit of {sorted(tensors)}, this stage keeps {sorted(self.names)}")
+        self.slots[slot] = {name: t[:, max(0, t.shape[1] - self.mem_len):].detach().contiguous()
+                            for name, t in tensors.items()}
+
+    def reset(self) -> None:
+        self.slots = [None] * len(self.slots)
+
+    def state(self) -> list[dict[str, torch.Tensor] | None]:
+        """Per slot: name -> tensor (this rank's layers and heads), or None for a slot not run yet."""
+        return [None if s is None else dict(s) for s in self.slots]
+
+    def load_state(self, state: list[dict[str, torch.Tensor] | None]) -> None:
+        if len(state) != len(self.slots):
+            raise ValueError(f"memory for {len(state)} micro-batch slots, this stage has {len(self.slots)}")
+        for k, s in enumerate(state):
+            if s is not None and sorted(s) != sorted(self.names):
+                raise ValueError(f"memory of slot {k} holds {sorted(s)}; this pipeline stage keeps "
+                                 f"{sorted(self.names)} (was it saved with another pipeline partition?)")
+        old = self.slots
+        self.slots = [None if s is None else dict(s) for s in state]
+        try:
+            self.length()
+        except RuntimeError:
+            self.slots = old
+            raise
+
+
+class StageRuntime:
+    """What one stage knows between its functions: the memory store, the step, the slot being forwarded."""
+
+    def __init__(self, config: LaMemoConfig, *, stage: int, num_stages: int, layers: range, micro_batches: int,
+                 mem_len: int, n_local_heads: int, seed: int = 0, dp_rank: int = 0):
+        self.config = config
+        self.stage, self.num_stages = stage, num_stages
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.layers = layers
+        self.micro_batches = micro_batches
+        self.lookahead = config.uses_lookahead
+        self.n_local_heads = n_local_heads
+        self.seed, self.dp_rank = seed, dp_rank
+        self.carry_names = [n for i in layers for n in layer_memory_names(i, self.lookahead)]
+        fifo = ["embeddings"] if (self.lookahead and self.first) else []
+        self.memory = StageMemory(micro_batches, fifo + self.carry_names, mem_len)
+        self.inv_freq = inverse_frequencies(config.d_model)
+        self.step = 0
+        self.forwards = 0
+        self._current = None      # (slot, M, pending commits) between enter and exit of one forward
+
+    # ------------------------------------------------------------------ step bookkeeping
+    def begin_step(self, step: int) -> None:
+        """Call before every ``train_batch``: ``step`` seeds the shared position-dropout masks."""
+        self.step = step
+        self.forwards = 0
+
+    def end_step(self) -> None:
+        if self.forwards != self.micro_batches:
+            raise RuntimeError(f"stage {self.stage} ran {self.forwards} forward passes in a step of "
+                               f"{self.micro_batches} micro-batches")
+
+    def memory_length(self) -> int:
+        return self.memory.length()
+
+    # ------------------------------------------------------------------ the stage's first and last functions
+    def enter(self, biases: "GlobalBiasesPipe", x: torch.Tensor) -> tuple:
+        """Stage input (embeddings on the first stage, the received activation elsewhere) -> the carry."""
+        slot = self.forwards
+        if slot >= self.micro_batches:
+            raise RuntimeError(f"stage {self.stage}: more forward passes than the {self.micro_batches} "
+                               f"micro-batches of a step (call runtime.begin_step before every train_batch)")
+        self.forwards += 1
+        old = self.memory.get(slot) or self._empty_memory(x)
+        M = old[self.memory.names[0]].shape[1]
+        pending = {}
+        if self.lookahead and self.first:
+            x = torch.cat([old["embeddings"], x], dim=1)        # [memory rows; current rows]
+            pending["embeddings"] = x.detach()                  # the new FIFO (truncated on commit)
+        N = x.shape[1] - M if self.lookahead else x.shape[1]
+        if M == 0 and biases.training:
+            # The look-ahead biases are unused while the memory is empty; tie them into the graph with a zero
+            # so that every tied parameter gets a gradient on every stage (DeepSpeed's bf16 tied-gradient
+            # reduction reads a gradient that exists only for parameters that received one).
+            unused = [b for b in (biases.future_position_bias, biases.future_content_bias) if b is not None]
+            if unused and torch.is_grad_enabled():
+                x = x + sum(b.sum() for b in unused) * 0.0
+        positions = self._positions(M, N, x.dtype, x.device, slot, biases.training)
+        self._current = (slot, M, pending)
+        return (x, *biases.tensors(), positions.causal, positions.lookahead,
+                *[old[name] for name in self.carry_names])
+
+    def exit(self, carry: tuple) -> torch.Tensor:
+        """Commit the new memory of this forward; return the stage's single output tensor."""
+        slot, M, pending = self._current
+        self._current = None
+        new = dict(pending)
+        new.update(zip(self.carry_names, carry[FIRST_MEMORY:]))
+        self.memory.commit(slot, new)
+        x = carry[ACT]
+        if self.last and self.lookahead:
+            x = x[:, M:]        # top-layer memory rows are discarded; current rows go to the output layer
+        return x
+
+    # ------------------------------------------------------------------ helpers
+    def _empty_memory(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        c, B = self.config, x.shape[0]
+        empty = LaMemoMemory.empty(batch_size=B, n_layer=c.n_layer, d_model=c.d_model, n_head=self.n_local_heads,
+                                   d_head=c.d_head, lookahead=self.lookahead, device=x.device, dtype=x.dtype)
+        tensors = empty.tensors()
+        return {name: tensors[name] for name in self.memory.names}
+
+    def _positions(self, M: int, N: int, dtype, device, slot: int, training: bool) -> PositionEncodings:
+        """``LaMemoModel.position_encodings`` (one table for all layers), with a dropout mask every stage of
+        the pipeline redraws identically."""
+        if self.inv_freq.device != torch.device(device):
+            self.inv_freq = self.inv_freq.to(device)
+        p = self.config.dropout
+
+        def shared_dropout(table: torch.Tensor) -> torch.Tensor:
+            if not training or p == 0.0:
+                return table
+            seed = hash((self.seed, self.dp_rank, self.step, slot)) & ((1 << 63) - 1)   # ints: not salted
+            devices = [table.device] if table.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return F.dropout(table, p, training=True)
+
+        source = SimpleNamespace(config=self.config, inv_freq=self.inv_freq, drop=shared_dropout)
+        return LaMemoModel.position_encodings(source, M, N, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- stage modules
+class EmbeddingPipe(nn.Module):
+    """The input embedding (first stage); tied to the output layer's weight (last stage, ``head``)."""
+
+    def __init__(self, config: LaMemoConfig, tensor_parallel: bool):
+        super().__init__()
+        self.scale = math.sqrt(config.d_model)
+        self.tp_group = None
+        if tensor_parallel:
+            tp = _tensor_parallel()
+            linears = tp.MegatronLinears()
+            self.tp_group = linears.tp_group
+            self.embedding = tp.VocabParallelEmbedding(tp.padded_vocab_size(config.vocab_size, linears.tp_size),
+                                                       config.d_model, init_method=tp._no_init,
+                                                       config=linears.config, tp_group=linears.tp_group)
+            tp._mark_split(self.embedding.weight, 0)
+        else:
+            self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.embedding(tokens) * self.scale)
+
+    def head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last stage: the model's final dropout, then (hidden, tied weight) for ``OutputLayerPipe``."""
+        hidden = self.drop(hidden)
+        if self.tp_group is not None:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)   # all-reduce its grad
+        return hidden, self.embedding.weight
+
+
+class GlobalBiasesPipe(nn.Module):
+    """u, v (v+, u+): used by every layer, so every stage holds a tied copy. Its forward opens the stage."""
+
+    def __init__(self, config: LaMemoConfig, tensor_parallel: bool, runtime: StageRuntime):
+        super().__init__()
+        shape = (_local_heads(config, tensor_parallel), config.d_head)
+        self.content_bias = nn.Parameter(torch.zeros(shape))
+        self.position_bias = nn.Parameter(torch.zeros(shape))
+        self.future_position_bias = nn.Parameter(torch.zeros(shape)) if config.variant in (3, 32, 33) else None
+        self.future_content_bias = nn.Parameter(torch.zeros(shape)) if config.variant == 32 else None
+        if tensor_parallel:
+            for name in self.present():
+                _tensor_parallel()._mark_split(getattr(self, name), 0)
+        self._runtime = runtime
+
+    def present(self) -> list[str]:
+        return [name for name in BIAS_NAMES if getattr(self, name) is not None]
+
+    def tensors(self) -> tuple:
+        return tuple(getattr(self, name) for name in BIAS_NAMES)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self._runtime.enter(self, x)
+
+
+class DecoderLayerPipe(nn.Module):
+    """Decoder layer ``index`` of the model; memory entries ``position`` of the stage's carry."""
+
+    def __init__(self, config: LaMemoConfig, index: int, position: int, tensor_parallel: bool):
+        super().__init__()
+        self.index, self.position = index, position
+        self.lookahead, self.variant = config.uses_lookahead, config.variant
+        linears = _linears(tensor_parallel)
+        self.layer = DecoderLayer(config, linears)
+        if tensor_parallel:    # the dropouts of split regions, as in TensorParallelLaMemoModel
+            from .rng import SplitDropout
+            self.layer.attn.dropatt = SplitDropout(config.dropatt, linears.tp_rank)
+            self.layer.ff.drop_inner = SplitDropout(config.dropout, linears.tp_rank)
+
+    def forward(self, carry: tuple) -> tuple:
+        x = carry[ACT]
+        biases = GlobalBiases(content=carry[CONTENT], position=carry[POSITION],
+                              future_position=carry[FUTURE_POSITION], future_content=carry[FUTURE_CONTENT])
+        positions = PositionEncodings(causal=carry[POS_CAUSAL], lookahead=carry[POS_AHEAD], variant=self.variant)
+        carry = list(carry)
+        if self.lookahead:
+            slot = FIRST_MEMORY + 2 * self.position
+            vectors, lse = carry[slot], carry[slot + 1]
+            result = self.layer(x, mem_len=vectors.shape[1], positions=positions, biases=biases,
+                                cached_vectors=vectors, cached_log_normalizers=lse)
+            carry[slot], carry[slot + 1] = result.vectors.detach(), result.log_normalizers.detach()
+        else:
+            slot = FIRST_MEMORY + self.position
+            level = carry[slot]
+            z = torch.cat([level, x], dim=1)
+            result = self.layer(z, mem_len=level.shape[1], positions=positions, biases=biases)
+            carry[slot] = z.detach()          # XL caches the input of the layer
+        carry[ACT] = result.output
+        return tuple(carry)
+
+
+class OutputLayerPipe(nn.Module):
+    """Logits against the tied embedding plus the output bias (the local vocabulary shard under TP)."""
+
+    def __init__(self, config: LaMemoConfig, tensor_parallel: bool):
+        super().__init__()
+        if tensor_parallel:
+            tp = _tensor_parallel()
+            linears = tp.MegatronLinears()
+            local = tp.padded_vocab_size(config.vocab_size, linears.tp_size) // linears.tp_size
+            self.output_bias = nn.Parameter(torch.zeros(local))
+            tp._mark_split(self.output_bias, 0)
+            first = linears.tp_rank * local
+            self.register_buffer("vocab_padding", torch.arange(first, first + local) >= config.vocab_size,
+                                 persistent=False)
+        else:
+            self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+            self.vocab_padding = None
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, weight = inputs
+        logits = F.linear(hidden, weight, self.output_bias)
+        if self.vocab_padding is not None:
+            logits = logits.masked_fill(self.vocab_padding, float("-inf"))
+        return logits
+
+
+class TokenLoss:
+    """DeepSpeed's ``loss_fn``: mean token NLL of a micro-batch, in float32 (vocab-parallel under TP)."""
+
+    def __init__(self, tensor_parallel: bool):
+        self.tensor_parallel = tensor_parallel
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.to(statistics_dtype(logits.dtype))
+        if self.tensor_parallel:
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+            nll = vocab_parallel_cross_entropy(logits, targets)
+        else:
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return nll.float().mean()
+
+
+# ---------------------------------------------------------------------------------------------- the module
+def stage_specs(config: LaMemoConfig, parts: list[range], runtime: StageRuntime,
+                tensor_parallel: bool) -> tuple[list, list[int]]:
+    """The layer list of the whole pipeline and the index where each stage's functions start (+ the end)."""
+    specs, bounds = [], []
+    biases = _bias_names(config)
+    last = len(parts) - 1
+    for stage, layers in enumerate(parts):
+        bounds.append(len(specs))
+        if stage == 0:
+            specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, tensor_parallel,
+                                       tied_weight_attr=["embedding.weight"]))
+        specs.append(TiedLayerSpec("biases", GlobalBiasesPipe, config, tensor_parallel, runtime,
+                                   tied_weight_attr=biases))
+        for position, index in enumerate(layers):
+            specs.append(LayerSpec(DecoderLayerPipe, config, index, position, tensor_parallel))
+        specs.append(runtime.exit)
+        if stage == last:
+            specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, tensor_parallel,
+                                       forward_fn=EmbeddingPipe.head, tied_weight_attr=["embedding.weight"]))
+            specs.append(LayerSpec(OutputLayerPipe, config, tensor_parallel))
+    bounds.append(len(specs))
+    return specs, bounds
+
+
+def _bias_names(config: LaMemoConfig) -> list[str]:
+    names = ["content_bias", "position_bias"]
+    if config.variant in (3, 32, 33):
+        names.append("future_position_bias")
+    if config.variant == 32:
+        names.append("future_content_bias")
+    return names
+
+
+class LaMemoPipelineModule(PipelineModule):
+    """The LaMemo model as a DeepSpeed ``PipelineModule``: stage s holds decoder layers ``parts[s]``.
+
+    ``topology`` is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model: tensor fastest,
+    the same rank order as megatron-core's default tp-dp-pp). ``tensor_parallel`` builds the stage's
+    linears, embedding and loss with megatron-core (the TP group is megatron's, which must agree with the
+    topology's model axis). Weights start at zero: call ``load_full_state_dict`` with a single-device state dict.
+    """
+
+    def __init__(self, config: LaMemoConfig, *, topology, parts: list[range], micro_batches: int, mem_len: int,
+                 tensor_parallel: bool = False, activation_checkpoint_interval: int = 0, seed: int = 0):
+        if [i for r in parts for i in r] != list(range(config.n_layer)) or min(len(r) for r in parts) < 1:
+            raise ConfigError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and "
+                              f"cover layers 0..{config.n_layer - 1} in order")
+        if topology.get_dim("pipe") != len(parts):
+            raise ConfigError(f"{len(parts)} layer parts for a topology of {topology.get_dim('pipe')} stages")
+        if tensor_parallel:
+            _tensor_parallel().check_tensor_parallel_config(config, topology.get_dim("model"))
+        coord = topology.get_coord(dist.get_rank())
+        runtime = StageRuntime(config, stage=coord.pipe, num_stages=len(parts), layers=parts[coord.pipe],
+                               micro_batches=micro_batches, mem_len=mem_len,
+                               n_local_heads=config.n_head // topology.get_dim("model"), seed=seed,
+                               dp_rank=coord.data)
+        specs, bounds = stage_specs(config, parts, runtime, tensor_parallel)
+        object.__setattr__(self, "_stage_bounds", bounds)     # read by _partition_layers during __init__
+        super().__init__(layers=specs, topology=topology, loss_fn=TokenLoss(tensor_parallel),
+                         partition_method="lamemo-stages",
+                         activation_checkpoint_interval=activation_checkpoint_interval,
+                         checkpointable_layers=[DecoderLayerPipe.__name__])
+        self.config = config
+        self.runtime = runtime
+        self.layer_parts = parts
+        self.tensor_parallel = tensor_parallel
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        """Our stages, not DeepSpeed's partitioning heuristics: the bounds ``stage_specs`` computed."""
+        self.parts = list(self._stage_bounds)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _synchronize_tied_weights(self) -> None:
+        """DeepSpeed broadcasts the tied weights in place with autograd recording (the broadcast then shows up
+        in every backward of the last stage, with torch's 'no autograd kernel' warning): do it without."""
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tp_group(self):
+        return self._grid.get_slice_parallel_group()
+
+    @property
+    def tp_size(self) -> int:
+        return self._grid.get_slice_parallel_world_size()
+
+    @property
+    def tp_rank(self) -> int:
+        return self._grid.get_slice_parallel_rank()
+
+    # ------------------------------------------------------------------ weights in the single-device layout
+    def named_model_parameters(self) -> dict[str, nn.Parameter]:
+        """Single-device name -> this rank's parameter, for everything this stage holds (tied copies too)."""
+        out = {}
+        if "embedding" in self.tied_modules:
+            out["embedding.weight"] = self.tied_modules["embedding"].embedding.weight
+        if "biases" in self.tied_modules:
+            biases = self.tied_modules["biases"]
+            out.update({name: getattr(biases, name) for name in biases.present()})
+        for func in self.forward_funcs:
+            if isinstance(func, DecoderLayerPipe):
+                out.update({f"layers.{func.index}.{n}": p for n, p in func.layer.named_parameters()})
+            elif isinstance(func, OutputLayerPipe):
+                out["output_bias"] = func.output_bias
+        return out
+
+    def _to_local(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        if not (self.tensor_parallel and _tensor_parallel().is_split(param)):
+            return full
+        dim = param.partition_dim
+        if name in _tensor_parallel().VOCAB_PARALLEL:
+            padded = param.shape[dim] * self.tp_size
+            if padded > full.shape[dim]:
+                full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
+        size = param.shape[dim]
+        return full.narrow(dim, self.tp_rank * size, size)
+
+    def _to_full(self, name: str, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like this rank's ``param``) in the full layout: collective over the TP group for
+        split parameters."""
+        if not (self.tensor_parallel and _tensor_parallel().is_split(param)):
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
+        tensor = torch.cat(parts, dim=param.partition_dim)
+        if name in _tensor_parallel().VOCAB_PARALLEL:
+            tensor = tensor[:self.config.vocab_size]
+        return tensor
+
+    def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of the single-device-layout tensors it holds (weights or optimizer moments),
+        keyed by single-device name like ``named_model_parameters``; no communication."""
+        return {name: self._to_local(name, param, full[name])
+                for name, param in self.named_model_parameters().items() if name in full}
+
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load this rank's part (its layers, tied copies, its TP shards) of a single-device state dict."""
+        mine = self.named_model_parameters()
+        missing = sorted(set(mine) - set(state_dict))
+        if missing:
+            raise ValueError(f"state dict lacks tensors of pipeline stage {self.stage_id}: {', '.join(missing)}")
+        with torch.no_grad():
+            for name, param in mine.items():
+                local = self._to_local(name, param, state_dict[name])
+                if local.shape != param.shape:
+                    raise ValueError(f"{name}: state dict shape {tuple(state_dict[name].shape)} does not give "
+                                     f"this rank's {tuple(param.shape)}")
+                param.copy_(local)
+
+    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Collective over all ranks of the pipeline: tensors shaped like this rank's parameters (the weights,
+        or per-parameter optimizer state), keyed by single-device name, gathered into the single-device
+        layout (float32, CPU) on every rank. Tied tensors come from the first stage."""
+        mine = self.named_model_parameters()
+        out = {}
+        for name, tensor in local.items():
+            if name in TIED and self.stage_id != 0:
+                continue
+            out[name] = self._to_full(name, mine[name], tensor.detach()).float().cpu().clone()
+        gathered = [None] * self._grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(gathered, out, group=self._grid.get_pipe_parallel_group())
+        merged = {}
+        for part in gathered:
+            merged.update(part)
+        return merged
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective over all ranks of the pipeline: the single-device state dict, on every rank."""
+        return self.gather_full({name: p.detach() for name, p in self.named_model_parameters().items()})
+
+    def split_dims(self) -> dict[str, int | None]:
+        """Collective over the pipeline: single-device name -> dimension split over TP ranks (None: replicated)."""
+        tp = self.tensor_parallel and _tensor_parallel()
+        local = {name: (p.partition_dim if tp and tp.is_split(p) else None)
+                 for name, p in self.named_model_parameters().items()}
+        gathered = [None] * self._grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(gathered, local, group=self._grid.get_pipe_parallel_group())
+        return {name: dim for part in gathered for name, dim in part.items()}
+
+    # ------------------------------------------------------------------ memory in the single-device layout
+    def gathered_memory(self, slot: int) -> LaMemoMemory | None:
+        """Collective over the pipeline (and TP) group: the single-device memory of micro-batch ``slot`` on
+        every rank (heads gathered, all layers), or None before the first step."""
+        local = self.runtime.memory.get(slot)
+        if local is not None:
+            local = dict(local)
+            for name in sorted(local):
+                if self.tensor_parallel and name.startswith(("vectors.", "log_normalizers.")):
+                    parts = [torch.empty_like(local[name]) for _ in range(self.tp_size)]
+                    dist.all_gather(parts, local[name].contiguous(), group=self.tp_group)
+                    local[name] = torch.cat(parts, dim=2)
+            local = {name: t.cpu() for name, t in local.items()}
+        gathered = [None] * self._grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(gathered, local, group=self._grid.get_pipe_parallel_group())
+        if any(part is None for part in gathered):
+            return None
+        tensors = {}
+        for part in gathered:
+            tensors.update(part)
+
+        def series(prefix):
+            return [tensors[f"{prefix}.{i}"] for i in range(self.config.n_layer) if f"{prefix}.{i}" in tensors]
+
+        return LaMemoMemory(embeddings=tensors["embeddings"], vectors=series("vectors"),
+                            log_normalizers=series("log_normalizers"), hidden=series("hidden"))

@@ -1,0 +1,232 @@
+"""The pipeline-parallel engine (parallel.pipeline > 1): DeepSpeed's pipe engine over ``LaMemoPipelineModule``.
+
+Same interface as ``pretrain.engine.Engine``: ``train_step(micro_batches) -> StepResult``,
+``full_model_state_dict()``, ``single_device_model()``, ``engine`` (DeepSpeed's), plus ``memory_state()`` /
+``load_memory_state()`` for checkpoints. One optimizer step is one ``engine.train_batch`` over the step's
+micro-batches (1F1B schedule, gradient_accumulation_steps = micro_batches), with tensor parallelism inside the
+stages (megatron-core) and data parallelism across pipelines; ZeRO-1 is allowed, ZeRO-2/3 are refused by
+``pretrain.layout``.
+
+Process groups: megatron-core's (``parallel_state.initialize_model_parallel``, order tp-cp-ep-dp-pp, tensor
+fastest) and DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model; the last varies fastest)
+number the ranks the same way; the engine checks at start-up that this rank's tensor, data and pipeline groups
+are the same in both.
+
+Gradient clipping: with ZeRO-0 in fp32, DeepSpeed's own clip (``clip_grad_norm_`` with the pipeline grid as
+mpu) keeps only tensor-parallel-split parameters on every rank but the grid's first, so it would leave the
+later stages' replicated parameters out of the norm; this engine clips instead (a step pre-hook on the torch
+optimizer: every stage's gradients, tied copies and TP replicas counted once). ZeRO-1 and bf16 use
+DeepSpeed's optimizers, whose norms already count pipeline stages correctly.
+
+``LAMEMO_DUMP_MEMORY=<dir>`` (tests, debugging): after every step, write the gathered single-device memory of
+this data-parallel rank (all micro-batch slots, concatenated in micro-batch order) to
+``<dir>/memory-dp<rank>.safetensors``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lamemo_parallel import LaMemoMemory, LaMemoModel
+
+from .config import TrainConfig
+from .engine import StepResult, _quiet_deepspeed, deepspeed_config, model_config
+from .layout import Layout, split_layers
+from .optim import build_optimizer, build_scheduler
+
+DUMP_MEMORY_ENV = "LAMEMO_DUMP_MEMORY"
+
+
+def check_groups_agree(grid) -> None:
+    """Raise if DeepSpeed's pipeline grid and megatron-core's parallel_state disagree on this rank's groups."""
+    from megatron.core import parallel_state as ps
+    ranks = dist.get_process_group_ranks
+    megatron = {"tensor": ranks(ps.get_tensor_model_parallel_group()), "data": ranks(ps.get_data_parallel_group()),
+                "pipeline": ranks(ps.get_pipeline_model_parallel_group())}
+    deepspeed = {"tensor": grid.slice_group, "data": grid.dp_group, "pipeline": grid.pp_group}
+    wrong = [f"{axis}: megatron {sorted(megatron[axis])}, deepspeed {sorted(deepspeed[axis])}"
+             for axis in megatron if sorted(megatron[axis]) != sorted(deepspeed[axis])]
+    if wrong:
+        raise RuntimeError(f"rank {dist.get_rank()}: megatron-core and DeepSpeed number the parallel groups "
+                           f"differently ({'; '.join(wrong)})")
+
+
+class PipelineEngine:
+    """Owns the DeepSpeed pipeline engine and this stage's memory store; ``train_step`` runs one step."""
+
+    def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
+        import deepspeed
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        from lamemo_parallel.pipeline import LaMemoPipelineModule
+        _quiet_deepspeed()
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+        p, d = config.parallel, config.data
+        self.config, self.layout, self.device = config, layout, device
+        self.model_config = model_config(config, vocab_size)
+        topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+        parts = split_layers(self.model_config.n_layer, layout.pipeline, p.pipeline_partition)
+        self.model = LaMemoPipelineModule(
+            self.model_config, topology=topology, parts=parts, micro_batches=d.micro_batches, mem_len=d.mem_len,
+            tensor_parallel=layout.tensor > 1, activation_checkpoint_interval=1 if p.activation_checkpointing else 0,
+            seed=config.run.seed)
+        self.grid = self.model.mpu()
+        check_groups_agree(self.grid)
+        self._split_dims = self.model.split_dims()
+        # Identical initial weights on every rank: the full model is built from run.seed, each rank keeps its part.
+        torch.manual_seed(config.run.seed)
+        self.model.load_full_state_dict(LaMemoModel(self.model_config).state_dict())
+        self.model.to(device)
+
+        optimizer = build_optimizer(self.model.parameters(), config.optim, device)
+        scheduler = build_scheduler(optimizer, config.optim, config.run.steps)
+        ds_config = deepspeed_config(config, layout)
+        ds_config["pipeline"] = {"activation_checkpoint_interval": 1 if p.activation_checkpointing else 0}
+        self._clip_here = p.zero_stage == 0 and p.precision == "fp32"
+        self._grad_norm: float | None = None
+        if self._clip_here:
+            ds_config["gradient_clipping"] = 0.0
+            optimizer.register_step_pre_hook(lambda *_: self._clip_gradients())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+        self._activation_rows: int | None = None
+        # Dropout: different streams per data-parallel rank and per stage, the same across TP ranks (split
+        # regions fork inside the layers); the position-table mask is shared by all stages (see pipeline.py).
+        torch.manual_seed(config.run.seed + 1 + self.dp_rank + layout.data * self.stage)
+
+    # ------------------------------------------------------------------ parallel pieces
+    @property
+    def stage(self) -> int:
+        return self.grid.get_stage_id()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.grid.get_data_parallel_rank()
+
+    @property
+    def dp_group(self):
+        return self.grid.get_data_parallel_group()
+
+    @property
+    def runtime(self):
+        return self.model.runtime
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimizer step: the pipeline schedule over all micro-batches (memory carried per slot)."""
+        if len(micro_batches) != self.config.data.micro_batches:
+            raise ValueError(f"{len(micro_batches)} micro-batches, the engine was built for "
+                             f"{self.config.data.micro_batches}")
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        self._fit_activation_shape(micro_batches[0][0])
+        self.runtime.begin_step(self.engine.global_steps)
+        self._grad_norm = None
+        batches = [(x.to(self.device), y.to(self.device)) for x, y in micro_batches]
+        loss = self.engine.train_batch(data_iter=iter(batches))
+        self.runtime.end_step()
+        grad_norm = self._grad_norm if self._clip_here else self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        tokens = sum(x.numel() for x, _ in micro_batches) * self.layout.data
+        if os.environ.get(DUMP_MEMORY_ENV):
+            self.dump_memory(Path(os.environ[DUMP_MEMORY_ENV]))
+        return StepResult(loss=float(loss), lr=lr, grad_norm=grad_norm, tokens=tokens,
+                          seconds=time.perf_counter() - start)
+
+    def _fit_activation_shape(self, inputs: torch.Tensor) -> None:
+        """DeepSpeed caches the inter-stage shape after the first transfer. It changes only while the memory
+        fills up (LaMemo sends M + N rows, M = 0, N, .. mem_len) or when a memory is loaded / reset: then every
+        stage resets its buffers at the same step (all stages know M, so all agree without talking)."""
+        M = self.runtime.memory_length()
+        rows = (M + inputs.shape[1]) if self.model_config.uses_lookahead else inputs.shape[1]
+        if rows != self._activation_rows:
+            if self._activation_rows is not None:
+                self.engine.reset_activation_shape()
+            self._activation_rows = rows
+
+    def _clip_gradients(self) -> None:
+        """Global gradient norm over the whole model (all stages, TP shards once, tied copies once), then
+        clip to optim.clip_grad as torch.nn.utils.clip_grad_norm_ does. Runs inside DeepSpeed's optimizer
+        step, where gradients are already averaged over data-parallel ranks and tied copies summed."""
+        from lamemo_parallel.tensor_parallel import is_split
+        tp_rank = self.grid.get_slice_parallel_rank()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        counted = [p.grad for p in self.model.parameters() if p.grad is not None
+                   and not getattr(p, "ds_pipe_replicated", False) and (tp_rank == 0 or is_split(p))]
+        device = grads[0].device if grads else self.device
+        norms = [torch.linalg.vector_norm(g.detach().float()) for g in counted]
+        total = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=device)
+        dist.all_reduce(total, group=self.grid.get_model_parallel_group())   # pipe x tensor ranks of this replica
+        norm = total.sqrt()
+        self._grad_norm = norm.item()
+        max_norm = self.config.optim.clip_grad
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+
+    # ------------------------------------------------------------------ weights
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the single-device state dict (all stages, TP shards gathered), on every rank."""
+        return self.model.full_state_dict()
+
+    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
+        """Collective: Adam moments in the single-device layout, ``<name>.exp_avg`` / ``<name>.exp_avg_sq``
+        (gathered over ZeRO-1 partitions, TP shards and pipeline stages), on every rank."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+        plain = self.engine.optimizer if isinstance(self.engine.optimizer, torch.optim.Optimizer) else None
+        out = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            local = {}
+            for name, param in self.model.named_model_parameters().items():
+                value = safe_get_full_optimizer_state(param, key)
+                if value is None:
+                    state = plain.state.get(param, {}) if plain is not None else {}
+                    value = state.get(key, torch.zeros_like(param))
+                local[name] = value
+            out.update({f"{name}.{key}": t for name, t in self.model.gather_full(local).items()})
+        return out
+
+    def split_dims(self) -> dict[str, int | None]:
+        """Single-device name -> the dimension split over tensor-parallel ranks (None: replicated); no
+        communication (gathered at start-up)."""
+        return dict(self._split_dims)
+
+    def single_device_model(self) -> LaMemoModel:
+        model = LaMemoModel(self.model_config)
+        model.load_weights(self.full_model_state_dict())
+        return model.eval()
+
+    # ------------------------------------------------------------------ memory
+    def memory_state(self) -> list[dict | None]:
+        """This rank's memory per micro-batch slot, for the per-rank checkpoint file: ``LaMemoMemory.tensors()``
+        names with global layer indices, restricted to this stage's layers (plus the embedding FIFO on the
+        first stage) and this TP rank's heads; None for a slot not run yet."""
+        return [None if s is None else {k: v.detach().cpu() for k, v in s.items()}
+                for s in self.runtime.memory.state()]
+
+    def load_memory_state(self, state: list[dict | None]) -> None:
+        """Restore what ``memory_state`` returned on this rank (same layout and partition)."""
+        self.runtime.memory.load_state([None if s is None else {k: v.to(self.device) for k, v in s.items()}
+                                        for s in state])
+
+    def reset_memory(self) -> None:
+        self.runtime.memory.reset()
+
+    def gathered_memory(self) -> LaMemoMemory | None:
+        """Collective over the pipeline and TP groups: this data-parallel rank's memory in the single-device
+        layout, all slots concatenated in micro-batch order (None before the first step)."""
+        parts = [self.model.gathered_memory(slot) for slot in range(self.config.data.micro_batches)]
+        return None if any(p is None for p in parts) else LaMemoMemory.concat_rows(parts)
+
+    def dump_memory(self, directory: Path) -> None:
+        memory = self.gathered_memory()
+        if memory is not None and self.stage == 0 and self.grid.get_slice_parallel_rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            memory.save(directory / f"memory-dp{self.dp_rank}.safetensors")
