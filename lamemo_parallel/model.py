@@ -32,6 +32,24 @@ class CheckpointMismatchError(ValueError):
     """A state dict whose tensors do not match the model (missing, unexpected or mis-shaped)."""
 
 
+def check_state_dict(state_dict: dict[str, torch.Tensor], expected_shapes: dict[str, tuple]) -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped tensor."""
+    missing = sorted(set(expected_shapes) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected_shapes))
+    misshaped = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected_shapes[k])})"
+                 for k in sorted(set(expected_shapes) & set(state_dict))
+                 if tuple(state_dict[k].shape) != tuple(expected_shapes[k])]
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    if misshaped:
+        problems.append("mis-shaped tensors: " + ", ".join(misshaped))
+    if problems:
+        raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
+
+
 class LaMemoOutput(NamedTuple):
     """What a forward call returns (a named tuple so that ZeRO-3's backward hooks see the tensors)."""
 
@@ -239,20 +257,7 @@ class LaMemoModel(nn.Module):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Strict load with a message naming every missing, unexpected or mis-shaped tensor."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        misshaped = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-                     for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
-        problems = []
-        if missing:
-            problems.append("missing tensors: " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected tensors: " + ", ".join(unexpected))
-        if misshaped:
-            problems.append("mis-shaped tensors: " + ", ".join(misshaped))
-        if problems:
-            raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
+        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.state_dict().items()})
         self.load_state_dict(state_dict, strict=True)
 
     def num_parameters(self) -> int:

@@ -49,7 +49,7 @@ from torch import nn
 from .attention import GlobalBiases, statistics_dtype
 from .config import ConfigError, LaMemoConfig
 from .memory import LaMemoMemory
-from .model import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, LaMemoModel
+from .model import CONFIG_NAME, WEIGHTS_NAME, LaMemoModel, check_state_dict
 from .rng import SplitDropout
 
 #: Parameters split along the vocabulary (padded to a multiple of the TP size inside the TP model).
@@ -330,20 +330,7 @@ class TensorParallelLaMemoModel(LaMemoModel):
                     shape[0] = self.config.vocab_size
             return tuple(shape)
 
-        missing = sorted(set(local_shapes) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(local_shapes))
-        misshaped = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {full_shape(k)})"
-                     for k in sorted(set(local_shapes) & set(state_dict))
-                     if tuple(state_dict[k].shape) != full_shape(k)]
-        problems = []
-        if missing:
-            problems.append("missing tensors: " + ", ".join(missing))
-        if unexpected:
-            problems.append("unexpected tensors: " + ", ".join(unexpected))
-        if misshaped:
-            problems.append("mis-shaped tensors: " + ", ".join(misshaped))
-        if problems:
-            raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
+        check_state_dict(state_dict, {k: full_shape(k) for k in local_shapes})
         self.load_state_dict(self.to_local_layout(state_dict), strict=True)
 
     load_weights = load_full_state_dict   # LaMemoModel's name for 'load the single-device layout'
