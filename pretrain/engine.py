@@ -160,7 +160,10 @@ class Engine:
         if self.config.parallel.zero_stage == 3:
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
+                state = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+            if hasattr(module, "to_full_layout"):      # ZeRO-3 inside tensor parallelism: TP shards too
+                state = module.to_full_layout(state)
+            state = {k: v.cpu() for k, v in state.items()}
         elif hasattr(module, "full_state_dict"):
             state = module.full_state_dict()
         else:

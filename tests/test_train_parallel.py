@@ -71,6 +71,7 @@ LAYOUTS = [  # (tensor, pipeline, data, zero stage)
     (1, 1, 2, 3),
     (2, 1, 1, 0),
     (2, 1, 2, 1),
+    (2, 1, 1, 3),
 ]
 
 
