@@ -21,15 +21,16 @@ from lamemo_parallel import LaMemoModel
 from pretrain.evaluation import evaluate_tokens
 
 
-def load_eval_tokens(args) -> tuple[torch.Tensor, int | None]:
+def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, int | None]:
     """The token ids to score and, when known, the number of characters they encode (for bpc)."""
     if args.tokens:
         from pretrain.data.indexed import load_tokens
         tokens = torch.from_numpy(load_tokens(args.tokens).astype("int64"))
         return tokens, None
-    from pretrain.data.tokenizer import load_tokenizer
+    from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
     tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
+    check_vocab_matches(tokenizer, vocab_size)
     text = Path(args.text).read_text(encoding="utf-8")
     ids = []
     for line in text.splitlines():
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = LaMemoModel.from_pretrained(args.model, device=args.device)
-        tokens, n_chars = load_eval_tokens(args)
+        tokens, n_chars = load_eval_tokens(args, model.config.vocab_size)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

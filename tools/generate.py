@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        from pretrain.data.tokenizer import load_tokenizer
+        from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
         model = LaMemoModel.from_pretrained(args.model, device=args.device)
         tokenizer = load_tokenizer(Path(args.tokenizer or Path(args.model) / "tokenizer"))
+        check_vocab_matches(tokenizer, model.config.vocab_size)
         prompt = Path(args.prompt[1:]).read_text(encoding="utf-8") if args.prompt.startswith("@") else args.prompt
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
