@@ -124,6 +124,21 @@ class LaMemoMemory:
             hidden=[torch.cat([p.hidden[i] for p in parts]) for i in range(len(first.hidden))],
         )
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "LaMemoMemory":
+        """Inverse of ``tensors()``: rebuild the memory from its flat name -> tensor layout."""
+        if "embeddings" not in tensors:
+            raise MemoryMismatchError("not a LaMemo memory: no 'embeddings' tensor")
+
+        def series(prefix: str) -> list[torch.Tensor]:
+            items = []
+            while f"{prefix}.{len(items)}" in tensors:
+                items.append(tensors[f"{prefix}.{len(items)}"])
+            return items
+
+        return cls(embeddings=tensors["embeddings"], vectors=series("vectors"),
+                   log_normalizers=series("log_normalizers"), hidden=series("hidden"))
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors().items()}
@@ -134,15 +149,7 @@ class LaMemoMemory:
         tensors = load_file(str(path), device="cpu")
         if "embeddings" not in tensors:
             raise MemoryMismatchError(f"{path} is not a LaMemo memory file (no 'embeddings' tensor)")
-
-        def series(prefix: str) -> list[torch.Tensor]:
-            items = []
-            while f"{prefix}.{len(items)}" in tensors:
-                items.append(tensors[f"{prefix}.{len(items)}"])
-            return items
-
-        memory = cls(embeddings=tensors["embeddings"], vectors=series("vectors"),
-                     log_normalizers=series("log_normalizers"), hidden=series("hidden"))
+        memory = cls.from_tensors(tensors)
         return memory.to(device=device) if device is not None else memory
 
     # ------------------------------------------------------------------ checks

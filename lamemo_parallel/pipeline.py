@@ -592,9 +592,4 @@ class LaMemoPipelineModule(PipelineModule):
         tensors = {}
         for part in gathered:
             tensors.update(part)
-
-        def series(prefix):
-            return [tensors[f"{prefix}.{i}"] for i in range(self.config.n_layer) if f"{prefix}.{i}" in tensors]
-
-        return LaMemoMemory(embeddings=tensors["embeddings"], vectors=series("vectors"),
-                            log_normalizers=series("log_normalizers"), hidden=series("hidden"))
+        return LaMemoMemory.from_tensors(tensors)

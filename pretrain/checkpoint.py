@@ -134,17 +134,7 @@ def memory_to_state(memory: LaMemoMemory | None) -> dict | None:
 
 
 def memory_from_state(state: dict | None, device) -> LaMemoMemory | None:
-    if state is None:
-        return None
-
-    def series(prefix):
-        items = []
-        while f"{prefix}.{len(items)}" in state:
-            items.append(state[f"{prefix}.{len(items)}"].to(device))
-        return items
-
-    return LaMemoMemory(embeddings=state["embeddings"].to(device), vectors=series("vectors"),
-                        log_normalizers=series("log_normalizers"), hidden=series("hidden"))
+    return None if state is None else LaMemoMemory.from_tensors(state).to(device=device)
 
 
 # ------------------------------------------------------------------------------------------ save / load

@@ -3,7 +3,6 @@ gradient accumulation and clipping) and one optimizer step over the micro-batche
 micro-batch slot."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -202,10 +201,6 @@ class Engine:
         model = LaMemoModel(self.model_config)
         model.load_weights(self.full_model_state_dict())
         return model.eval()
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def build_engine(config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -53,7 +52,7 @@ def load_training_data(config: TrainConfig, layout: Layout, dp_rank: int):
     """Tokenizer, vocabulary check and the segment-recurrent streams; every problem stops before compute."""
     from .data.indexed import load_tokens
     from .data.streams import SegmentStreams
-    from .data.tokenizer import load_tokenizer
+    from .data.tokenizer import check_vocab_matches, load_tokenizer
     d = config.data
     if not d.tokenizer:
         raise TrainConfigError("data.tokenizer is not set (the directory written by tools/train_tokenizer.py)")
@@ -62,9 +61,7 @@ def load_training_data(config: TrainConfig, layout: Layout, dp_rank: int):
     tokenizer = load_tokenizer(d.tokenizer)
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size != tokenizer.vocab_size:
-        raise TrainConfigError(f"model.vocab_size={config.model.vocab_size} does not match the tokenizer in "
-                               f"{d.tokenizer} ({tokenizer.vocab_size} entries)")
+    check_vocab_matches(tokenizer, config.model.vocab_size)
     tokens = load_tokens(d.train)
     top = int(tokens.max()) if len(tokens) else -1
     if top >= tokenizer.vocab_size:
@@ -102,13 +99,13 @@ def evaluate_validation(engine, config: TrainConfig) -> dict | None:
     return result
 
 
-def export_final(engine, config: TrainConfig, run_dir: Path) -> Path:
-    """The final weights as a from_pretrained directory with the tokenizer beside them."""
-    model = engine.single_device_model()
+def export_final(run_dir: Path) -> Path:
+    """``run_dir/final``: the newest checkpoint (the last step's, saved just before) in the single-device format.
+    Its weights were already merged when it was saved, so nothing is gathered again."""
+    from .export import export_checkpoint
     out = run_dir / "final"
     if dist.get_rank() == 0:
-        model.save_pretrained(out)
-        shutil.copytree(config.data.tokenizer, out / "tokenizer", dirs_exist_ok=True)
+        export_checkpoint(run_dir, out)
     dist.barrier()
     return out
 
@@ -220,7 +217,7 @@ def run(config: TrainConfig) -> Path:
         if start_step < config.run.steps and not (config.run.save_interval
                                                   and config.run.steps % config.run.save_interval == 0):
             checkpoint(config.run.steps)
-        out = export_final(engine, config, run_dir)
+        out = export_final(run_dir)
         log(f"exported {out}")
     except BaseException:
         status = "FAILED"

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lamemo_parallel import LaMemoModel
-from test_train_parallel import ROOT, _port, corpus  # noqa: F401  (fixture re-export)
+from test_train_parallel import ROOT, corpus, launch, losses  # noqa: F401  (fixture re-export)
 
 STEPS = 6
 
@@ -22,24 +20,6 @@ def overrides(corpus, run_dir, *extra):
             "data.mem_len=8", "data.micro_batch_size=2", "data.micro_batches=2", "model.n_layer=2",
             "model.d_model=16", "model.n_head=4", "model.d_inner=32", "model.dropout=0.1", "model.dropatt=0.1",
             "optim.lr=0.003", "run.mlflow=false", "run.log_interval=1", "run.keep_checkpoints=2", *extra]
-
-
-def launch(nproc, args, env_extra=None, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_port()}", "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-
-
-def losses(run_dir):
-    """step -> loss; a resumed run appends, so a later line for the same step wins."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 @pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 1, 0), (2, 2, 1, 0), (1, 2, 2, 1), (2, 1, 2, 1)])

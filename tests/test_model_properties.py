@@ -207,10 +207,7 @@ def test_gradient_flow(variant):
     for t in memory.tensors().values():
         assert t.grad_fn is None and not t.requires_grad
     leaves = {name: t.clone().requires_grad_(True) for name, t in memory.tensors().items()}
-    mem = type(memory)(embeddings=leaves["embeddings"],
-                       vectors=[leaves[f"vectors.{i}"] for i in range(len(memory.vectors))],
-                       log_normalizers=[leaves[f"log_normalizers.{i}"] for i in range(len(memory.log_normalizers))],
-                       hidden=[leaves[f"hidden.{i}"] for i in range(len(memory.hidden))])
+    mem = type(memory).from_tensors(leaves)
     out = model(tokens[:, 6:12], targets=tokens[:, 7:13], memory=mem)
     assert all(t.grad_fn is None for t in out.memory.tensors().values())
     assert out.nll.sum().requires_grad

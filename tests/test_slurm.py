@@ -12,13 +12,12 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from lamemo_parallel import LaMemoModel
-from test_train_parallel import ROOT, _port, corpus  # noqa: F401  (fixture re-export)
+from test_train_parallel import ROOT, _port, corpus, losses  # noqa: F401  (fixture re-export)
 
 SLURM_LOCAL = ROOT.parent / "shared" / "tools" / "slurm-local"
 CONFIG = "configs/tiny-cpu.yaml"
@@ -44,16 +43,6 @@ def overrides(corpus, run_dir, *extra):
             "data.micro_batches=2", "model.n_layer=2", "model.d_model=16", "model.n_head=4", "model.d_inner=32",
             "model.dropout=0.1", "model.dropatt=0.1", "optim.lr=0.003", "parallel.zero_stage=1", "run.mlflow=false",
             "run.log_interval=10", *extra]
-
-
-def losses(run_dir):
-    """step -> loss; a resumed run appends, so a later line for the same step wins."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

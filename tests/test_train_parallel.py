@@ -46,8 +46,8 @@ def base_overrides(corpus, run_dir):
             "model.dropout=0.0", "optim.lr=0.003", "optim.clip_grad=0.5", "run.mlflow=false", "run.log_interval=1"]
 
 
-def launch(nproc, overrides, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def launch(nproc, overrides, timeout=300, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={_port()}", "-m", "pretrain.train",
            "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), *overrides]
@@ -57,6 +57,16 @@ def launch(nproc, overrides, timeout=300):
 def _port():
     from pretrain.distributed import free_port
     return free_port()
+
+
+def losses(run_dir):
+    """step -> loss; a resumed run appends, so a later line for the same step wins."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
 
 
 def read_losses(run_dir):
