@@ -31,7 +31,7 @@ from pretrain.data.indexed import load_tokens, preprocess  # noqa: E402
 from pretrain.data.streams import SegmentStreams  # noqa: E402
 from pretrain.data.tokenizer import train_tokenizer  # noqa: E402
 
-WIKITEXT2 = ROOT.parent / "shared" / "data" / "wikitext-2"
+WIKITEXT2 = ROOT / "tests" / "data" / "wikitext-2"
 
 # (name, tgt_len, dp_size, micro_batches, micro_batch_size): the tiny-cpu config's per-rank layout, and
 # per-rank shapes of the paper's WikiText-103 (tgt_len 150) and enwik8 (tgt_len 512) runs.

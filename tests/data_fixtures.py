@@ -1,7 +1,7 @@
 """Shared helpers for the tests/test_data_*.py files (imported by them; pytest has no conftest here).
 
-The real corpora live in ``../shared/data`` next to the repository, xz-compressed; tests read them in
-place and never copy them into the repository.
+The real corpora ship with the repository in ``tests/data`` (xz-compressed, licences and provenance in
+``tests/data/README.md``); tests read them in place.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"
 WIKITEXT2 = DATA / "wikitext-2"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt.xz"
 

@@ -32,7 +32,7 @@ def corpus(tmp_path_factory):
     from pretrain.data.indexed import preprocess
     from pretrain.data.tokenizer import train_tokenizer
     work = tmp_path_factory.mktemp("corpus")
-    text = lzma.open(ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt.xz", "rt").read()[:60000]
+    text = lzma.open(ROOT / "tests" / "data" / "tinyshakespeare" / "input.txt.xz", "rt").read()[:60000]
     (work / "train.txt").write_text(text)
     train_tokenizer("byte", [work / "train.txt"], work / "tok")
     preprocess([work / "train.txt"], work / "tok", work / "train", workers=1)
