@@ -1,34 +1,32 @@
-"""Shared helpers for the tests/test_data_*.py files (imported by them; pytest has no conftest here).
+"""Fixtures shared by every test folder: the shipped corpora, real tokenizers trained on them, and a tiny
+byte-level token file for the trainer tests.
 
 The real corpora ship with the repository in ``tests/data`` (xz-compressed, licences and provenance in
-``tests/data/README.md``); tests read them in place.
+``tests/data/README.md``); tests read them in place. Plain helpers (launchers, loss readers, paths, ports) are
+in ``tests/helpers.py``. Markers (pyproject.toml): ``slow`` (left out of the quick loop ``pytest -m "not
+slow"``), ``distributed`` (several processes: torchrun / DeepSpeed / gloo), ``slurm`` (the local SLURM cluster).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import lzma
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from helpers import ROOT, WIKITEXT2, free_port, shakespeare_text
 
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
-WIKITEXT2 = DATA / "wikitext-2"
-SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt.xz"
-
-# Published WikiText-2 numbers (pytorch word_language_model counts: words + one <eos> per line).
-WT2_TOKENS = {"train": 2_088_628, "valid": 217_646, "test": 245_569}
-WT2_VOCAB = 33_278
+from pretrain.data.tokenizer import train_tokenizer
 
 
-def shakespeare_text(limit: int | None = None) -> str:
-    """Tiny Shakespeare (1.1 MB), or its first ``limit`` characters."""
-    text = lzma.open(SHAKESPEARE, "rt", encoding="utf-8").read()
-    return text if limit is None else text[:limit]
+@pytest.fixture(scope="session")
+def root() -> Path:
+    """The repository's root folder."""
+    return ROOT
+
+
+@pytest.fixture
+def port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -63,18 +61,14 @@ def byte_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def concat_documents(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
-    """What a token file of these documents must hold: each document's ids ending with <eos>."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer.encode_document(text))
-    return ids
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level token file made from the first 60 kB of Tiny Shakespeare: ``corpus / 'train'`` (token file
+    prefix) and ``corpus / 'tok'`` (tokenizer) for the trainer tests."""
+    from pretrain.data.indexed import preprocess
 
-
-def load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` by path (``tools`` is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    work = tmp_path_factory.mktemp("trainer-corpus")
+    (work / "train.txt").write_text(shakespeare_text(60000))
+    train_tokenizer("byte", [work / "train.txt"], work / "tok")
+    preprocess([work / "train.txt"], work / "tok", work / "train", workers=1)
+    return work

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoModel
-from test_train_parallel import ROOT, corpus, launch, losses  # noqa: F401  (fixture re-export)
+
+from helpers import ROOT, launch, losses
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 STEPS = 6
 

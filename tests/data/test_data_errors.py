@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import WIKITEXT2, bpe_dir, byte_dir, load_tool, shakespeare_file  # noqa: F401
 
 from pretrain.data import download
 from pretrain.data.errors import DataError
 from pretrain.data.indexed import preprocess
 from pretrain.data.streams import SegmentStreams
 from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer, train_tokenizer
+
+from helpers import WIKITEXT2, load_tool
 
 train_tool = load_tool("train_tokenizer")
 preprocess_tool = load_tool("preprocess_data")
@@ -64,6 +65,7 @@ def test_missing_input_and_empty_folder(bpe_dir: Path, tmp_path: Path, capsys) -
 # -- undecodable bytes -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_undecodable_bytes_name_the_file_and_offset(bpe_dir: Path, byte_dir: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"good line\n" * 3 + "café\n".encode("latin-1"))

@@ -9,20 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import (  # noqa: F401  (fixtures are used by name)
-    bpe_dir,
-    byte_dir,
-    concat_documents,
-    load_tool,
-    shakespeare_file,
-    shakespeare_text,
-)
 
 from pretrain.data.demo_corpus import demo_corpus_files, stdlib_root, write_demo_corpus
 from pretrain.data.errors import DataError
 from pretrain.data.indexed import load_tokens, preprocess, read_meta
 from pretrain.data.streams import SegmentStreams
 from pretrain.data.tokenizer import load_tokenizer
+
+from helpers import concat_documents, load_tool, shakespeare_text
 
 preprocess_tool = load_tool("preprocess_data")
 
@@ -165,6 +159,7 @@ def test_preprocess_tool(bpe_dir: Path, shakespeare_file: Path, tmp_path: Path, 
     assert load_tokens(tmp_path / "shake" / "train").tolist() == tok.encode_document(shakespeare_file.read_text())
 
 
+@pytest.mark.slow
 def test_demo_corpus_is_deterministic_stdlib_source(byte_dir: Path, tmp_path: Path) -> None:
     files = demo_corpus_files()
     assert files == demo_corpus_files()

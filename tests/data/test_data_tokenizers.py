@@ -7,17 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import (  # noqa: F401  (fixtures are used by name)
-    WIKITEXT2,
-    WT2_TOKENS,
-    WT2_VOCAB,
-    bpe_dir,
-    byte_dir,
-    load_tool,
-    shakespeare_file,
-    shakespeare_text,
-    wt2_word_dir,
-)
 
 from pretrain.data.errors import DataError
 from pretrain.data.indexed import load_tokens, preprocess
@@ -29,6 +18,8 @@ from pretrain.data.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+
+from helpers import WIKITEXT2, WT2_TOKENS, WT2_VOCAB, load_tool, shakespeare_text
 
 train_tool = load_tool("train_tokenizer")
 

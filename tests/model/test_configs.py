@@ -1,6 +1,4 @@
 """Every shipped config loads and validates; the paper's configs have the paper's sizes (spec §7)."""
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,7 +7,9 @@ from pretrain.config import load_config
 from pretrain.engine import model_config
 from pretrain.layout import resolve_layout
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+from helpers import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -1,7 +1,6 @@
 """Official-release import, save_pretrained / from_pretrained round trips, and clear errors on bad state dicts."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,8 @@ import torch
 from lamemo_parallel import CheckpointMismatchError, LaMemoConfig, LaMemoModel
 from lamemo_parallel.convert import OfficialImportError, import_official, to_official_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 
 
 def random_model(variant, **kw):
@@ -31,6 +31,7 @@ def outputs(model, tokens, seg=5):
     return torch.cat(nlls, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [0, 3, 31, 32, 33])
 def test_import_tool_save_load_round_trip_is_exact(variant, tmp_path):
     model = random_model(variant, pre_lnorm=variant == 31, clamp_len=3 if variant == 32 else -1)

@@ -2,7 +2,7 @@
 
 Each layout is one real ``torchrun`` launch of ``python -m pretrain.train`` (gloo, CPU): per-step losses, the
 exported weights and the memory of every stream after the last step (gathered over stages and TP ranks by
-``LAMEMO_DUMP_MEMORY``) must equal a plain-torch run over the same global batch (tests/train_reference.py) to
+``LAMEMO_DUMP_MEMORY``) must equal a plain-torch run over the same global batch (tests/parallel/train_reference.py) to
 ~1e-5 relative. Activation checkpointing on and off must give bitwise identical runs, with dropout on.
 The small in-process tests cover the stage memory store and the position-dropout mask shared by all stages.
 """
@@ -13,8 +13,10 @@ import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoMemory, LaMemoModel
 from pretrain.config import load_config
-from test_train_parallel import ROOT, STEPS, base_overrides, corpus, launch, read_losses  # noqa: F401 (fixture)
 from train_reference import reference_run
+
+from helpers import BASE_STEPS as STEPS
+from helpers import ROOT, base_overrides, launch, read_losses
 
 PIPELINE_LAYOUTS = {  # name: (tensor, pipeline, data, extra overrides)
     # M grows 0, 8, 16 (two activation-shape changes), 3 layers split [2, 1], 3 micro-batches, recompute on
@@ -40,6 +42,8 @@ def _run_and_reference(corpus, run_dir, tp, pp, dp, extra, monkeypatch):
     return config, reference_run(config, STEPS, dp_size=dp)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", list(PIPELINE_LAYOUTS))
 def test_pipeline_matches_single_device(corpus, tmp_path, monkeypatch, name):
     tp, pp, dp, extra = PIPELINE_LAYOUTS[name]
@@ -65,6 +69,8 @@ def test_pipeline_matches_single_device(corpus, tmp_path, monkeypatch, name):
         torch.testing.assert_close(memory[key], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"memory {key}: {m}")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_activation_checkpointing_gives_identical_runs(corpus, tmp_path):
     """Recompute reads the memory it was given at forward time and redraws the same dropout masks (dropout
     on everywhere, the memory filling up over the steps): losses and weights are bitwise those without."""

@@ -5,7 +5,6 @@ Each multi-process launch costs several seconds of imports, so one launch per TP
 writes its results to files; the tests below compare them with the single-device model in this process.
 """
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ import torch.multiprocessing as mp
 
 from lamemo_parallel import ConfigError, LaMemoConfig, LaMemoModel
 from lamemo_parallel.rng import SplitDropout, split_rng
+
+from helpers import free_port
 
 BATCH, SEG_LEN, MEM_LEN, N_SEG = 2, 4, 6, 4
 
@@ -48,12 +49,6 @@ def run_segments(model, tokens, *, with_logits=True):
         memories.append(out.memory)
         memory = out.memory
     return nlls, logits, memories, total
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ============================================================================ worker (one process per TP rank)
@@ -224,17 +219,23 @@ def check_against_single_device(workdir, ranks, name):
 
 
 # ============================================================================ tests
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["v0", "v3"])
 def test_tp2_matches_single_device(tp2, name):
     workdir, ranks = tp2
     check_against_single_device(workdir, ranks, name)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tp4_matches_single_device(tp4):
     workdir, ranks = tp4
     check_against_single_device(workdir, ranks, "v3_4heads")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tp_export_and_seeded_init_match_single_device(tp2):
     workdir, ranks = tp2
     exported = LaMemoModel.from_pretrained(workdir / "export")
@@ -250,6 +251,8 @@ def test_tp_export_and_seeded_init_match_single_device(tp2):
             assert torch.equal(results["seeded_init"][key], tensor), key
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tp_errors_are_clear(tp2):
     _, ranks = tp2
     message = ranks[0]["mismatch_error"]
@@ -258,6 +261,8 @@ def test_tp_errors_are_clear(tp2):
     assert "n_head=5 is not divisible by the tensor-parallel size 2" in ranks[0]["heads_error"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tp_dropout_masks(tp2):
     """Same seed -> identical runs; replicated dropouts agree across TP ranks, split ones differ."""
     _, ranks = tp2

@@ -6,11 +6,8 @@ batch to ~1e-5 relative (fp32, dropout off; the only differences are summation o
 reductions)."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,59 +17,8 @@ from pretrain.config import TrainConfigError, load_config
 from pretrain.layout import resolve_layout, split_layers
 from train_reference import reference_run
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A byte-level token file made from the first 60 kB of tinyshakespeare."""
-    import lzma
-
-    from pretrain.data.indexed import preprocess
-    from pretrain.data.tokenizer import train_tokenizer
-    work = tmp_path_factory.mktemp("corpus")
-    text = lzma.open(ROOT / "tests" / "data" / "tinyshakespeare" / "input.txt.xz", "rt").read()[:60000]
-    (work / "train.txt").write_text(text)
-    train_tokenizer("byte", [work / "train.txt"], work / "tok")
-    preprocess([work / "train.txt"], work / "tok", work / "train", workers=1)
-    return work
-
-
-def base_overrides(corpus, run_dir):
-    return [f"data.train={corpus / 'train'}", "data.valid=", f"data.tokenizer={corpus / 'tok'}", f"run.dir={run_dir}",
-            f"run.steps={STEPS}", "data.tgt_len=8", "data.mem_len=8", "data.micro_batch_size=2",
-            "data.micro_batches=2", "model.n_layer=2", "model.d_model=16", "model.n_head=4", "model.d_inner=32",
-            "model.dropout=0.0", "optim.lr=0.003", "optim.clip_grad=0.5", "run.mlflow=false", "run.log_interval=1"]
-
-
-def launch(nproc, overrides, timeout=300, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_port()}", "-m", "pretrain.train",
-           "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-
-
-def _port():
-    from pretrain.distributed import free_port
-    return free_port()
-
-
-def losses(run_dir):
-    """step -> loss; a resumed run appends, so a later line for the same step wins."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def read_losses(run_dir):
-    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in lines if "loss" in r]
-
+from helpers import BASE_STEPS as STEPS
+from helpers import ROOT, base_overrides, launch, read_losses
 
 LAYOUTS = [  # (tensor, pipeline, data, zero stage)
     (1, 1, 1, 0),
@@ -85,6 +31,8 @@ LAYOUTS = [  # (tensor, pipeline, data, zero stage)
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp,dp,zero", LAYOUTS)
 def test_layout_matches_single_device(corpus, tmp_path, tp, pp, dp, zero):
     run_dir = tmp_path / "run"
@@ -125,6 +73,8 @@ def test_impossible_layouts_fail_with_one_message():
     assert [list(r) for r in split_layers(5, 2)] == [[0, 1, 2], [3, 4]]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_trainer_reports_bad_layout_and_config_at_startup(corpus, tmp_path):
     result = launch(2, base_overrides(corpus, tmp_path / "r") + ["parallel.pipeline=2", "parallel.zero_stage=3"])
     assert result.returncode != 0
@@ -140,6 +90,8 @@ def test_trainer_reports_bad_layout_and_config_at_startup(corpus, tmp_path):
     assert unknown.returncode == 2 and "unknown config key 'optim.lrr'" in unknown.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_activation_checkpointing_and_bf16_in_the_trainer(corpus, tmp_path):
     """Tensor-parallel run with dropout on: activation checkpointing on and off give identical losses.
     bf16 trains (finite, decreasing-ish loss) while the memory's Z-bar stays float32."""

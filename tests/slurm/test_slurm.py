@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoModel
-from test_train_parallel import ROOT, _port, corpus, losses  # noqa: F401  (fixture re-export)
+
+from helpers import ROOT, free_port, losses
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
 SLURM_LOCAL = ROOT.parent / "shared" / "tools" / "slurm-local"
 CONFIG = "configs/tiny-cpu.yaml"
@@ -51,7 +54,7 @@ def direct(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("direct") / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
-           f"--master-port={_port()}", "-m", "pretrain.train", "--config", CONFIG, *overrides(corpus, run_dir)]
+           f"--master-port={free_port()}", "-m", "pretrain.train", "--config", CONFIG, *overrides(corpus, run_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import attention_utilization  # noqa: E402
@@ -71,6 +71,7 @@ def test_plot_runs_resumed_steps_keep_the_latest_value(tmp_path):
     assert {s: v for s, (_, v) in run.series["loss"].items()} == {1: 3.0, 2: 1.5, 3: 1.0}
 
 
+@pytest.mark.slow
 def test_plot_runs_from_mlflow_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"

@@ -2,13 +2,14 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 
 
 def make_model_dir(tmp_path, vocab_size):
@@ -26,6 +27,7 @@ def run(tool, *args):
                           text=True)
 
 
+@pytest.mark.slow
 def test_evaluate_and_generate_on_an_export(tmp_path):
     model_dir = make_model_dir(tmp_path, 257)
     text = tmp_path / "valid.txt"
@@ -42,6 +44,7 @@ def test_evaluate_and_generate_on_an_export(tmp_path):
     assert gen.stdout == again.stdout and gen.stdout.startswith("To be")
 
 
+@pytest.mark.slow
 def test_tokenizer_that_does_not_match_the_model_is_refused(tmp_path):
     model_dir = make_model_dir(tmp_path, 300)          # the byte tokenizer has 257 ids
     text = tmp_path / "t.txt"

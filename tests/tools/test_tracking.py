@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from pretrain.tracking import (
     embedded_tracking_uri,
     flatten_params,
 )
+
+from helpers import free_port
 
 PARAMS = {"model.variant": 3, "model.d_model": 16, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999),
           "data.eval_mem_len": None, "run.dir": "ignored"}
@@ -84,6 +85,7 @@ def _write_inputs(run_dir: Path) -> tuple[Path, Path]:
     return config_file, tokenizer
 
 
+@pytest.mark.slow
 def test_tiny_run_logs_to_embedded_sqlite_store_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -169,7 +171,7 @@ def test_jsonl_only_and_helpers(tmp_path):
 
 
 def test_unreachable_server_at_start_raises_quickly(tmp_path):
-    port = _free_port()
+    port = free_port()
     tracker = Tracker(tmp_path, run_name="x", enabled=True, tracking_uri=f"http://127.0.0.1:{port}",
                       connect_timeout_s=1.0)
     started = time.monotonic()
@@ -244,20 +246,19 @@ def test_finish_gives_up_after_flush_timeout(tmp_path, monkeypatch, caplog):
 
 
 # ---------------------------------------------------------------------------------------------- real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _server_process(tmp_path_factory):
+def _server_process(request, tmp_path_factory):
     """Launch ``mlflow server`` (the full mlflow package, requirements-dev.txt) on 127.0.0.1 as soon as this
-    module starts, so that its start-up (~15 s) overlaps the tests before the server tests."""
+    module starts, so that its start-up (~15 s) overlaps the tests before the server tests; not at all when no
+    selected test needs it (``-m "not slow"``)."""
+    if not any("mlflow_server" in item.fixturenames for item in request.session.items
+               if item.module is request.module):
+        yield None
+        return
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     assert mlflow_cli.exists(), f"{mlflow_cli} missing: pip install -r requirements-dev.txt"
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
         [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -300,6 +301,7 @@ def mlflow_server(_server_process):
         time.sleep(0.3)
 
 
+@pytest.mark.slow
 def test_real_server_roundtrip_and_resume(tmp_path, monkeypatch, mlflow_server):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
     run_dir = tmp_path / "run"
@@ -333,6 +335,7 @@ def test_real_server_roundtrip_and_resume(tmp_path, monkeypatch, mlflow_server):
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_server_going_away_does_not_stop_training(tmp_path, monkeypatch, mlflow_server, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")      # fail fast so the test sees the warning

@@ -1,0 +1,98 @@
+"""Plain helpers shared by the test folders (``from helpers import ...``; fixtures live in conftest.py).
+
+``tests/`` is on ``sys.path`` through ``pythonpath`` in pyproject.toml, so every test module can import this one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from pretrain.data.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+WIKITEXT2 = DATA / "wikitext-2"
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt.xz"
+TINY_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+
+# Published WikiText-2 numbers (pytorch word_language_model counts: words + one <eos> per line).
+WT2_TOKENS = {"train": 2_088_628, "valid": 217_646, "test": 245_569}
+WT2_VOCAB = 33_278
+
+
+def shakespeare_text(limit: int | None = None) -> str:
+    """Tiny Shakespeare (1.1 MB), or its first ``limit`` characters."""
+    text = lzma.open(SHAKESPEARE, "rt", encoding="utf-8").read()
+    return text if limit is None else text[:limit]
+
+
+def concat_documents(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+    """What a token file of these documents must hold: each document's ids ending with <eos>."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode_document(text))
+    return ids
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` by path (``tools`` is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (rendezvous, servers)."""
+    from pretrain.distributed import free_port as _free_port
+    return _free_port()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this checkout first on the path, one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+BASE_STEPS = 5
+
+
+def base_overrides(corpus: Path, run_dir: Path) -> list[str]:
+    """The trainer tests' tiny run on the ``corpus`` fixture: 2 layers, d_model 16, 4 heads, segments of 8
+    tokens with a memory of 8, 2 micro-batches of 2 streams, dropout off, ``BASE_STEPS`` steps."""
+    return [f"data.train={corpus / 'train'}", "data.valid=", f"data.tokenizer={corpus / 'tok'}", f"run.dir={run_dir}",
+            f"run.steps={BASE_STEPS}", "data.tgt_len=8", "data.mem_len=8", "data.micro_batch_size=2",
+            "data.micro_batches=2", "model.n_layer=2", "model.d_model=16", "model.n_head=4", "model.d_inner=32",
+            "model.dropout=0.0", "optim.lr=0.003", "optim.clip_grad=0.5", "run.mlflow=false", "run.log_interval=1"]
+
+
+def launch(nproc: int, overrides: list[str], timeout: float = 300, env_extra: dict[str, str] | None = None,
+           config: Path = TINY_CONFIG) -> subprocess.CompletedProcess:
+    """One real ``torchrun`` of ``python -m pretrain.train`` with ``nproc`` processes (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "pretrain.train", "--config", str(config), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(**(env_extra or {})),
+                          timeout=timeout, cwd=ROOT)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a resumed run appends, so a later line for the same step wins."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    """Every logged loss of metrics.jsonl in order (a resumed run's repeated steps included)."""
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
