@@ -19,10 +19,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import GlobalBiases, PositionEncodings, statistics_dtype
 from .config import ConfigError, LaMemoConfig
+from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
 from .linear import PlainLinears
 from .memory import LaMemoMemory
 from .positions import clamp_distances, inverse_frequencies, sinusoid
+from .sharding import sharding_table
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -61,45 +63,65 @@ class LaMemoOutput(NamedTuple):
 
 
 class LaMemoModel(nn.Module):
-    def __init__(self, config: LaMemoConfig, linears=None):
+    """``LaMemoModel(config)`` draws its initial weights from ``init_seed`` (one seed per tensor, see
+    ``init.py``); without one, the seed is one draw from torch's default generator, so
+    ``torch.manual_seed(s); LaMemoModel(config)`` is reproducible and equals every parallel layout's
+    initialisation at the same seed. ``initialize=False`` leaves zeros (a state dict is loaded next)."""
+
+    def __init__(self, config: LaMemoConfig, linears=None, *, init_seed: int | None = None,
+                 initialize: bool = True):
         super().__init__()
+        init_seed = draw_init_seed() if (init_seed is None and initialize) else init_seed
         self.config = config
         self.linears = linears or PlainLinears()
         H, dh = config.n_head, config.d_head
         self.n_local_heads = H // self.linears.tp_size
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.drop = nn.Dropout(config.dropout)
-        self.content_bias = nn.Parameter(torch.zeros(H, dh))
-        self.position_bias = nn.Parameter(torch.zeros(H, dh))
-        self.future_position_bias = nn.Parameter(torch.zeros(H, dh)) if config.variant in (3, 32, 33) else None
-        self.future_content_bias = nn.Parameter(torch.zeros(H, dh)) if config.variant == 32 else None
-        self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
+        # Construction draws nothing from the default generator (torch's own layer inits run on a fork
+        # and are overwritten below): only the init seed decides the weights.
+        with torch.random.fork_rng(devices=[]):
+            self.embedding, self.output_bias = self._vocabulary_parameters()
+            self.drop = nn.Dropout(config.dropout)
+            self.content_bias = self._global_bias()
+            self.position_bias = self._global_bias()
+            self.future_position_bias = self._global_bias() if config.variant in (3, 32, 33) else None
+            self.future_content_bias = self._global_bias() if config.variant == 32 else None
+            self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
         self.register_buffer("inv_freq", inverse_frequencies(config.d_model), persistent=False)
         #: Recompute each layer's activations in the backward pass (training only). The cached memory enters a
         #: layer as an explicit input and the new memory leaves it as an output, so a recompute reads the
         #: memory as it was at forward time; torch's checkpoint replays the dropout RNG state.
         self.activation_checkpointing = False
-        self.reset_parameters()
+        if initialize:
+            self.reset_parameters(init_seed)
+        else:
+            with torch.no_grad():
+                for param in self.parameters():
+                    param.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # The sinusoid frequencies stay float32 whatever the model's dtype: in bfloat16, omega and the
+        # distances would be rounded to 8 bits and neighbouring distances would share one encoding.
+        super()._apply(fn, recurse)
+        self.inv_freq = inverse_frequencies(self.config.d_model).to(self.inv_freq.device)
+        return self
+
+    def _vocabulary_parameters(self) -> tuple[nn.Module, nn.Parameter]:
+        """The input embedding (tied to the output layer) and the output bias."""
+        c = self.config
+        return nn.Embedding(c.vocab_size, c.d_model), nn.Parameter(torch.zeros(c.vocab_size))
+
+    def _global_bias(self) -> nn.Parameter:
+        """One of u, v, v+, u+: [H_local, d_h]."""
+        return nn.Parameter(torch.zeros(self.n_local_heads, self.config.d_head))
 
     # ------------------------------------------------------------------ initialisation (spec §7)
-    def reset_parameters(self) -> None:
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.normal_(module.weight, 1.0, std)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.embedding.weight, 0.0, std)
-        nn.init.zeros_(self.output_bias)
-        nn.init.normal_(self.content_bias, 0.0, std)
-        nn.init.normal_(self.position_bias, 0.0, std)
-        for future in (self.future_position_bias, self.future_content_bias):
-            if future is not None:
-                nn.init.xavier_uniform_(future)
+    def reset_parameters(self, init_seed: int | None = None) -> None:
+        """Every parameter from its own seed (``init.tensor_seed(init_seed, name)``): this rank's slice of the
+        full tensor the single-device model would hold."""
+        init_seed = draw_init_seed() if init_seed is None else init_seed
+        tp_size, tp_rank = self.linears.tp_size, self.linears.tp_rank
+        initialise_parameters(dict(self.named_parameters()), sharding_table(self.config, tp_size),
+                              init_seed=init_seed, init_std=self.config.init_std, tp_rank=tp_rank, tp_size=tp_size)
 
     # ------------------------------------------------------------------ memory
     def empty_memory(self, batch_size: int, device=None, dtype=None) -> LaMemoMemory:
@@ -250,7 +272,7 @@ class LaMemoModel(nn.Module):
             raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
                                     f"{WEIGHTS_NAME}")
         config = LaMemoConfig.load(path / CONFIG_NAME)
-        model = cls(config)
+        model = cls(config, initialize=False)
         model.load_weights(load_file(str(path / WEIGHTS_NAME), device="cpu"))
         model.eval()
         return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model

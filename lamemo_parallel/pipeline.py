@@ -3,7 +3,7 @@
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)    # after init_process_group
     module = LaMemoPipelineModule(config, topology=topology, parts=[range(0, 2), range(2, 4)],
                                   micro_batches=4, mem_len=128, tensor_parallel=tp > 1)
-    module.load_full_state_dict(LaMemoModel(config).state_dict())   # each stage / TP rank takes its part
+    torch.manual_seed(seed); module.initialize()     # = LaMemoModel(config)'s weights, this rank's part only
     engine, *_ = deepspeed.initialize(model=module, optimizer=..., config=ds_config)
     module.runtime.begin_step(step)
     loss = engine.train_batch(iter([(tokens, targets), ...]))         # one (tokens, targets) per micro-batch
@@ -58,6 +58,7 @@ from a seed that is a function of (seed, data-parallel rank, step, slot) only.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -73,12 +74,13 @@ from .linear import PlainLinears
 from .memory import LaMemoMemory
 from .model import LaMemoModel
 from .positions import inverse_frequencies
+from .init import draw_init_seed, initialise_parameters
+from .sharding import BIAS_NAMES, bias_names, merge, shard, sharding_table, stage_bounds, stage_plan
 
 #: Positions in the carry tuple that flows through a stage.
 ACT, CONTENT, POSITION, FUTURE_POSITION, FUTURE_CONTENT, POS_CAUSAL, POS_AHEAD = range(7)
 FIRST_MEMORY = 7
 
-BIAS_NAMES = ("content_bias", "position_bias", "future_position_bias", "future_content_bias")
 #: Single-device names of the tied parameters (held by several stages; the first stage speaks for them).
 TIED = ("embedding.weight",) + BIAS_NAMES
 
@@ -187,6 +189,19 @@ class StageRuntime:
 
     def memory_length(self) -> int:
         return self.memory.length()
+
+    @contextmanager
+    def evaluation(self, mem_len: int):
+        """Forward passes of an evaluation inside the block: one micro-batch slot per step whose memory (rows =
+        this rank's evaluation streams) starts empty and is dropped at the end; the training memory, slot
+        count and step are restored untouched."""
+        saved = (self.memory, self.micro_batches, self.step, self.forwards)
+        self.memory = StageMemory(1, saved[0].names, mem_len)
+        self.micro_batches = 1
+        try:
+            yield self
+        finally:
+            self.memory, self.micro_batches, self.step, self.forwards = saved
 
     # ------------------------------------------------------------------ the stage's first and last functions
     def enter(self, biases: "GlobalBiasesPipe", x: torch.Tensor) -> tuple:
@@ -393,35 +408,28 @@ class TokenLoss:
 # ---------------------------------------------------------------------------------------------- the module
 def stage_specs(config: LaMemoConfig, parts: list[range], runtime: StageRuntime,
                 tensor_parallel: bool) -> tuple[list, list[int]]:
-    """The layer list of the whole pipeline and the index where each stage's functions start (+ the end)."""
-    specs, bounds = [], []
-    biases = _bias_names(config)
-    last = len(parts) - 1
-    for stage, layers in enumerate(parts):
-        bounds.append(len(specs))
-        if stage == 0:
+    """The layer list of the whole pipeline (``sharding.stage_plan``) and the index where each stage's
+    functions start (+ the end)."""
+    biases = bias_names(config)
+    specs = []
+    for kind, index in stage_plan(config.n_layer, parts):
+        if kind == "embedding":
             specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, tensor_parallel,
                                        tied_weight_attr=["embedding.weight"]))
-        specs.append(TiedLayerSpec("biases", GlobalBiasesPipe, config, tensor_parallel, runtime,
-                                   tied_weight_attr=biases))
-        for position, index in enumerate(layers):
+        elif kind == "biases":
+            specs.append(TiedLayerSpec("biases", GlobalBiasesPipe, config, tensor_parallel, runtime,
+                                       tied_weight_attr=biases))
+        elif kind == "decoder":
+            position = index - next(r for r in parts if index in r).start
             specs.append(LayerSpec(DecoderLayerPipe, config, index, position, tensor_parallel))
-        specs.append(runtime.exit)
-        if stage == last:
+        elif kind == "exit":
+            specs.append(runtime.exit)
+        elif kind == "head":
             specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, tensor_parallel,
                                        forward_fn=EmbeddingPipe.head, tied_weight_attr=["embedding.weight"]))
+        elif kind == "output":
             specs.append(LayerSpec(OutputLayerPipe, config, tensor_parallel))
-    bounds.append(len(specs))
-    return specs, bounds
-
-
-def _bias_names(config: LaMemoConfig) -> list[str]:
-    names = ["content_bias", "position_bias"]
-    if config.variant in (3, 32, 33):
-        names.append("future_position_bias")
-    if config.variant == 32:
-        names.append("future_content_bias")
-    return names
+    return specs, stage_bounds(config.n_layer, parts)
 
 
 class LaMemoPipelineModule(PipelineModule):
@@ -430,7 +438,8 @@ class LaMemoPipelineModule(PipelineModule):
     ``topology`` is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model: tensor fastest,
     the same rank order as megatron-core's default tp-dp-pp). ``tensor_parallel`` builds the stage's
     linears, embedding and loss with megatron-core (the TP group is megatron's, which must agree with the
-    topology's model axis). Weights start at zero: call ``load_full_state_dict`` with a single-device state dict.
+    topology's model axis). Weights start at zero: call ``initialize(init_seed)`` (the single-device model's initial weights, this
+    rank's part only) or ``load_full_state_dict`` with a single-device state dict.
     """
 
     def __init__(self, config: LaMemoConfig, *, topology, parts: list[range], micro_batches: int, mem_len: int,
@@ -456,6 +465,8 @@ class LaMemoPipelineModule(PipelineModule):
         self.config = config
         self.runtime = runtime
         self.layer_parts = parts
+        #: Where every parameter lives (the single-device names, TP split dims, owning stages).
+        self.sharding = sharding_table(config, topology.get_dim("model") if tensor_parallel else 1, parts)
         self.tensor_parallel = tensor_parallel
 
     def _partition_layers(self, method: str = "uniform") -> None:
@@ -499,34 +510,32 @@ class LaMemoPipelineModule(PipelineModule):
                 out["output_bias"] = func.output_bias
         return out
 
-    def _to_local(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        if not (self.tensor_parallel and _tensor_parallel().is_split(param)):
-            return full
-        dim = param.partition_dim
-        if name in _tensor_parallel().VOCAB_PARALLEL:
-            padded = param.shape[dim] * self.tp_size
-            if padded > full.shape[dim]:
-                full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
-        size = param.shape[dim]
-        return full.narrow(dim, self.tp_rank * size, size)
+    def initialize(self, init_seed: int | None = None) -> None:
+        """This rank's initial weights: for each parameter it holds, the full single-device tensor is drawn
+        from its own seed and the TP slice kept (``init.py``), one tensor at a time: equal to
+        ``LaMemoModel(config, init_seed=init_seed)``, without ever building it. No communication."""
+        init_seed = draw_init_seed() if init_seed is None else init_seed
+        initialise_parameters(self.named_model_parameters(), self.sharding, init_seed=init_seed,
+                              init_std=self.config.init_std, tp_rank=self.tp_rank if self.tensor_parallel else 0,
+                              tp_size=self.tp_size if self.tensor_parallel else 1)
 
-    def _to_full(self, name: str, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (shaped like this rank's ``param``) in the full layout: collective over the TP group for
-        split parameters."""
-        if not (self.tensor_parallel and _tensor_parallel().is_split(param)):
+    def _to_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return shard(self.sharding[name], full, self.tp_rank, self.tp_size) if self.tensor_parallel else full
+
+    def _to_full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like this rank's parameter ``name``) in the full layout: collective over the TP
+        group for split parameters."""
+        entry = self.sharding[name]
+        if not self.tensor_parallel or entry.split_dim is None:
             return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
-        tensor = torch.cat(parts, dim=param.partition_dim)
-        if name in _tensor_parallel().VOCAB_PARALLEL:
-            tensor = tensor[:self.config.vocab_size]
-        return tensor
+        return merge(entry, parts)
 
     def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of the single-device-layout tensors it holds (weights or optimizer moments),
         keyed by single-device name like ``named_model_parameters``; no communication."""
-        return {name: self._to_local(name, param, full[name])
-                for name, param in self.named_model_parameters().items() if name in full}
+        return {name: self._to_local(name, full[name]) for name in self.named_model_parameters() if name in full}
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load this rank's part (its layers, tied copies, its TP shards) of a single-device state dict."""
@@ -536,22 +545,20 @@ class LaMemoPipelineModule(PipelineModule):
             raise ValueError(f"state dict lacks tensors of pipeline stage {self.stage_id}: {', '.join(missing)}")
         with torch.no_grad():
             for name, param in mine.items():
-                local = self._to_local(name, param, state_dict[name])
-                if local.shape != param.shape:
-                    raise ValueError(f"{name}: state dict shape {tuple(state_dict[name].shape)} does not give "
-                                     f"this rank's {tuple(param.shape)}")
-                param.copy_(local)
+                if tuple(state_dict[name].shape) != self.sharding[name].shape:
+                    raise ValueError(f"{name}: state dict shape {tuple(state_dict[name].shape)}, the model's "
+                                     f"{self.sharding[name].shape}")
+                param.copy_(self._to_local(name, state_dict[name]))
 
     def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Collective over all ranks of the pipeline: tensors shaped like this rank's parameters (the weights,
         or per-parameter optimizer state), keyed by single-device name, gathered into the single-device
         layout (float32, CPU) on every rank. Tied tensors come from the first stage."""
-        mine = self.named_model_parameters()
         out = {}
         for name, tensor in local.items():
             if name in TIED and self.stage_id != 0:
                 continue
-            out[name] = self._to_full(name, mine[name], tensor.detach()).float().cpu().clone()
+            out[name] = self._to_full(name, tensor.detach()).float().cpu().clone()
         gathered = [None] * self._grid.get_pipe_parallel_world_size()
         dist.all_gather_object(gathered, out, group=self._grid.get_pipe_parallel_group())
         merged = {}
@@ -564,13 +571,8 @@ class LaMemoPipelineModule(PipelineModule):
         return self.gather_full({name: p.detach() for name, p in self.named_model_parameters().items()})
 
     def split_dims(self) -> dict[str, int | None]:
-        """Collective over the pipeline: single-device name -> dimension split over TP ranks (None: replicated)."""
-        tp = self.tensor_parallel and _tensor_parallel()
-        local = {name: (p.partition_dim if tp and tp.is_split(p) else None)
-                 for name, p in self.named_model_parameters().items()}
-        gathered = [None] * self._grid.get_pipe_parallel_world_size()
-        dist.all_gather_object(gathered, local, group=self._grid.get_pipe_parallel_group())
-        return {name: dim for part in gathered for name, dim in part.items()}
+        """Single-device name -> dimension split over TP ranks (None: replicated), for the whole model."""
+        return {name: (entry.split_dim if self.tensor_parallel else None) for name, entry in self.sharding.items()}
 
     # ------------------------------------------------------------------ memory in the single-device layout
     def gathered_memory(self, slot: int) -> LaMemoMemory | None:

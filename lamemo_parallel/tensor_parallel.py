@@ -51,9 +51,8 @@ from .config import ConfigError, LaMemoConfig
 from .memory import LaMemoMemory
 from .model import CONFIG_NAME, WEIGHTS_NAME, LaMemoModel, check_state_dict
 from .rng import SplitDropout
+from .sharding import VOCAB_PARALLEL, merge, padded_vocab_size, shard, sharding_table  # noqa: F401 (re-exported)
 
-#: Parameters split along the vocabulary (padded to a multiple of the TP size inside the TP model).
-VOCAB_PARALLEL = ("embedding.weight", "output_bias")
 
 
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -69,10 +68,6 @@ def _mark_split(param: torch.Tensor, dim: int) -> None:
 def is_split(param: torch.Tensor) -> bool:
     """True for a parameter of which each TP rank holds a slice; False for a replicated one."""
     return bool(getattr(param, "tensor_model_parallel", False))
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
-    return -(-vocab_size // tp_size) * tp_size
 
 
 def check_tensor_parallel_config(config: LaMemoConfig, tp_size: int) -> None:
@@ -197,44 +192,37 @@ class TensorParallelLaMemoModel(LaMemoModel):
     """
 
     def __init__(self, config: LaMemoConfig, *, tp_group=None, params_dtype: torch.dtype = torch.float32,
-                 initialize: bool = True):
+                 initialize: bool = True, init_seed: int | None = None):
         linears = MegatronLinears(tp_group, params_dtype=torch.float32)
         check_tensor_parallel_config(config, linears.tp_size)
         if parallel_state.get_tensor_model_parallel_group(check_initialized=False) is not linears.tp_group:
             raise ValueError("vocab_parallel_cross_entropy reduces over megatron-core's global tensor-parallel "
                              "group: tp_group must be parallel_state.get_tensor_model_parallel_group()")
-        rng_state = torch.get_rng_state()
-        super().__init__(config, linears)     # reset_parameters is deferred (see below)
-        torch.set_rng_state(rng_state)         # the base constructor's throw-away draws leave no trace
+        #: Where every parameter lives (the single-device names, split dims, vocabulary padding).
+        self.sharding = sharding_table(config, linears.tp_size)
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, linears.tp_size)
+        # The base constructor builds this rank's shards only (see _vocabulary_parameters / _global_bias)
+        # and initialises each from its own seed: the slice of the single-device model's tensor.
+        super().__init__(config, linears, init_seed=init_seed, initialize=initialize)
         tp, rank = linears.tp_size, linears.tp_rank
-        H_local, dh = self.n_local_heads, config.d_head
-
-        self.padded_vocab_size = padded_vocab_size(config.vocab_size, tp)
-        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.d_model, init_method=_no_init,
-                                                config=linears.config, tp_group=linears.tp_group)
-        _mark_split(self.embedding.weight, 0)
+        for name, param in self.named_parameters():     # megatron's attributes, from the table
+            if self.sharding[name].split_dim is not None:
+                _mark_split(param, self.sharding[name].split_dim)
         local_vocab = self.padded_vocab_size // tp
-        self.output_bias = nn.Parameter(torch.zeros(local_vocab))
-        _mark_split(self.output_bias, 0)
         first = rank * local_vocab
         padding = torch.arange(first, first + local_vocab) >= config.vocab_size
         self.register_buffer("vocab_padding", padding, persistent=False)
-        for name in ("content_bias", "position_bias", "future_position_bias", "future_content_bias"):
-            if getattr(self, name) is not None:
-                setattr(self, name, nn.Parameter(torch.zeros(H_local, dh)))
-                _mark_split(getattr(self, name), 0)
         for layer in self.layers:          # the dropouts of split regions
             layer.attn.dropatt = SplitDropout(config.dropatt, rank)
             layer.ff.drop_inner = SplitDropout(config.dropout, rank)
-
-        self._tp_ready = True
-        with torch.no_grad():
-            for param in self.parameters():
-                param.zero_()              # megatron allocates with torch.empty
-        if initialize:
-            self.reset_parameters()
         if params_dtype != torch.float32:
             self.to(dtype=params_dtype)
+
+    def _vocabulary_parameters(self) -> tuple[nn.Module, nn.Parameter]:
+        """This rank's rows of the (padded) vocabulary: a ``VocabParallelEmbedding`` and the output bias shard."""
+        embedding = VocabParallelEmbedding(self.padded_vocab_size, self.config.d_model, init_method=_no_init,
+                                           config=self.linears.config, tp_group=self.linears.tp_group)
+        return embedding, nn.Parameter(torch.zeros(self.padded_vocab_size // self.linears.tp_size))
 
     @property
     def tp_group(self):
@@ -247,12 +235,6 @@ class TensorParallelLaMemoModel(LaMemoModel):
     @property
     def tp_rank(self) -> int:
         return self.linears.tp_rank
-
-    def reset_parameters(self) -> None:
-        """Initialise exactly as a single-device ``LaMemoModel`` built from the current RNG state."""
-        if not getattr(self, "_tp_ready", False):
-            return                         # called by LaMemoModel.__init__ before the TP pieces exist
-        self.load_full_state_dict(LaMemoModel(self.config).state_dict())
 
     # ------------------------------------------------------------------ overridden pieces
     def global_biases(self) -> GlobalBiases:
@@ -277,38 +259,24 @@ class TensorParallelLaMemoModel(LaMemoModel):
 
     # ------------------------------------------------------------------ layouts
     def _split_dims(self) -> dict[str, int | None]:
-        """State-dict name -> the dimension it is split along (None: replicated)."""
-        return {name: (param.partition_dim if is_split(param) else None)
-                for name, param in self.named_parameters()}
+        """State-dict name -> the dimension it is split along (None: replicated), from the sharding table."""
+        return {name: entry.split_dim for name, entry in self.sharding.items()}
 
     def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of tensors in the single-device layout (weights, gradients, optimizer moments)."""
-        dims = self._split_dims()
-        local = {}
-        for name, tensor in full.items():
-            dim = dims.get(name)
-            if dim is not None:
-                if name in VOCAB_PARALLEL:
-                    pad = self.padded_vocab_size - tensor.shape[0]
-                    tensor = torch.cat([tensor, tensor.new_zeros(pad, *tensor.shape[1:])]) if pad > 0 else tensor
-                tensor = self.linears.shard(tensor, dim)
-            local[name] = tensor
-        return local
+        return {name: shard(self.sharding[name], tensor, self.tp_rank, self.tp_size) for name, tensor in full.items()}
 
     def to_full_layout(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Collective over the TP group: tensors of this rank's layout gathered into the single-device layout.
         Every rank must call it with the same names in the same order. Replicated tensors are returned as
         this rank holds them."""
-        dims = self._split_dims()
         full = {}
         for name, tensor in local.items():
-            dim = dims.get(name)
-            if dim is not None:
+            entry = self.sharding[name]
+            if entry.split_dim is not None:
                 parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
                 dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
-                tensor = torch.cat(parts, dim=dim)
-                if name in VOCAB_PARALLEL:
-                    tensor = tensor[:self.config.vocab_size]
+                tensor = merge(entry, parts)
             full[name] = tensor
         return full
 
@@ -319,18 +287,7 @@ class TensorParallelLaMemoModel(LaMemoModel):
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load this rank's shards of a single-device state dict, with a message naming every missing,
         unexpected or mis-shaped tensor. No communication."""
-        local_shapes = {name: t.shape for name, t in self.state_dict().items()}
-        dims = self._split_dims()
-
-        def full_shape(name):
-            shape = list(local_shapes[name])
-            if dims.get(name) is not None:
-                shape[dims[name]] *= self.tp_size
-                if name in VOCAB_PARALLEL:
-                    shape[0] = self.config.vocab_size
-            return tuple(shape)
-
-        check_state_dict(state_dict, {k: full_shape(k) for k in local_shapes})
+        check_state_dict(state_dict, {name: entry.shape for name, entry in self.sharding.items()})
         self.load_state_dict(self.to_local_layout(state_dict), strict=True)
 
     load_weights = load_full_state_dict   # LaMemoModel's name for 'load the single-device layout'

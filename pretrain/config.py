@@ -97,6 +97,10 @@ class RunSection:
     """Evaluate on data.valid every this many steps (0: only at the end)."""
     eval_tokens: int = 0
     """Score at most this many validation tokens (0: the whole split)."""
+    eval_batch_size: int = 1
+    """Evaluation streams per data-parallel rank: the split is cut into eval_batch_size x DP contiguous streams,
+    each with its own memory (Transformer-XL's evaluation); every token is scored once, except the at most
+    eval_batch_size x DP - 1 that do not fill the streams evenly."""
     save_interval: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 3
@@ -244,6 +248,7 @@ def validate(config: TrainConfig) -> None:
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
         (p.precision in ("fp32", "bf16", "fp16"), f"parallel.precision must be fp32, bf16 or fp16, got {p.precision!r}"),
         (r.steps > 0, f"run.steps must be positive, got {r.steps}"),
+        (r.eval_batch_size > 0, f"run.eval_batch_size must be positive, got {r.eval_batch_size}"),
         (r.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {r.device!r}"),
     ]
     for ok, message in checks:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from lamemo_parallel import LaMemoConfig, LaMemoModel, LaMemoMemory
 
 from .config import TrainConfig
+from .evaluation import EvalResult, evaluate_streams
 from .layout import Layout
 from .optim import build_optimizer, build_scheduler
 
@@ -33,13 +34,30 @@ def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
         # DeepSpeed's default clip is 1.0: always set it explicitly (0 disables).
         "gradient_clipping": config.optim.clip_grad,
         "zero_optimization": {"stage": p.zero_stage},
-        "bf16": {"enabled": p.precision == "bf16"},
-        "fp16": {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 31,
         "wall_clock_breakdown": False,
+        **precision_config(p.precision, p.zero_stage),
     }
+
+
+def precision_config(precision: str, zero_stage: int) -> dict:
+    """DeepSpeed's precision keys. Under bf16 the weights and activations are bf16, but gradients are
+    accumulated over micro-batches (``data_types.grad_accum_dtype``) and all-reduced
+    (``communication_data_type``) in fp32, and the optimizer steps fp32 master weights: a bf16 sum of many
+    micro-batch gradients, or of many data-parallel ranks', loses the small ones. DeepSpeed 0.19 supports fp32
+    accumulation of bf16 gradients only in its ZeRO optimizers (stage 1: ``BF16_Optimizer``; stages 2 / 3), so
+    bf16 with ``zero_stage`` 0 runs as stage 1 (with one data-parallel rank that partitions nothing). fp16
+    (GPU) keeps DeepSpeed's dynamic loss scaling. Z-bar is float32 in every mode (the model does it)."""
+    out = {"bf16": {"enabled": precision == "bf16"},
+           "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                    "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
+    if precision == "bf16":
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+        out["communication_data_type"] = "fp32"
+        if zero_stage == 0:
+            out["zero_optimization"] = {"stage": 1}
+    return out
 
 
 def _quiet_deepspeed() -> None:
@@ -69,11 +87,14 @@ class Engine:
         _quiet_deepspeed()
         self.config, self.layout, self.device = config, layout, device
         self.model_config = model_config(config, vocab_size)
-        # Identical initial weights on every rank: the full model is built from run.seed everywhere.
+        # Identical initial weights on every rank (the single-device model's at run.seed); a tensor-parallel
+        # rank draws each tensor in full, one at a time, and keeps its slice.
         torch.manual_seed(config.run.seed)
-        model = LaMemoModel(self.model_config)
         if layout.tensor > 1:
-            model = self._tensor_parallel(model)
+            from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel
+            model = TensorParallelLaMemoModel(self.model_config)
+        else:
+            model = LaMemoModel(self.model_config)
         model.activation_checkpointing = config.parallel.activation_checkpointing
         self.model = model.to(device)
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
@@ -109,10 +130,6 @@ class Engine:
             return None
         from .megatron_mpu import MegatronMPU
         return MegatronMPU()
-
-    def _tensor_parallel(self, full_model: LaMemoModel):
-        from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel
-        return TensorParallelLaMemoModel.from_full_state_dict(self.model_config, full_model.state_dict())
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
@@ -197,10 +214,10 @@ class Engine:
             return module._split_dims()
         return {name: None for name in module.state_dict()}
 
-    def single_device_model(self) -> LaMemoModel:
-        model = LaMemoModel(self.model_config)
-        model.load_weights(self.full_model_state_dict())
-        return model.eval()
+    def evaluate(self, streams: torch.Tensor, *, tgt_len: int, mem_len: int) -> EvalResult:
+        """Score this data-parallel rank's evaluation ``streams`` [E, L + 1] with the parallel model itself
+        (tensor-parallel collectives, ZeRO-3 gathers), the memory carried per stream apart from training's."""
+        return evaluate_streams(self.engine.module, streams.to(self.device), tgt_len=tgt_len, mem_len=mem_len)
 
 
 def build_engine(config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):

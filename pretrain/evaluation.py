@@ -48,23 +48,46 @@ def split_streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int = 0) -> torch.Tensor:
+    """This data-parallel rank's evaluation streams: ``split_streams(tokens, streams_per_rank * dp_size)``
+    rows ``[dp_rank * streams_per_rank, (dp_rank + 1) * streams_per_rank)``. The union over the ranks is the
+    single-device evaluation with ``batch_size = streams_per_rank * dp_size``."""
+    streams = split_streams(tokens, streams_per_rank * dp_size)
+    return streams[dp_rank * streams_per_rank:(dp_rank + 1) * streams_per_rank]
+
+
+def segments(streams: torch.Tensor, tgt_len: int):
+    """(inputs, targets) [B, n] of every step over ``streams`` [B, L + 1]; the last step may be shorter."""
+    length = streams.shape[1] - 1
+    for start in range(0, length, tgt_len):
+        end = min(start + tgt_len, length)
+        yield streams[:, start:end], streams[:, start + 1:end + 1]
+
+
 @torch.no_grad()
-def evaluate_tokens(model, tokens, *, tgt_len: int, mem_len: int, batch_size: int = 1, device=None,
-                    progress: bool = False) -> EvalResult:
-    """Score ``tokens`` (1-D) with streaming memory. The (batch_size - 1) tokens that do not fill the
-    streams evenly are left out (at most batch_size - 1 of them; batch_size = 1 scores every token)."""
+def evaluate_streams(model, streams: torch.Tensor, *, tgt_len: int, mem_len: int, progress: bool = False
+                     ) -> EvalResult:
+    """Score ``streams`` [B, L + 1] (each row predicts its L tokens) with a model that has the single-device
+    interface (``LaMemoModel``, ``TensorParallelLaMemoModel``, a ZeRO-wrapped module); the memory of every
+    stream is carried in a local variable, so a model's training memory is left alone."""
     was_training = model.training
     model.eval()
-    device = device or next(model.parameters()).device
-    streams = split_streams(tokens, batch_size).to(device)
-    length = streams.shape[1] - 1
     memory, nll_sum, count = None, 0.0, 0
-    starts = range(0, length, tgt_len)
-    for start in tqdm(starts, desc="evaluate", unit="segment", disable=not progress):
-        end = min(start + tgt_len, length)
-        out = model(streams[:, start:end], targets=streams[:, start + 1:end + 1], memory=memory, mem_len=mem_len)
+    steps = -(-(streams.shape[1] - 1) // tgt_len)
+    for inputs, targets in tqdm(segments(streams, tgt_len), total=steps, desc="evaluate", unit="segment",
+                                disable=not progress):
+        out = model(inputs, targets=targets, memory=memory, mem_len=mem_len)
         memory = out.memory
         nll_sum += out.nll.double().sum().item()
         count += out.nll.numel()
     model.train(was_training)
     return EvalResult(nll_sum=nll_sum, n_tokens=count)
+
+
+def evaluate_tokens(model, tokens, *, tgt_len: int, mem_len: int, batch_size: int = 1, device=None,
+                    progress: bool = False) -> EvalResult:
+    """Score ``tokens`` (1-D) with streaming memory on one device. The (batch_size - 1) tokens that do not fill
+    the streams evenly are left out (at most batch_size - 1 of them; batch_size = 1 scores every token)."""
+    device = device or next(model.parameters()).device
+    return evaluate_streams(model, split_streams(tokens, batch_size).to(device), tgt_len=tgt_len,
+                            mem_len=mem_len, progress=progress)

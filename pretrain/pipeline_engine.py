@@ -1,7 +1,7 @@
 """The pipeline-parallel engine (parallel.pipeline > 1): DeepSpeed's pipe engine over ``LaMemoPipelineModule``.
 
 Same interface as ``pretrain.engine.Engine``: ``train_step(micro_batches) -> StepResult``,
-``full_model_state_dict()``, ``single_device_model()``, ``engine`` (DeepSpeed's), plus ``memory_state()`` /
+``full_model_state_dict()``, ``evaluate(streams)``, ``engine`` (DeepSpeed's), plus ``memory_state()`` /
 ``load_memory_state()`` for checkpoints. One optimizer step is one ``engine.train_batch`` over the step's
 micro-batches (1F1B schedule, gradient_accumulation_steps = micro_batches), with tensor parallelism inside the
 stages (megatron-core) and data parallelism across pipelines; ZeRO-1 is allowed, ZeRO-2/3 are refused by
@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lamemo_parallel import LaMemoMemory, LaMemoModel
+from lamemo_parallel import LaMemoMemory
 
 from .config import TrainConfig
 from .engine import StepResult, _quiet_deepspeed, deepspeed_config, model_config
+from .evaluation import EvalResult, segments
 from .layout import Layout, split_layers
 from .optim import build_optimizer, build_scheduler
 
@@ -78,9 +79,9 @@ class PipelineEngine:
         self.grid = self.model.mpu()
         check_groups_agree(self.grid)
         self._split_dims = self.model.split_dims()
-        # Identical initial weights on every rank: the full model is built from run.seed, each rank keeps its part.
+        # The single-device model's initial weights at run.seed, each rank drawing only the tensors it holds.
         torch.manual_seed(config.run.seed)
-        self.model.load_full_state_dict(LaMemoModel(self.model_config).state_dict())
+        self.model.initialize()
         self.model.to(device)
 
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
@@ -171,6 +172,30 @@ class PipelineEngine:
             for g in grads:
                 g.mul_(coef.to(g.dtype))
 
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, streams: torch.Tensor, *, tgt_len: int, mem_len: int) -> EvalResult:
+        """Score this data-parallel rank's evaluation ``streams`` [E, L + 1] through the pipeline (every stage and
+        TP rank takes part; one micro-batch of E rows per segment, DeepSpeed's inference schedule), with an
+        evaluation memory of its own (``StageRuntime.evaluation``). Every rank of the pipeline returns the
+        same sums."""
+        nll_sum, count, rows = 0.0, 0, None
+        self.engine.reset_activation_shape()
+        with self.runtime.evaluation(mem_len):
+            for inputs, targets in segments(streams, tgt_len):
+                M = self.runtime.memory_length()
+                shape = (inputs.shape[0], M + inputs.shape[1] if self.model_config.uses_lookahead else inputs.shape[1])
+                if rows is not None and shape != rows:
+                    self.engine.reset_activation_shape()
+                rows = shape
+                self.runtime.begin_step(0)
+                loss = self.engine.eval_batch(iter([(inputs.to(self.device), targets.to(self.device))]),
+                                              num_micro_batches=1, reduce_output="avg", bcast_loss=True)
+                self.runtime.end_step()
+                nll_sum += float(loss) * targets.numel()      # the loss is the segment's mean token nll
+                count += targets.numel()
+        self.engine.reset_activation_shape()                  # training shapes are negotiated afresh
+        return EvalResult(nll_sum=nll_sum, n_tokens=count)
+
     # ------------------------------------------------------------------ weights
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the single-device state dict (all stages, TP shards gathered), on every rank."""
@@ -197,11 +222,6 @@ class PipelineEngine:
         """Single-device name -> the dimension split over tensor-parallel ranks (None: replicated); no
         communication (gathered at start-up)."""
         return dict(self._split_dims)
-
-    def single_device_model(self) -> LaMemoModel:
-        model = LaMemoModel(self.model_config)
-        model.load_weights(self.full_model_state_dict())
-        return model.eval()
 
     # ------------------------------------------------------------------ memory
     def memory_state(self) -> list[dict | None]:

@@ -74,29 +74,27 @@ def load_training_data(config: TrainConfig, layout: Layout, dp_rank: int):
 
 
 def evaluate_validation(engine, config: TrainConfig) -> dict | None:
-    """Validation loss of the current weights with streaming memory. Without pipelining every rank runs the
-    parallel model itself (tensor-parallel collectives, ZeRO-3 gathers); with pipelining rank 0 scores the
-    gathered single-device model."""
+    """Validation loss of the current weights with streaming memory, through the parallel model: every stage
+    and TP rank takes part, each data-parallel rank scores its own ``run.eval_batch_size`` streams (the
+    single-device evaluation with batch size eval_batch_size x DP), and the sums are all-reduced over the
+    data-parallel group. The result is the same on every rank."""
     if not config.data.valid:
         return None
     from .data.indexed import load_tokens
-    from .evaluation import evaluate_tokens
+    from .evaluation import EvalResult, rank_streams
     tokens = torch.from_numpy(load_tokens(config.data.valid).astype("int64"))
     if config.run.eval_tokens:
         tokens = tokens[:config.run.eval_tokens + 1]
     mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
-    if config.parallel.pipeline == 1:
-        model, scoring = engine.engine.module, True
-    else:
-        model, scoring = engine.single_device_model().to(engine.device), dist.get_rank() == 0
-    result = None
-    if scoring:
-        r = evaluate_tokens(model, tokens, tgt_len=config.data.tgt_len, mem_len=mem_len, batch_size=1,
-                            device=engine.device)
-        result = {"eval_loss": r.loss, "eval_ppl": r.perplexity, "eval_bits_per_token": r.bits_per_token,
-                  "eval_tokens": r.n_tokens}
-    dist.barrier()
-    return result
+    dp_size = engine.layout.data
+    streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
+    local = engine.evaluate(streams, tgt_len=config.data.tgt_len, mem_len=mem_len)
+    sums = torch.tensor([local.nll_sum, float(local.n_tokens)], dtype=torch.float64, device=engine.device)
+    if dp_size > 1:
+        dist.all_reduce(sums, group=engine.dp_group)
+    r = EvalResult(nll_sum=sums[0].item(), n_tokens=int(sums[1].item()))
+    return {"eval_loss": r.loss, "eval_ppl": r.perplexity, "eval_bits_per_token": r.bits_per_token,
+            "eval_tokens": r.n_tokens}
 
 
 def export_final(run_dir: Path) -> Path:

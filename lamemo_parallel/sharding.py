@@ -1,0 +1,298 @@
+"""The sharding table: where every parameter of a LaMemo model lives under tensor and pipeline parallelism.
+
+The contract. The single-device state dict (``LaMemoModel.state_dict()``, the export format) is the
+reference: every parameter is named by its single-device name and has one *full* shape. For a tensor-parallel
+size ``tp`` and a pipeline partition ``parts`` (stage s holds decoder layers ``parts[s]``), ``sharding_table``
+says for each name
+
+* how it splits over TP ranks: ``split_dim`` (None = replicated, every TP rank holds the full tensor), the
+  size that dimension is padded to first (``padded``: the vocabulary rows of ``embedding.weight`` /
+  ``output_bias`` are padded with zeros at the end up to a multiple of ``tp``; the TP model masks the logits
+  of the padding rows to -inf and no token id reaches them, so padding never changes the model), and
+  ``blocks`` (a fused tensor made of ``blocks`` equal parts along ``split_dim``, e.g. a packed K|V
+  projection, is split block by block so that every rank gets whole heads of each part; this model has no
+  fused tensor, so ``blocks`` is 1 everywhere today). Rank r holds the r-th contiguous chunk of every block.
+  Column-parallel weights (q/k/v/r projections, ``fc1``) and ``fc1``'s bias split dimension 0 (heads /
+  inner units), row-parallel weights (``o_proj``, ``fc2``) dimension 1; the global biases u, v, v+, u+
+  [H, d_h] are split by heads (dimension 0); LayerNorms and ``fc2``'s bias are replicated.
+* which pipeline stages hold it (``stages``): a decoder layer's tensors on the stage holding the layer; the
+  tied embedding / output weight on the first and the last stage; the global biases on every stage (tied);
+  the output bias on the last stage. ``stages[0]`` is the stage that speaks for a tied tensor (its copy is
+  the one DeepSpeed's layer files and gradient-norm code count).
+
+``shard`` / ``merge`` convert between a full tensor and the TP shards of any per-parameter tensor (weights,
+gradients, Adam moments): ``merge([shard(e, full, r, tp) for r in range(tp)]) == full`` exactly.
+Names: the TP model uses the single-device names unchanged (``tp_name``). A pipeline stage names parameters
+by their position in DeepSpeed's layer list (``pipeline_name``: ``tied_modules.embedding.embedding.weight``,
+``3.layer.attn.q_proj.weight``, ...); DeepSpeed writes one file per layer position and TP rank
+(``layer_file``), whose keys are ``layer_key``. ``stage_plan`` is the layer list itself: the pipeline module
+is built from it, so the table and the module cannot disagree.
+
+Pure functions of (config, tp, parts): no process group, no torch.distributed, no model instance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LaMemoConfig
+
+#: Global biases shared by every layer (and so tied over every pipeline stage), in state-dict order.
+BIAS_NAMES = ("content_bias", "position_bias", "future_position_bias", "future_content_bias")
+#: Parameters split along the vocabulary (padded to a multiple of the TP size).
+VOCAB_PARALLEL = ("embedding.weight", "output_bias")
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """How one parameter (single-device name ``name``) is laid out over TP ranks and pipeline stages."""
+
+    name: str
+    shape: tuple[int, ...]
+    """Full (single-device, unpadded) shape."""
+    split_dim: int | None
+    """Dimension split over TP ranks; None = replicated on every TP rank."""
+    padded: int | None
+    """Size of ``split_dim`` after zero padding at the end (vocabulary rows); None when not split."""
+    blocks: int
+    """Fused tensors: equal blocks along ``split_dim``, each split separately (1 = not fused)."""
+    stages: tuple[int, ...]
+    """Pipeline stages holding a copy; ``stages[0]`` speaks for a tied tensor."""
+    init: str
+    """Initial values (spec §7): 'normal' N(0, init_std), 'normal_one' N(1, init_std) (LayerNorm gains),
+    'zeros', 'xavier_uniform'."""
+
+    @property
+    def tied(self) -> bool:
+        return len(self.stages) > 1
+
+    def local_shape(self, tp_size: int) -> tuple[int, ...]:
+        """The shape one TP rank holds."""
+        if self.split_dim is None:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.split_dim] = self.padded // tp_size
+        return tuple(shape)
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    """The vocabulary rounded up to a multiple of ``tp_size`` (every TP rank holds the same number of rows)."""
+    return -(-vocab_size // tp_size) * tp_size
+
+
+def bias_names(config: LaMemoConfig) -> list[str]:
+    """The global biases a variant has: u, v always; v+ for 3 / 32 / 33; u+ for 32."""
+    names = ["content_bias", "position_bias"]
+    if config.variant in (3, 32, 33):
+        names.append("future_position_bias")
+    if config.variant == 32:
+        names.append("future_content_bias")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- pipeline plan
+def stage_plan(n_layer: int, parts: list[range] | None = None) -> list[tuple[str, int | None]]:
+    """DeepSpeed's layer list of the whole pipeline, as (kind, decoder layer index or None) per position:
+
+        first stage   ('embedding', None)
+        every stage   ('biases', None), ('decoder', i) for i in parts[s], ('exit', None)
+        last stage    ('head', None) (the tied embedding's output use), ('output', None)
+
+    A position's index is the number in DeepSpeed's ``layer_XX`` file names and module names."""
+    parts = [range(n_layer)] if parts is None else parts
+    plan = []
+    for stage, layers in enumerate(parts):
+        if stage == 0:
+            plan.append(("embedding", None))
+        plan.append(("biases", None))
+        plan.extend(("decoder", i) for i in layers)
+        plan.append(("exit", None))
+        if stage == len(parts) - 1:
+            plan.extend([("head", None), ("output", None)])
+    return plan
+
+
+def stage_bounds(n_layer: int, parts: list[range] | None = None) -> list[int]:
+    """Index of the first layer-list position of every stage, then the list's length."""
+    parts = [range(n_layer)] if parts is None else parts
+    bounds, position = [], 0
+    for stage, layers in enumerate(parts):
+        bounds.append(position)
+        position += (stage == 0) + 1 + len(layers) + 1 + 2 * (stage == len(parts) - 1)
+    return bounds + [position]
+
+
+def _stage_of_layer(parts: list[range], layer: int) -> int:
+    for stage, layers in enumerate(parts):
+        if layer in layers:
+            return stage
+    raise ValueError(f"decoder layer {layer} is in no pipeline stage of {[list(r) for r in parts]}")
+
+
+def _check_parts(n_layer: int, parts: list[range] | None) -> list[range]:
+    parts = [range(n_layer)] if parts is None else [range(r.start, r.stop) if isinstance(r, range) else
+                                                    range(r[0], r[-1] + 1) for r in parts]
+    if [i for r in parts for i in r] != list(range(n_layer)) or min(len(r) for r in parts) < 1:
+        raise ValueError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and cover "
+                         f"layers 0..{n_layer - 1} in order")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def sharding_table(config: LaMemoConfig, tp_size: int = 1, parts: list[range] | None = None
+                   ) -> dict[str, ParamShard]:
+    """Every parameter of ``LaMemoModel(config)``, in ``state_dict()`` order, laid out for ``tp_size`` TP ranks
+    and the pipeline partition ``parts`` (default: one stage with every layer)."""
+    if tp_size < 1 or config.n_head % tp_size or config.d_inner % tp_size:
+        raise ValueError(f"n_head={config.n_head} and d_inner={config.d_inner} must be divisible by the "
+                         f"tensor-parallel size {tp_size}")
+    parts = _check_parts(config.n_layer, parts)
+    first, last, every = 0, len(parts) - 1, tuple(range(len(parts)))
+    V, d, H, dh, F = config.vocab_size, config.d_model, config.n_head, config.d_head, config.d_inner
+    table: dict[str, ParamShard] = {}
+
+    def add(name, shape, split_dim, stages, init, padded=None):
+        size = None if split_dim is None else (padded or shape[split_dim])
+        table[name] = ParamShard(name, tuple(shape), split_dim, size, 1, tuple(dict.fromkeys(stages)), init)
+
+    add("output_bias", [V], 0, [last], "zeros", padded=padded_vocab_size(V, tp_size))
+    for name in bias_names(config):
+        add(name, [H, dh], 0, every, "xavier_uniform" if name.startswith("future") else "normal")
+    add("embedding.weight", [V, d], 0, [first, last], "normal", padded=padded_vocab_size(V, tp_size))
+    for i in range(config.n_layer):
+        stage, p = [_stage_of_layer(parts, i)], f"layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "r_proj"):
+            add(p + f"attn.{proj}.weight", [H * dh, d], 0, stage, "normal")       # column: heads
+        add(p + "attn.o_proj.weight", [d, H * dh], 1, stage, "normal")            # row: heads
+        add(p + "attn.norm.weight", [d], None, stage, "normal_one")
+        add(p + "attn.norm.bias", [d], None, stage, "zeros")
+        add(p + "ff.fc1.weight", [F, d], 0, stage, "normal")                      # column: inner units
+        add(p + "ff.fc1.bias", [F], 0, stage, "zeros")
+        add(p + "ff.fc2.weight", [d, F], 1, stage, "normal")                      # row: inner units
+        add(p + "ff.fc2.bias", [d], None, stage, "zeros")                         # added once after the reduce
+        add(p + "ff.norm.weight", [d], None, stage, "normal_one")
+        add(p + "ff.norm.bias", [d], None, stage, "zeros")
+    return table
+
+
+def stage_names(table: dict[str, ParamShard], stage: int) -> list[str]:
+    """The single-device names pipeline stage ``stage`` holds (tied copies included), in table order."""
+    return [name for name, entry in table.items() if stage in entry.stages]
+
+
+# ---------------------------------------------------------------------------------------------- TP slices
+def _pad(entry: ParamShard, full: torch.Tensor) -> torch.Tensor:
+    extra = entry.padded - full.shape[entry.split_dim]
+    if extra <= 0:
+        return full
+    pad_shape = list(full.shape)
+    pad_shape[entry.split_dim] = extra
+    return torch.cat([full, full.new_zeros(pad_shape)], dim=entry.split_dim)
+
+
+def shard(entry: ParamShard, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """TP rank ``tp_rank``'s slice of ``full`` (a view where possible; the full tensor itself if replicated)."""
+    if tuple(full.shape) != entry.shape:
+        raise ValueError(f"{entry.name}: full tensor of shape {tuple(full.shape)}, expected {entry.shape}")
+    if entry.split_dim is None or tp_size == 1:
+        return full
+    dim = entry.split_dim
+    padded = _pad(entry, full)
+    blocks = padded.chunk(entry.blocks, dim=dim)
+    pieces = [b.narrow(dim, tp_rank * (b.shape[dim] // tp_size), b.shape[dim] // tp_size) for b in blocks]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def merge(entry: ParamShard, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The full tensor from every TP rank's shard, in rank order (replicated: the first rank's copy)."""
+    if entry.split_dim is None or len(shards) == 1:
+        return shards[0]
+    dim = entry.split_dim
+    per_rank = [s.chunk(entry.blocks, dim=dim) for s in shards]
+    full = torch.cat([piece for block in zip(*per_rank) for piece in block], dim=dim)
+    return full.narrow(dim, 0, entry.shape[dim])
+
+
+# ---------------------------------------------------------------------------------------------- names
+def tp_name(name: str) -> str:
+    """The name of a parameter in the tensor-parallel model: the single-device name (shapes are local)."""
+    return name
+
+
+def _plan_positions(config: LaMemoConfig, parts: list[range] | None) -> dict:
+    parts = _check_parts(config.n_layer, parts)
+    plan = stage_plan(config.n_layer, parts)
+    bounds = stage_bounds(config.n_layer, parts)
+    positions = {"biases": []}
+    for index, (kind, layer) in enumerate(plan):
+        if kind == "biases":
+            positions["biases"].append(index)
+        elif kind == "decoder":
+            positions[f"layers.{layer}"] = index
+        elif kind in ("embedding", "output"):
+            positions[kind] = index
+    positions["bounds"] = bounds
+    return positions
+
+
+def layer_locations(config: LaMemoConfig, name: str, parts: list[range] | None = None
+                    ) -> list[tuple[int, int, str]]:
+    """Where a single-device parameter lives in a pipeline: (stage, layer-list position, key inside that
+    layer's module) for every copy whose module owns the weight (the last stage's tied output weight is the
+    embedding module's, held at the first stage's position; it is not listed again)."""
+    pos = _plan_positions(config, parts)
+    n_stages = len(pos["bounds"]) - 1
+    if name == "embedding.weight":
+        return [(0, pos["embedding"], "embedding.weight")]
+    if name in BIAS_NAMES:
+        return [(s, pos["biases"][s], name) for s in range(n_stages)]
+    if name == "output_bias":
+        return [(n_stages - 1, pos["output"], "output_bias")]
+    if name.startswith("layers."):
+        layer, rest = name[len("layers."):].split(".", 1)
+        index = pos[f"layers.{layer}"]
+        stage = max(s for s in range(n_stages) if pos["bounds"][s] <= index)
+        return [(stage, index, f"layer.{rest}")]
+    raise KeyError(f"{name} is not a parameter of a LaMemo model")
+
+
+def layer_key(config: LaMemoConfig, name: str, parts: list[range] | None = None) -> tuple[int, str]:
+    """(layer-list position, key) of the copy DeepSpeed's layer files hold for ``name`` (the first stage's
+    for a tied tensor): ``layer_file(position, tp_rank)`` holds it under ``key``."""
+    _, index, key = layer_locations(config, name, parts)[0]
+    return index, key
+
+
+def pipeline_name(config: LaMemoConfig, name: str, stage: int, parts: list[range] | None = None) -> str:
+    """The name ``name`` has in pipeline stage ``stage``'s ``named_parameters()`` (DeepSpeed's module names:
+    tied modules under ``tied_modules.<key>``, others under their layer-list position)."""
+    if name == "embedding.weight":
+        return "tied_modules.embedding.embedding.weight"
+    if name in BIAS_NAMES:
+        return f"tied_modules.biases.{name}"
+    for s, index, key in layer_locations(config, name, parts):
+        if s == stage:
+            return f"{index}.{key}"
+    raise KeyError(f"{name} is not held by pipeline stage {stage}")
+
+
+def single_device_name(config: LaMemoConfig, module_name: str, parts: list[range] | None = None) -> str:
+    """Inverse of ``pipeline_name``: a stage's parameter name -> the single-device name."""
+    if module_name.startswith("tied_modules.embedding."):
+        return "embedding.weight"
+    if module_name.startswith("tied_modules.biases."):
+        return module_name[len("tied_modules.biases."):]
+    index, key = module_name.split(".", 1)
+    kind, layer = stage_plan(config.n_layer, _check_parts(config.n_layer, parts))[int(index)]
+    if kind == "decoder" and key.startswith("layer."):
+        return f"layers.{layer}.{key[len('layer.'):]}"
+    if kind == "output" and key == "output_bias":
+        return "output_bias"
+    raise KeyError(f"{module_name} is not a parameter name of a LaMemo pipeline stage")
+
+
+def layer_file(position: int, tp_rank: int) -> str:
+    """DeepSpeed's file name for layer-list ``position`` on TP rank ``tp_rank`` (PipeModelDataParallelTopology:
+    the rank representation keeps the 'model' axis only)."""
+    return f"layer_{position:02d}-model_{tp_rank:02d}-model_states.pt"
