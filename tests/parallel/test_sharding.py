@@ -139,12 +139,14 @@ def _worker(rank, world, port, out):
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
-    from pretrain.distributed import free_port
+    from helpers import free_port
     out = tmp_path_factory.mktemp("sharding")
     mp.spawn(_worker, args=(4, free_port(), str(out)), nprocs=4, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(4)]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("variant", list(PARTS))
 def test_parallel_models_hold_the_tables_slices_of_the_single_device_init(four_ranks, variant):
     config, parts = make_config(variant), PARTS[variant]

@@ -3,16 +3,16 @@ bf16 (DeepSpeed's data_types.grad_accum_dtype / communication_data_type, checked
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import ROOT, free_port
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
 from pretrain.config import load_config
 from pretrain.engine import deepspeed_config
 from pretrain.layout import Layout
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bf16_model_keeps_fp32_frequencies_and_distinct_sinusoids_for_every_distance():
@@ -67,8 +67,9 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_bf16_engine_accumulates_and_all_reduces_gradients_in_fp32(tmp_path):
-    from pretrain.distributed import free_port
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "rank0.pt")
     for zero, r in results.items():
