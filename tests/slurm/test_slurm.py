@@ -1,7 +1,7 @@
-"""The real sbatch scripts in slurm/ on a real 2-node SLURM cluster (../shared/tools/slurm-local: munged,
-slurmctld and two slurmd daemons on this machine; setup.sh installs slurm with apt on a fresh machine and
-needs root). Every job is a tiny CPU run (gloo): 2 nodes x 2 trainer processes, data parallel 4 with ZeRO-1,
-dropout on, so an exact resume needs the checkpoint's RNG states, data offset and memory.
+"""The real sbatch scripts in slurm/ on a real 2-node SLURM cluster (tools/slurm_local, started by the
+``cluster`` fixture of this folder's conftest.py: munged, slurmctld and two slurmd daemons on this machine).
+Every job is a tiny CPU run (gloo): 2 nodes x 2 trainer processes, data parallel 4 with ZeRO-1, dropout on, so
+an exact resume needs the checkpoint's RNG states, data offset and memory.
 
 Jobs are polled with `scontrol show job` (the cluster has no accounting) under bounded timeouts."""
 from __future__ import annotations
@@ -18,26 +18,14 @@ import torch
 
 from lamemo_parallel import LaMemoModel
 
-from helpers import ROOT, free_port, losses
+from helpers import ROOT, free_port, losses, subprocess_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
-SLURM_LOCAL = ROOT.parent / "shared" / "tools" / "slurm-local"
 CONFIG = "configs/tiny-cpu.yaml"
 STEPS = 80
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
         "DEADLINE"}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """2 nodes with 2 CPUs and 2 fake GPUs each (jobs get CUDA_VISIBLE_DEVICES; torch here is CPU-only)."""
-    setup = subprocess.run(["bash", str(SLURM_LOCAL / "setup.sh")], capture_output=True, text=True, timeout=900,
-                           env=dict(os.environ, SLURM_LOCAL_NODES="2", SLURM_LOCAL_CPUS="2", SLURM_LOCAL_GPUS="2"))
-    assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-4000:]
-    yield
-    stop = subprocess.run(["bash", str(SLURM_LOCAL / "stop.sh")], capture_output=True, text=True, timeout=120)
-    assert stop.returncode == 0, stop.stderr[-2000:]
 
 
 def overrides(corpus, run_dir, *extra):
@@ -52,10 +40,10 @@ def overrides(corpus, run_dir, *extra):
 def direct(corpus, tmp_path_factory):
     """The same run launched directly: one torchrun, 4 processes, no SLURM."""
     run_dir = tmp_path_factory.mktemp("direct") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "pretrain.train", "--config", CONFIG, *overrides(corpus, run_dir)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
 
