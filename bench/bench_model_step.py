@@ -5,7 +5,7 @@
 
 Default shape (issue 2): N = M = 128, d = 256, 4 layers, 8 heads, d_ff = 1024, batch 8, fp32. Both variants
 are timed in the same process, interleaved, median of the repeats, and the measured 3/0 ratio is printed next
-to the ratio predicted by the FLOP formula of spec §6 (lamemo_parallel.flops).
+to the ratio predicted by the FLOP formula of docs/method.md §6 (lamemo_parallel.flops).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def main():
         print(f"variant {v}: median {med[v] * 1e3:8.1f} ms/step  (min {min(times[v]) * 1e3:.1f}, "
               f"max {max(times[v]) * 1e3:.1f})  {flops[v] * args.batch / med[v] / 1e9:.1f} GFLOP/s")
     print(f"measured time ratio 3/0: {med[3] / med[0]:.3f}")
-    print(f"FLOP ratio 3/0 (spec §6): {flops[3] / flops[0]:.3f} with the output layer, "
+    print(f"FLOP ratio 3/0 (docs/method.md §6): {flops[3] / flops[0]:.3f} with the output layer, "
           f"{no_out[3] / no_out[0]:.3f} layer stack only")
 
 

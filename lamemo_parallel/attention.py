@@ -1,5 +1,5 @@
 """Relative multi-head attention: causal attention of the current rows (Transformer-XL) and, for LaMemo,
-look-ahead attention of the memory rows plus the interpolation with their cached state (spec §4).
+look-ahead attention of the memory rows plus the interpolation with their cached state (docs/method.md §4).
 
 Layout is batch-major: rows are [B, T, ...] with T = M + N (memory rows first). Scores are [B, H, Q, K].
 """
@@ -26,7 +26,7 @@ def statistics_dtype(activation_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class GlobalBiases:
-    """The biases shared by every layer, each [H_local, d_h] (spec §2)."""
+    """The biases shared by every layer, each [H_local, d_h] (docs/method.md §2)."""
 
     content: torch.Tensor            # u  (r_w_bias)
     position: torch.Tensor           # v  (r_r_bias)
@@ -161,7 +161,7 @@ class RelativeAttention(nn.Module):
             recorded["lookahead"] = probs.detach()
             recorded["lookahead_window"] = (start, end)
 
-        # Interpolation in float32 (spec §4, step 4): one softmax over the union of old and new keys.
+        # Interpolation in float32 (docs/method.md §4, step 4): one softmax over the union of old and new keys.
         old_vec = cached_vectors.transpose(1, 2).to(stat)                     # [B, H, M, d_h]
         old_lse = cached_lse.transpose(1, 2).to(stat)                         # [B, H, M]
         top = torch.maximum(old_lse, lse_new)

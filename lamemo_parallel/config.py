@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: The release's ``attn_type`` numbers we support (spec §5).
+#: The release's ``attn_type`` numbers we support (docs/method.md §5).
 #: 0 = Transformer-XL, 3 = LaMemo (default), 31 / 32 / 33 = ablations of the look-ahead positions.
 SUPPORTED_VARIANTS = (0, 3, 31, 32, 33)
 LOOKAHEAD_VARIANTS = (3, 31, 32, 33)

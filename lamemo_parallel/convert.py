@@ -1,4 +1,4 @@
-"""Import of a state dict saved by the paper's official release (spec §8) into our layout.
+"""Import of a state dict saved by the paper's official release (docs/method.md §8) into our layout.
 
 Only weights are mapped; the release is time-major and packs K/V (LaMemo) or Q/K/V (Transformer-XL) into one
 projection, which we split so that tensor-parallel column splits give each rank whole heads.

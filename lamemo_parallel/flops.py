@@ -1,4 +1,4 @@
-"""Multiply-add and FLOP accounting for LaMemo and Transformer-XL (spec §6).
+"""Multiply-add and FLOP accounting for LaMemo and Transformer-XL (docs/method.md §6).
 
 Counts are per segment step, for one sequence (one batch row) by default; a FLOP is 2 multiply-adds.
 Training costs 3x the forward pass (forward + two backward matmuls); with activation recompute the

@@ -32,7 +32,7 @@ def tensor_seed(init_seed: int, name: str) -> int:
 
 def full_initial_tensor(entry: ParamShard, init_seed: int, init_std: float,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The full initial value of ``entry`` (spec §7), on CPU."""
+    """The full initial value of ``entry`` (docs/method.md §7), on CPU."""
     out = torch.empty(entry.shape, dtype=dtype)
     generator = torch.Generator(device="cpu").manual_seed(tensor_seed(init_seed, entry.name))
     if entry.init == "normal":

@@ -1,4 +1,4 @@
-"""The state carried between segments (spec §3), as one typed object.
+"""The state carried between segments (docs/method.md §3), as one typed object.
 
 LaMemo (variants 3, 31, 32, 33) keeps
   * ``embeddings``      [B, M, d]        FIFO of the input embeddings (after embedding dropout),

@@ -114,7 +114,7 @@ class LaMemoModel(nn.Module):
         """One of u, v, v+, u+: [H_local, d_h]."""
         return nn.Parameter(torch.zeros(self.n_local_heads, self.config.d_head))
 
-    # ------------------------------------------------------------------ initialisation (spec §7)
+    # ------------------------------------------------------------------ initialisation (docs/method.md §7)
     def reset_parameters(self, init_seed: int | None = None) -> None:
         """Every parameter from its own seed (``init.tensor_seed(init_seed, name)``): this rank's slice of the
         full tensor the single-device model would hold."""
@@ -224,7 +224,7 @@ class LaMemoModel(nn.Module):
         return layer(z, **inputs)
 
     def _forward_lookahead(self, emb, memory, M, positions, biases, attentions):
-        """LaMemo: memory rows are recomputed at every layer from the embedding FIFO (spec §4)."""
+        """LaMemo: memory rows are recomputed at every layer from the embedding FIFO (docs/method.md §4)."""
         z = torch.cat([memory.embeddings, emb], dim=1)
         vectors, lses = [], []
         for i, layer in enumerate(self.layers):
@@ -241,7 +241,7 @@ class LaMemoModel(nn.Module):
         return z[:, M:], new_memory    # top-layer memory rows are discarded
 
     def _forward_recurrent(self, emb, memory, M, positions, biases, attentions):
-        """Transformer-XL: layer l attends to the cached input of layer l (spec §5, variant 0)."""
+        """Transformer-XL: layer l attends to the cached input of layer l (docs/method.md §5, variant 0)."""
         levels = [memory.embeddings, *memory.hidden]
         h = emb
         inputs = []

@@ -52,7 +52,7 @@ While the memory is empty the look-ahead biases are tied into the graph with a z
 parameter has a gradient on every stage (DeepSpeed's bf16 tied-gradient reduction needs one).
 
 Dropout: every dropout acts on the default generator of its stage (seed stages differently), except the
-dropout of the position table, which the spec shares between all layers: each stage redraws the same mask
+dropout of the position table, which the method shares between all layers (docs/method.md §2): each stage redraws the same mask
 from a seed that is a function of (seed, data-parallel rank, step, slot) only.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Relative positions: sinusoids, the look-ahead window and the distance tables (spec §2-§5).
+"""Relative positions: sinusoids, the look-ahead window and the distance tables (docs/method.md §2-§5).
 
 Everything here is index bookkeeping; the learned parts (W_R, the biases) live in the attention module.
 """

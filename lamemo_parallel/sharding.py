@@ -60,7 +60,7 @@ class ParamShard:
     stages: tuple[int, ...]
     """Pipeline stages holding a copy; ``stages[0]`` speaks for a tied tensor."""
     init: str
-    """Initial values (spec §7): 'normal' N(0, init_std), 'normal_one' N(1, init_std) (LayerNorm gains),
+    """Initial values (docs/method.md §7): 'normal' N(0, init_std), 'normal_one' N(1, init_std) (LayerNorm gains),
     'zeros', 'xavier_uniform'."""
 
     @property

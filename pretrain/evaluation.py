@@ -3,7 +3,7 @@
 The sequence is cut into ``batch_size`` contiguous streams (as Transformer-XL's evaluation does); every step
 feeds each stream its next ``tgt_len`` tokens with the memory of everything before. Every token is scored
 exactly once. The last segment may be shorter than ``tgt_len``: that changes the look-ahead tiling of that
-one step (spec §9.7) — harmless for perplexity, and the only way to score every token.
+one step (docs/method.md §9.7) — harmless for perplexity, and the only way to score every token.
 """
 from __future__ import annotations
 

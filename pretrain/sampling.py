@@ -1,7 +1,7 @@
-"""Text generation with memory: the prompt is fed in segments, then one token at a time (spec §7: WikiText-103
-generation uses 256-token prompt segments, mem_len 512, clamp_len 400, top-p 0.95).
+"""Text generation with memory: the prompt is fed in segments, then one token at a time (docs/method.md §7:
+WikiText-103 generation uses 256-token prompt segments, mem_len 512, clamp_len 400, top-p 0.95).
 
-One-token steps change the look-ahead tiling (spec §9.7); that is inherent to the method's generation."""
+One-token steps change the look-ahead tiling (docs/method.md §9.7); that is inherent to the method's generation."""
 from __future__ import annotations
 
 import torch

@@ -12,7 +12,7 @@
             print(format_console_line(step, {"loss": ..., "lr": ..., **meter.interval_metrics()},
                                       total_steps=cfg.run.steps))
 
-FLOPs come from :mod:`lamemo_parallel.flops` (spec §6): model FLOPs (MFU) are 3 forward passes per step,
+FLOPs come from :mod:`lamemo_parallel.flops` (docs/method.md §6): model FLOPs (MFU) are 3 forward passes per step,
 hardware FLOPs (HFU) add the layer stack's recomputed forward under activation checkpointing. The first
 ``warmup_steps`` steps the meter sees (after every start or resume: allocator warm-up, autotuning, compile)
 are excluded from every average.

@@ -1,4 +1,4 @@
-"""A deliberately naive, loop-per-position transcription of the method spec (shared/spec/lamemo-method.md),
+"""A deliberately naive, loop-per-position transcription of the method as docs/method.md states it,
 independent of the model's vectorised code: no relative shift, no gathers, one query row at a time.
 Used as the oracle for the single-device model. Eval mode only (no dropout)."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ def layer_norm(x, ln):
 
 
 class SpecModel:
-    """Runs a LaMemoModel's weights through the spec's equations, in float64."""
+    """Runs a LaMemoModel's weights through the equations of docs/method.md §4-§5, in float64."""
 
     def __init__(self, model):
         self.m = model

@@ -1,4 +1,4 @@
-"""Every shipped config loads and validates; the paper's configs have the paper's sizes (spec §7)."""
+"""Every shipped config loads and validates; the paper's configs have the paper's sizes (docs/method.md §7)."""
 import pytest
 import torch
 

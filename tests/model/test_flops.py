@@ -1,5 +1,5 @@
-"""FLOP accounting (spec §6) against a hand count, the spec's quoted figures and torch's FLOP counter; the
-throughput meter (tokens/s, TFLOP/s, MFU, HFU, warm-up) and the console line."""
+"""FLOP accounting (docs/method.md §6) against a hand count, the figures quoted there and torch's FLOP counter;
+the throughput meter (tokens/s, TFLOP/s, MFU, HFU, warm-up) and the console line."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +20,7 @@ from pretrain.throughput import (
 
 
 def hand_count(*, N, M, d, d_ff, V, L, H, lookahead, B=1):
-    """Multiply-adds of one forward call on B sequences, matmul by matmul, head by head (spec §4 / §5).
+    """Multiply-adds of one forward call on B sequences, matmul by matmul, head by head (docs/method.md §4 / §5).
 
     Shapes follow the algorithm: K/V on all M+N rows; queries, W_o and the FFN on current rows (XL) or on
     all rows (LaMemo); per head, logits and the weighted sum against the keys; the positional projection
@@ -35,7 +35,7 @@ def hand_count(*, N, M, d, d_ff, V, L, H, lookahead, B=1):
     T = M + N
     dh = d // H
     if lookahead and M > 0:
-        start, end = max(1, M - N + 1), M + 1        # the look-ahead window (spec §4 step 3)
+        start, end = max(1, M - N + 1), M + 1        # the look-ahead window (docs/method.md §4 step 3)
         W = end - start
     for _layer in range(L):
         matmul(T, d, d)                              # W_R on causal distances T-1..0
@@ -128,7 +128,7 @@ def _ratios(N, M, d, d_ff, L, V, *, with_position_projection: bool):
 
 
 def test_spec_quoted_cost_examples():
-    """Spec §6: WikiText-103 base +72 % on the layer stack, about +22 % with the 267,735-word softmax;
+    """docs/method.md §6: WikiText-103 base +72 % on the layer stack, about +22 % with the 267,735-word softmax;
     enwik8 base +65 %. Those figures come from its approximate extra cost L*M*(2d^2 + 2d*d_ff + 3N*d)
     against XL without the W_R terms; the full count (W_R included) stays within 2.5 points of them."""
     wt103 = dict(N=150, M=150, d=410, d_ff=2100, L=16, V=267_735)

@@ -1,4 +1,4 @@
-"""Properties the method promises (spec §4, §9): interpolation = one softmax over the union of keys,
+"""Properties the method promises (docs/method.md §4, §9): interpolation = one softmax over the union of keys,
 look-ahead windows tile the text, no leakage, memory shapes, gradient flow."""
 import math
 

@@ -1,4 +1,4 @@
-"""The vectorised single-device model against the loop-per-position transcription of the spec."""
+"""The vectorised single-device model against the loop-per-position transcription of docs/method.md."""
 import pytest
 import torch
 
@@ -17,7 +17,7 @@ def small_model(variant, *, pre_lnorm=False, clamp_len=-1, seed=0):
     return model
 
 
-# M = N, M < N and M > N; variant 33 requires M >= N (spec §5; see test_variant33_rejects_short_memory).
+# M = N, M < N and M > N; variant 33 requires M >= N (docs/method.md §5; see test_variant33_rejects_short_memory).
 CASES = [(v, n, m) for v in (0, 3, 31, 32, 33) for n, m in [(5, 5), (5, 3), (4, 7)] if not (v == 33 and m < n)]
 
 

@@ -110,7 +110,7 @@ def test_stage_memory_keeps_the_newest_rows_and_refuses_foreign_state():
 
 
 def test_position_dropout_mask_is_shared_by_all_stages():
-    """Spec: one positional dropout mask per step, shared by every layer, so by every pipeline stage."""
+    """docs/method.md §2: one positional dropout mask per step, shared by every layer, so by every pipeline stage."""
     from lamemo_parallel.pipeline import StageRuntime
     config = LaMemoConfig(vocab_size=11, n_layer=4, d_model=8, n_head=2, d_inner=16, dropout=0.5)
 
