@@ -134,8 +134,8 @@ def test_reshard_tensor_parallel_change_continues_exactly_without_memory(corpus,
 
 def test_reshard_tensor_to_pipeline_layout_resets_memory_and_continues(corpus, tmp_path):
     """(TP, PP, DP) = (2, 1, 2) -> (1, 2, 2), ZeRO-1: weights and Adam moments move from tensor shards to pipeline
-    stages, the memory starts empty (warned), and the loss continues within a small band of the uninterrupted
-    run's."""
+    stages, the memory starts empty (warned), and the loss continues close to the uninterrupted run's: far closer
+    than a restart from scratch would be."""
     base = ["run.steps=8", "parallel.zero_stage=1"]
     straight = launch(4, overrides(corpus, tmp_path / "straight", *base, "parallel.tensor=2"))
     assert straight.returncode == 0, straight.stderr[-4000:]
@@ -147,8 +147,10 @@ def test_reshard_tensor_to_pipeline_layout_resets_memory_and_continues(corpus, t
     assert "memory starts empty" in output
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert sorted(b) == list(range(1, 9))
+    # Within a quarter of what the run has learnt since step 1 (measured: 2-12 %; a model that lost its weights
+    # in the move would be off by about all of it: the loss moves only 5.54 -> 5.35 in these 8 steps).
     for s in range(5, 9):
-        assert abs(b[s] - a[s]) < 0.1 * a[s], (s, a[s], b[s])
+        assert abs(b[s] - a[s]) < 0.25 * (a[1] - a[s]), (s, a[s], b[s])
 
 
 def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):

@@ -103,7 +103,7 @@ def test_ddp_prefix_and_wrapped_state_dicts(tmp_path):
     good = to_official_state_dict(random_model(3))
     torch.save({"model_state_dict": {f"module.{k}": v for k, v in good.items()}}, tmp_path / "wrapped.pt")
     state = read_official_state_dict(tmp_path / "wrapped.pt")
-    assert set(state) == set(good)
+    assert set(state) == set(good) and all(torch.equal(state[k], good[k]) for k in good)
 
 
 def test_from_pretrained_names_bad_tensors(tmp_path):
