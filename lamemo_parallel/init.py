@@ -26,7 +26,7 @@ def draw_init_seed() -> int:
 
 def tensor_seed(init_seed: int, name: str) -> int:
     """A 63-bit seed that is a pure function of (init_seed, name), stable across processes and versions."""
-    digest = hashlib.sha256(f"{int(init_seed)}/{name}".encode()).digest()
+    digest = hashlib.sha256(f"lamemo-init/{int(init_seed)}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> (64 - _SEED_BITS)
 
 

@@ -96,3 +96,33 @@ def read_losses(run_dir: Path) -> list[float]:
     """Every logged loss of metrics.jsonl in order (a resumed run's repeated steps included)."""
     lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r]
+
+
+EVAL_TOKENS, EVAL_STREAMS = 300, 2
+
+
+def eval_overrides(corpus: Path) -> list[str]:
+    """Evaluate through the parallel model during the run (steps 2 and 4, where a clobbered training memory
+    would change the later losses) and at the end: ``EVAL_STREAMS`` streams per data-parallel rank."""
+    return [f"data.valid={corpus / 'train'}", f"run.eval_tokens={EVAL_TOKENS}", f"run.eval_batch_size={EVAL_STREAMS}",
+            "run.eval_interval=2"]
+
+
+def assert_eval_matches_export(run_dir: Path, corpus: Path, config, dp: int) -> None:
+    """The run's last evaluation loss equals the single-device evaluation of its export (batch = streams per
+    rank x data-parallel size) to 1e-5 relative."""
+    import pytest
+    import torch
+
+    from lamemo_parallel import LaMemoModel
+    from pretrain.data.indexed import load_tokens
+    from pretrain.evaluation import evaluate_tokens
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, config.run.steps]
+    tokens = torch.from_numpy(load_tokens(corpus / "train").astype("int64"))[:EVAL_TOKENS + 1]
+    mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
+    single = evaluate_tokens(LaMemoModel.from_pretrained(Path(run_dir) / "final"), tokens, tgt_len=config.data.tgt_len,
+                             mem_len=mem_len, batch_size=EVAL_STREAMS * dp)
+    assert evals[-1]["eval_tokens"] == single.n_tokens
+    assert evals[-1]["eval_loss"] == pytest.approx(single.loss, rel=1e-5)

@@ -16,7 +16,7 @@ from pretrain.config import load_config
 from train_reference import reference_run
 
 from helpers import BASE_STEPS as STEPS
-from helpers import ROOT, base_overrides, launch, read_losses
+from helpers import ROOT, assert_eval_matches_export, base_overrides, eval_overrides, launch, read_losses
 
 PIPELINE_LAYOUTS = {  # name: (tensor, pipeline, data, extra overrides)
     # M grows 0, 8, 16 (two activation-shape changes), 3 layers split [2, 1], 3 micro-batches, recompute on
@@ -33,7 +33,8 @@ PIPELINE_LAYOUTS = {  # name: (tensor, pipeline, data, extra overrides)
 
 
 def _run_and_reference(corpus, run_dir, tp, pp, dp, extra, monkeypatch):
-    overrides = base_overrides(corpus, run_dir) + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra]
+    overrides = base_overrides(corpus, run_dir) + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra,
+                                                   *eval_overrides(corpus)]
     monkeypatch.setenv("LAMEMO_DUMP_MEMORY", str(run_dir / "memory"))
     result = launch(tp * pp * dp, overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -67,6 +68,9 @@ def test_pipeline_matches_single_device(corpus, tmp_path, monkeypatch, name):
     assert expected["embeddings"].shape[1] == min(config.data.mem_len, STEPS * config.data.tgt_len)
     for key, tensor in expected.items():
         torch.testing.assert_close(memory[key], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"memory {key}: {m}")
+    # evaluation through the pipeline (all stages and TP ranks, DP ranks splitting the streams), with its own
+    # memory: the losses after the evaluations at steps 2 and 4 matched the reference above
+    assert_eval_matches_export(run_dir, corpus, config, dp)
 
 
 @pytest.mark.slow

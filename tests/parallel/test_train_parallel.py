@@ -18,7 +18,7 @@ from pretrain.layout import resolve_layout, split_layers
 from train_reference import reference_run
 
 from helpers import BASE_STEPS as STEPS
-from helpers import ROOT, base_overrides, launch, read_losses
+from helpers import ROOT, assert_eval_matches_export, base_overrides, eval_overrides, launch, read_losses
 
 LAYOUTS = [  # (tensor, pipeline, data, zero stage)
     (1, 1, 1, 0),
@@ -37,7 +37,7 @@ LAYOUTS = [  # (tensor, pipeline, data, zero stage)
 def test_layout_matches_single_device(corpus, tmp_path, tp, pp, dp, zero):
     run_dir = tmp_path / "run"
     overrides = base_overrides(corpus, run_dir) + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
-                                                   f"parallel.zero_stage={zero}"]
+                                                   f"parallel.zero_stage={zero}", *eval_overrides(corpus)]
     result = launch(tp * pp * dp, overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     losses = read_losses(run_dir)
@@ -52,6 +52,7 @@ def test_layout_matches_single_device(corpus, tmp_path, tp, pp, dp, zero):
     # everything else is held at 1e-5 relative.
     for name, tensor in ref_state.items():
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_eval_matches_export(run_dir, corpus, config, dp)      # evaluation through the parallel model
 
 
 def test_impossible_layouts_fail_with_one_message():
