@@ -8,6 +8,8 @@ the resolved configuration is what gets logged, checkpointed and exported.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,11 @@ class DataSection:
     """Micro-batches per optimizer step (gradient accumulation; pipeline micro-batches)."""
     roll_seed: int | None = None
     """Per-epoch random roll of the token stream as in Transformer-XL (None: no roll)."""
+    verify: str = "auto"
+    """sha256 of the token files against their meta.json at start-up (rank 0): ``auto`` when they hold at most
+    ``verify_max_gb`` together (size and index checks otherwise), ``checksum`` always, ``size`` never
+    (docs/data.md, tools/verify_data.py)."""
+    verify_max_gb: float = 4.0
 
 
 @dataclass
@@ -115,6 +122,20 @@ class RunSection:
     """Dense peak of one device in TFLOP/s for MFU (0: the default for the device kind)."""
     mlflow: bool = True
     """Log to MLflow on rank 0 (MLFLOW_TRACKING_URI, or a SQLite store in run.dir)."""
+    mlflow_connect_timeout_s: float = 60.0
+    """How long start-up keeps retrying an unreachable MLflow server before stopping with one line."""
+    overwrite: bool = False
+    """With ``resume: never`` in a directory that holds a run: move that run aside to
+    ``<dir>.replaced-<time>`` and start fresh (without it such a start is refused)."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive skipped updates (non-finite loss / gradient, or a loss spike)."""
+    spike_factor: float = 3.0
+    """A step whose loss exceeds this factor times the median of the last ``spike_window`` accepted losses
+    is skipped like a non-finite one (0 disables spike detection)."""
+    spike_window: int = 50
+    memory_check: bool = True
+    """Refuse at start-up a layout whose estimated memory per rank exceeds what the device has
+    (pretrain/preflight.py documents the estimate)."""
 
 
 @dataclass
@@ -140,6 +161,9 @@ class TrainConfig:
         data = self.to_dict()
         data["optim"]["betas"] = list(data["optim"]["betas"])
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+SECTIONS = "model, data, optim, parallel, run"
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -173,11 +197,20 @@ def _coerce(value, annotation, key: str):
         except (ValueError, yaml.YAMLError):
             raise TrainConfigError(f"{key} must be an integer, got {value!r}") from None
     if annotation is float:
+        if isinstance(value, bool):
+            raise TrainConfigError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise TrainConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise TrainConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list, tuple)):
+            raise TrainConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     if origin in (tuple, list):
         if isinstance(value, str):
@@ -194,8 +227,10 @@ def _apply(section_obj, values: dict, section: str) -> None:
     hints = typing.get_type_hints(type(section_obj))
     for key, value in values.items():
         if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"did you mean '{section}.{close[0]}'? " if close else ""
             known = ", ".join(sorted(hints))
-            raise TrainConfigError(f"unknown config key '{section}.{key}' (known: {known})")
+            raise TrainConfigError(f"unknown config key '{section}.{key}' ({hint}known: {known})")
         setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
@@ -214,7 +249,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise TrainConfigError(f"{path} must hold a mapping of sections")
         for section, values in data.items():
             if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
-                raise TrainConfigError(f"unknown config section '{section}' in {path}")
+                raise TrainConfigError(f"unknown config section '{section}' in {path} (sections: {SECTIONS})")
+            if values is None:
+                continue                    # an empty section keeps its defaults
             if not isinstance(values, dict):
                 raise TrainConfigError(f"section '{section}' in {path} must be a mapping")
             _apply(getattr(config, section), values, section)
@@ -224,33 +261,75 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
-            raise TrainConfigError(f"unknown config section '{section}' in override '{item}'")
+            raise TrainConfigError(f"unknown config section '{section}' in override '{item}' (sections: {SECTIONS})")
         _apply(getattr(config, section), {key: value}, section)
     validate(config)
     return config
 
 
 def validate(config: TrainConfig) -> None:
-    """Checks that need no process group (layout checks against the world size live in pretrain.layout)."""
+    """Every value's range (checks that need no process group, files or devices; the layout against the world
+    size lives in pretrain.layout, files and memory in pretrain.preflight). The first problem is raised."""
     m, d, o, p, r = config.model, config.data, config.optim, config.parallel, config.run
     checks = [
         (m.variant in (0, 3, 31, 32, 33), f"model.variant must be one of 0, 3, 31, 32, 33, got {m.variant}"),
-        (m.n_layer > 0 and m.d_model > 0 and m.n_head > 0 and m.d_inner > 0, "model sizes must be positive"),
-        (d.tgt_len > 0, f"data.tgt_len must be positive, got {d.tgt_len}"),
+        *[(getattr(m, k) > 0, f"model.{k} must be >= 1, got {getattr(m, k)}")
+          for k in ("n_layer", "d_model", "n_head", "d_inner")],
+        (m.d_head is None or m.d_head > 0, f"model.d_head must be null (d_model / n_head) or >= 1, got {m.d_head}"),
+        (m.d_head is not None or m.d_model % m.n_head == 0,
+         f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head} (or set model.d_head)"),
+        (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
+        (0.0 <= m.dropatt < 1.0, f"model.dropatt must be in [0, 1), got {m.dropatt}"),
+        (m.clamp_len >= -1, f"model.clamp_len must be -1 (no clamping) or >= 0, got {m.clamp_len}"),
+        (m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}"),
+        (m.vocab_size >= 0, f"model.vocab_size must be 0 (the tokenizer's) or >= 1, got {m.vocab_size}"),
+        (d.tgt_len > 0, f"data.tgt_len must be >= 1, got {d.tgt_len}"),
         (d.mem_len >= 0, f"data.mem_len must be >= 0, got {d.mem_len}"),
+        (d.eval_mem_len is None or d.eval_mem_len >= 0,
+         f"data.eval_mem_len must be null (data.mem_len) or >= 0, got {d.eval_mem_len}"),
         (not (m.variant == 33 and 0 < d.mem_len < d.tgt_len),
          "model.variant 33 needs data.mem_len >= data.tgt_len"),
-        (d.micro_batch_size > 0 and d.micro_batches > 0, "data.micro_batch_size and data.micro_batches must be > 0"),
+        (d.micro_batch_size > 0, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}"),
+        (d.micro_batches > 0, f"data.micro_batches must be >= 1, got {d.micro_batches}"),
+        (d.roll_seed is None or d.roll_seed >= 0, f"data.roll_seed must be null or >= 0, got {d.roll_seed}"),
+        (d.verify in ("auto", "checksum", "size"), f"data.verify must be auto, checksum or size, got {d.verify!r}"),
+        (d.verify_max_gb >= 0, f"data.verify_max_gb must be >= 0, got {d.verify_max_gb}"),
         (o.name in ("adam", "adamw"), f"optim.name must be adam or adamw, got {o.name!r}"),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+         f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {list(o.betas)}"),
+        (o.eps > 0, f"optim.eps must be > 0, got {o.eps}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}"),
+        (o.warmup_steps <= r.steps, f"optim.warmup_steps={o.warmup_steps} is more than run.steps={r.steps}"),
         (o.schedule in ("cosine", "constant"), f"optim.schedule must be cosine or constant, got {o.schedule!r}"),
-        (o.lr > 0 and o.clip_grad >= 0 and o.warmup_steps >= 0, "optim.lr must be > 0, clip_grad and warmup >= 0"),
-        (p.tensor > 0 and p.pipeline > 0, "parallel.tensor and parallel.pipeline must be >= 1"),
+        (0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}"),
+        (o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables clipping), got {o.clip_grad}"),
+        (p.tensor > 0, f"parallel.tensor must be >= 1, got {p.tensor}"),
+        (p.pipeline > 0, f"parallel.pipeline must be >= 1, got {p.pipeline}"),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
         (p.precision in ("fp32", "bf16", "fp16"), f"parallel.precision must be fp32, bf16 or fp16, got {p.precision!r}"),
-        (r.steps > 0, f"run.steps must be positive, got {r.steps}"),
-        (r.eval_batch_size > 0, f"run.eval_batch_size must be positive, got {r.eval_batch_size}"),
+        (r.dir.strip() != "", "run.dir must be a directory path"),
+        (r.steps > 0, f"run.steps must be >= 1, got {r.steps}"),
+        (r.eval_batch_size > 0, f"run.eval_batch_size must be >= 1, got {r.eval_batch_size}"),
+        (r.seed >= 0, f"run.seed must be >= 0, got {r.seed}"),
+        (r.log_interval >= 1, f"run.log_interval must be >= 1, got {r.log_interval}"),
+        (r.eval_interval >= 0, f"run.eval_interval must be >= 0 (0: only at the end), got {r.eval_interval}"),
+        (r.eval_tokens >= 0, f"run.eval_tokens must be >= 0 (0: the whole split), got {r.eval_tokens}"),
+        (r.save_interval >= 0, f"run.save_interval must be >= 0 (0: only at the end), got {r.save_interval}"),
+        (r.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {r.keep_checkpoints}"),
+        (r.exit_after >= 0, f"run.exit_after must be >= 0, got {r.exit_after}"),
+        (r.resume.strip() != "", "run.resume must be auto, never or a checkpoint directory"),
         (r.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {r.device!r}"),
+        (r.peak_tflops >= 0, f"run.peak_tflops must be >= 0 (0: the device's default), got {r.peak_tflops}"),
+        (r.mlflow_connect_timeout_s >= 0, f"run.mlflow_connect_timeout_s must be >= 0, got {r.mlflow_connect_timeout_s}"),
+        (r.max_bad_steps >= 1, f"run.max_bad_steps must be >= 1, got {r.max_bad_steps}"),
+        (r.spike_factor == 0 or r.spike_factor > 1,
+         f"run.spike_factor must be 0 (off) or > 1, got {r.spike_factor}"),
+        (r.spike_window >= 1, f"run.spike_window must be >= 1, got {r.spike_window}"),
     ]
     for ok, message in checks:
         if not ok:
             raise TrainConfigError(message)
+    if p.pipeline_partition is not None and any(n < 1 for n in p.pipeline_partition):
+        raise TrainConfigError(f"parallel.pipeline_partition entries must be >= 1, got {p.pipeline_partition}")

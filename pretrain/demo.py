@@ -35,11 +35,12 @@ def prepare_data(data_dir: Path, vocab_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli_args import OneLineParser, positive_int
+    parser = OneLineParser(prog="python -m pretrain.demo", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs", help="where data and the run go (default: runs/)")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500: a few minutes)")
-    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--steps", type=positive_int, default=1500, help="optimizer steps (default 1500: a few minutes)")
+    parser.add_argument("--vocab-size", type=positive_int, default=2048)
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for the trainer")
     args = parser.parse_args(argv)
 

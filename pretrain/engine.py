@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel, LaMemoMemory
 
+from . import divergence
 from .config import TrainConfig
 from .evaluation import EvalResult, evaluate_streams
 from .layout import Layout
@@ -105,6 +106,7 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(config, layout), mpu=self._mpu(), dist_init_required=False)
+        self.guard = divergence.install(optimizer, config, device)   # skips bad steps (pretrain/divergence.py)
         self.memories: list[LaMemoMemory | None] = [None] * config.data.micro_batches
         # Dropout differs across data-parallel ranks, agrees across tensor-parallel ranks (split regions
         # are forked inside the tensor-parallel model).
@@ -145,6 +147,7 @@ class Engine:
             self.engine.backward(loss)
             if slot == len(micro_batches) - 1:
                 grad_norm = self._grad_norm_before_step()
+                self.guard.arm(lambda: torch.stack([*losses, loss.detach()]).mean())
             self.engine.step()
             self.memories[slot] = out.memory
             losses.append(loss.detach())

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from lamemo_parallel import LaMemoMemory
 
+from . import divergence
 from .config import TrainConfig
 from .engine import StepResult, _quiet_deepspeed, deepspeed_config, model_config
 from .evaluation import EvalResult, segments
@@ -96,6 +97,7 @@ class PipelineEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
+        self.guard = divergence.install(optimizer, config, device)   # skips bad steps (pretrain/divergence.py)
         self._activation_rows: int | None = None
         # Dropout: different streams per data-parallel rank and per stage, the same across TP ranks (split
         # regions fork inside the layers); the position-table mask is shared by all stages (see pipeline.py).
@@ -130,6 +132,8 @@ class PipelineEngine:
         self.runtime.begin_step(self.engine.global_steps)
         self._grad_norm = None
         batches = [(x.to(self.device), y.to(self.device)) for x, y in micro_batches]
+        # The optimizer-step instruction consults the guard; the last stage holds the summed micro-batch losses.
+        self.guard.arm(lambda: (self.engine.total_loss / len(batches)) if self.engine.is_last_stage() else None)
         loss = self.engine.train_batch(data_iter=iter(batches))
         self.runtime.end_step()
         grad_norm = self._grad_norm if self._clip_here else self.engine.get_global_grad_norm()

@@ -18,11 +18,13 @@ import torch.distributed as dist
 from lamemo_parallel import ConfigError
 from lamemo_parallel.flops import StepShape
 
+from .cli_args import OneLineParser
 from .config import TrainConfig, TrainConfigError, load_config
 from .checkpoint import CheckpointError
 from .data.errors import DataError
 from .distributed import init_distributed
 from .layout import Layout, resolve_layout
+from .preflight import agree
 
 
 def log(message: str) -> None:
@@ -46,31 +48,6 @@ def init_model_parallel(layout: Layout) -> int:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tensor,
                                                  pipeline_model_parallel_size=layout.pipeline)
     return parallel_state.get_data_parallel_rank()
-
-
-def load_training_data(config: TrainConfig, layout: Layout, dp_rank: int):
-    """Tokenizer, vocabulary check and the segment-recurrent streams; every problem stops before compute."""
-    from .data.indexed import load_tokens
-    from .data.streams import SegmentStreams
-    from .data.tokenizer import check_vocab_matches, load_tokenizer
-    d = config.data
-    if not d.tokenizer:
-        raise TrainConfigError("data.tokenizer is not set (the directory written by tools/train_tokenizer.py)")
-    if not d.train:
-        raise TrainConfigError("data.train is not set (a prefix written by tools/preprocess_data.py)")
-    tokenizer = load_tokenizer(d.tokenizer)
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = tokenizer.vocab_size
-    check_vocab_matches(tokenizer, config.model.vocab_size)
-    tokens = load_tokens(d.train)
-    top = int(tokens.max()) if len(tokens) else -1
-    if top >= tokenizer.vocab_size:
-        raise TrainConfigError(f"{d.train} holds token id {top}, outside the tokenizer's vocabulary of "
-                               f"{tokenizer.vocab_size}: was it preprocessed with another tokenizer?")
-    streams = SegmentStreams(tokens, tgt_len=d.tgt_len, dp_size=layout.data, dp_rank=dp_rank,
-                             micro_batches=d.micro_batches, micro_batch_size=d.micro_batch_size,
-                             roll_seed=d.roll_seed)
-    return tokenizer, streams
 
 
 def evaluate_validation(engine, config: TrainConfig) -> dict | None:
@@ -136,37 +113,133 @@ class StopSignal:
         return bool(flag.item() > 0)
 
 
+class RunFailed(RuntimeError):
+    """A failure after start-up, already worded for the user (names the newest complete checkpoint).
+    ``exit_code``: 3 divergence, 1 anything else."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def newest_checkpoint_note(run_dir: Path) -> str:
+    from .checkpoint import find_resume_checkpoint
+    try:
+        ckpt = find_resume_checkpoint(run_dir, "auto", log=lambda *_: None)
+    except Exception:                      # the note must never hide the original failure
+        ckpt = None
+    if ckpt is None:
+        return f"no complete checkpoint in {run_dir / 'checkpoints'}"
+    return f"newest complete checkpoint: {ckpt} (the same command resumes from it)"
+
+
+def claim_run_dir(config: TrainConfig, run_dir: Path, lock) -> None:
+    """Rank 0: take the run directory's lock and apply the reuse rules (run.resume=never / run.overwrite)."""
+    from .run_lock import has_previous_run, move_previous_run_aside
+    lock.acquire(log=log)
+    if config.run.resume != "never":
+        return
+    previous = has_previous_run(run_dir)
+    if not previous:
+        return
+    if not config.run.overwrite:
+        raise TrainConfigError(f"run.dir={run_dir} already holds a run ({', '.join(previous)}) and "
+                               f"run.resume=never: set run.overwrite=true to move it aside and start fresh, "
+                               f"run.resume=auto to continue it, or choose another run.dir")
+    moved = move_previous_run_aside(run_dir)
+    log(f"run.overwrite: moved the previous run in {run_dir} to {moved}")
+
+
+def checked(action, *args, **kwargs):
+    """Run a start-up check on every rank; a problem on any rank stops all of them with one message."""
+    from .run_lock import RunLockError
+    from .tracking import TrackingError
+    result, problem = None, None
+    try:
+        result = action(*args, **kwargs)
+    except (TrainConfigError, DataError, ConfigError, CheckpointError, RunLockError, TrackingError,
+            OSError) as err:
+        problem = str(err)
+    agree(problem)
+    return result
+
+
+def dry_run(config: TrainConfig) -> int:
+    """--dry-run: every start-up check and the report, no process group, no engine, nothing written."""
+    from .data.streams import SegmentStreams
+    from .preflight import check_data, check_memory, dry_run_report, estimate_memory
+    device = resolve_device(config)
+    layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), cuda=device.type == "cuda")
+    data = check_data(config, verify_checksums=False)
+    d = config.data
+    streams = SegmentStreams(data.train, tgt_len=d.tgt_len, dp_size=layout.data, dp_rank=0,
+                             micro_batches=d.micro_batches, micro_batch_size=d.micro_batch_size,
+                             roll_seed=d.roll_seed)
+    estimate = estimate_memory(config, layout)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(dry_run_report(config, layout, estimate, streams.steps_per_epoch, device), flush=True)
+    check_memory(config, layout, device)
+    return 0
+
+
 def run(config: TrainConfig) -> Path:
+    from .run_lock import RunLock
     device = resolve_device(config)
     set_cpu_threads(device)
     rank, world = init_distributed(device)
     layout = resolve_layout(config, world, cuda=device.type == "cuda")
-    dp_rank = init_model_parallel(layout)
-    tokenizer, streams = load_training_data(config, layout, dp_rank)
     run_dir = Path(config.run.dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+    lock = RunLock(run_dir)          # held by global rank 0 for the trainer's life (pretrain/run_lock.py)
+    try:
+        checked(lambda: claim_run_dir(config, run_dir, lock) if rank == 0 else None)
+        return _run(config, device, rank, world, layout, run_dir)
+    finally:
+        lock.release()
+
+
+def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run_dir: Path) -> Path:
+    from .data.streams import SegmentStreams
+    from .preflight import check_data, check_memory
+    dp_rank = init_model_parallel(layout)
+    data = checked(check_data, config, verify_checksums=rank == 0, log=log)
+    d = config.data
+    streams = checked(SegmentStreams, data.train, tgt_len=d.tgt_len, dp_size=layout.data, dp_rank=dp_rank,
+                      micro_batches=d.micro_batches, micro_batch_size=d.micro_batch_size, roll_seed=d.roll_seed)
+    estimate = checked(check_memory, config, layout, device)
     log(f"layout: {layout.describe()}; {config.model.n_layer} layers, d_model {config.model.d_model}, "
-        f"variant {config.model.variant}; {streams.steps_per_epoch} steps per epoch")
-    stop = StopSignal()
+        f"variant {config.model.variant}; {streams.steps_per_epoch} steps per epoch; memory estimate "
+        f"{estimate.describe()}")
 
     from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+    resume_from = checked(find_resume_checkpoint, run_dir, config.run.resume, log=log)
+    if rank == 0:
+        config.save(run_dir / "config.yaml")
+    stop = StopSignal()
+
+    from .divergence import DivergenceError, prune_checkpoints, quarantine_checkpoints
     from .engine import build_engine
+    from .resume_settings import apply_changed_settings
+    from .run_lock import rewind_metrics
     from .throughput import ThroughputMeter, format_console_line, resolve_peak_tflops
     from .tracking import Tracker
     engine = build_engine(config, layout, config.model.vocab_size, device)
     log(f"model: {sum(p.numel() for p in engine.model.parameters()):,} parameters on this rank")
 
     start_step, run_id = 0, None
-    resume_from = find_resume_checkpoint(run_dir, config.run.resume, log=log)
     if resume_from is not None:
         meta = load_checkpoint(resume_from, engine=engine, streams=streams, layout=layout, log=log)
         start_step = meta["step"]
+        checked(apply_changed_settings, resume_from, config, engine, log=log)
         log(f"resumed from {resume_from} at step {start_step}")
+    if rank == 0:
+        rewound = rewind_metrics(run_dir, start_step)
+        if rewound:
+            log(f"metrics.jsonl: {rewound} record(s) past step {start_step} (trained again now) moved to "
+                f"metrics.rewound.jsonl")
 
-    tracker = Tracker(run_dir, run_name=run_dir.name, enabled=rank == 0, mlflow=config.run.mlflow)
-    run_id = tracker.start(config.flat(), resume=resume_from is not None)
+    tracker = Tracker(run_dir, run_name=run_dir.name, enabled=rank == 0, mlflow=config.run.mlflow,
+                      connect_timeout_s=config.run.mlflow_connect_timeout_s)
+    run_id = checked(tracker.start, config.flat(), resume=resume_from is not None)
     if rank == 0 and resume_from is None:
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifacts(config.data.tokenizer, "tokenizer")
@@ -178,10 +251,22 @@ def run(config: TrainConfig) -> Path:
         n_devices=world, peak_tflops=resolve_peak_tflops(config.run.peak_tflops or None, device,
                                                          config.parallel.precision),
         recompute=config.parallel.activation_checkpointing, warmup_steps=2, device=device)
+    keep = config.run.keep_checkpoints
+    guard = engine.guard.guard
+    unconfirmed = False        # the newest checkpoint's update has not yet been followed by an accepted step
 
     def checkpoint(step):
+        nonlocal unconfirmed
+        # One extra is kept until the next accepted step confirms the newest (pretrain/divergence.py).
         save_checkpoint(engine=engine, streams=streams, config=config, step=step, layout=layout,
-                        tracker_run_id=run_id, keep=config.run.keep_checkpoints, log=log)
+                        tracker_run_id=run_id, keep=keep + 1, log=log)
+        unconfirmed = True
+
+    def confirm():
+        nonlocal unconfirmed
+        if unconfirmed and rank == 0:
+            prune_checkpoints(run_dir, keep)
+        unconfirmed = False
 
     status, step = "FINISHED", start_step
     try:
@@ -189,20 +274,31 @@ def run(config: TrainConfig) -> Path:
             meter.begin()
             result = engine.train_step(streams.next_step())
             meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
-            if not math.isfinite(result.loss):
-                raise FloatingPointError(f"loss became {result.loss} at step {step}")
-            metrics = {"loss": result.loss, "ppl": math.exp(min(result.loss, 700.0)), "lr": result.lr,
-                       "grad_norm": result.grad_norm, **meter.interval_metrics(),
-                       "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds}
-            if config.run.eval_interval and step % config.run.eval_interval == 0 and step < config.run.steps:
+            verdict = engine.guard.last
+            skipped = verdict is not None and verdict.skipped
+            metrics = {"loss": result.loss, "ppl": math.exp(result.loss) if result.loss < 100 else float("inf"), "lr": result.lr, "grad_norm": result.grad_norm,
+                       **meter.interval_metrics(), "tokens_per_s": result.tokens / result.seconds,
+                       "step_time_s": result.seconds}
+            if skipped or guard.skipped_total:
+                metrics["skipped_steps"] = guard.skipped_total + (1 if skipped else 0)
+            if skipped:
+                log(f"warning: step {step} skipped ({verdict.reason}); weights unchanged "
+                    f"[{guard.consecutive + 1} in a row, run.max_bad_steps={guard.max_bad_steps}]")
+            if not skipped and config.run.eval_interval and step % config.run.eval_interval == 0 \
+                    and step < config.run.steps:
                 metrics.update(evaluate_validation(engine, config) or {})
             tracker.log_metrics(step, metrics)
+            if verdict is not None:
+                guard.record(step, verdict)        # raises DivergenceError after max_bad_steps in a row
+            if not skipped:
+                confirm()
             if step % config.run.log_interval == 0 or step == start_step + 1 or step == config.run.steps:
                 log(format_console_line(step, metrics, total_steps=config.run.steps))
             ran = step - start_step
             stopping = stop.agreed() or (config.run.exit_after and ran >= config.run.exit_after)
-            if stopping or (config.run.save_interval and step % config.run.save_interval == 0):
-                checkpoint(step)
+            interval = config.run.save_interval and step % config.run.save_interval == 0
+            if stopping or (interval and not skipped) or step == config.run.steps:
+                checkpoint(step)           # the last step's checkpoint comes before evaluation and export
             if stopping:
                 status = "KILLED"
                 log(f"stopping at step {step}" + (f" on signal {stop.received}" if stop.received else "")
@@ -212,38 +308,69 @@ def run(config: TrainConfig) -> Path:
         if final_eval:
             tracker.log_metrics(config.run.steps, final_eval)
             log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")
-        if start_step < config.run.steps and not (config.run.save_interval
-                                                  and config.run.steps % config.run.save_interval == 0):
-            checkpoint(config.run.steps)
+        confirm()
         out = export_final(run_dir)
         log(f"exported {out}")
-    except BaseException:
+    except DivergenceError as err:
         status = "FAILED"
+        note = ""
+        if rank == 0 and guard.first_bad_step is not None:
+            moved = quarantine_checkpoints(run_dir, guard.first_bad_step - 1)
+            if moved:
+                note = (f"; checkpoints written since the trouble began moved to "
+                        f"{moved[0].parent} ({', '.join(p.name for p in moved)})")
+        if dist.is_initialized():
+            dist.barrier()
+        tracker.set_tags({"lamemo.diverged_at_step": step, "lamemo.divergence": str(err)[:4000]})
+        raise RunFailed(f"{err}; nothing exported{note}; {newest_checkpoint_note(run_dir)}", exit_code=3) from None
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
         raise
+    except Exception as err:
+        status = "FAILED"
+        trace = run_dir / f"error-rank{rank}.log"
+        import traceback
+        try:
+            trace.write_text(traceback.format_exc())
+            where = f"traceback in {trace}"
+        except OSError:
+            where = "traceback not saved"
+        raise RunFailed(f"training failed at step {step} on rank {rank}: {type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:500]} ({where}); {newest_checkpoint_note(run_dir)}") from err
     finally:
         tracker.finish(status)
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m pretrain.train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, print the resolved config, parameters and memory per rank, the "
+                             "layout and steps per epoch, then exit (nothing is built or written)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tensor=2")
     args = parser.parse_args(argv)
+    code = 0
     try:
         config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(config)
         run(config)
-    except (TrainConfigError, DataError, ConfigError, CheckpointError, FileNotFoundError) as err:
-        rank = dist.get_rank() if dist.is_initialized() else 0
+    except (TrainConfigError, DataError, ConfigError, CheckpointError, OSError) as err:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 2
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        code = 2
+    except RunFailed as err:          # after start-up: printed by every rank that saw it
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; " + "the newest complete checkpoint is kept", file=sys.stderr, flush=True)
+        code = 130
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -244,7 +245,7 @@ def plot(results: list[Utilization], path: Path, *, per_layer: bool, logy: bool,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="MODEL", help="from_pretrained directories (exports)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help="prefix of a preprocessed token file (PREFIX.bin / PREFIX.idx)")
@@ -254,16 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--csv", help="CSV to write (default: the PNG's path with .csv)")
     parser.add_argument("--label", action="append", help="legend label of each MODEL, in order (repeatable)")
-    parser.add_argument("--tgt-len", type=int, default=None, help="segment length (default: the model's tgt_len)")
-    parser.add_argument("--mem-len", type=int, default=None, help="memory length (default: the model's mem_len)")
-    parser.add_argument("--batch-size", type=int, default=1, help="parallel token streams")
-    parser.add_argument("--max-tokens", type=int, default=0, help="use only the first N tokens (0: all)")
+    parser.add_argument("--tgt-len", type=positive_int, default=None, help="segment length (default: the model's tgt_len)")
+    parser.add_argument("--mem-len", type=non_negative_int, default=None, help="memory length (default: the model's mem_len)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="parallel token streams")
+    parser.add_argument("--max-tokens", type=non_negative_int, default=0, help="use only the first N tokens (0: all)")
     parser.add_argument("--per-layer", action="store_true", help="also draw one faint curve per layer")
     parser.add_argument("--linear", action="store_true", help="linear y axis (default: log)")
-    parser.add_argument("--width", type=float, default=10.0, help="inches")
-    parser.add_argument("--height", type=float, default=4.5, help="inches")
-    parser.add_argument("--dpi", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=positive_float, default=10.0, help="inches")
+    parser.add_argument("--height", type=positive_float, default=4.5, help="inches")
+    parser.add_argument("--dpi", type=positive_int, default=100)
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -20,12 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python tools/...` from the repo
 
+from pretrain.cli_args import OneLineParser  # noqa: E402
+
 from pretrain.data.cli import run_tool  # noqa: E402
 from pretrain.data.download import CORPORA, prepare, prepare_demo  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("datasets", nargs="+", choices=[*CORPORA, "demo"], metavar="DATASET",
                    help=f"one or more of: {', '.join(CORPORA)}, demo")
     p.add_argument("--out-dir", default="data", help="where <name>/ folders are written (default data)")

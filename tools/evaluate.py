@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
 import torch
 
 from lamemo_parallel import LaMemoModel
@@ -40,18 +41,18 @@ def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="from_pretrained directory (config.json + model.safetensors)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help="prefix of a preprocessed token file (PREFIX.bin / PREFIX.idx)")
     source.add_argument("--text", help="a UTF-8 text file, tokenised with the model's tokenizer (one <eos> a line)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL/tokenizer)")
-    parser.add_argument("--tgt-len", type=int, default=None, help="segment length (default: the model's tgt_len)")
-    parser.add_argument("--mem-len", type=int, default=None, help="memory length (default: the model's mem_len)")
-    parser.add_argument("--clamp-len", type=int, default=None, help="clamp relative distances (default: model's)")
-    parser.add_argument("--batch-size", type=int, default=1, help="number of parallel evaluation streams")
-    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tgt-len", type=positive_int, default=None, help="segment length (default: the model's tgt_len)")
+    parser.add_argument("--mem-len", type=non_negative_int, default=None, help="memory length (default: the model's mem_len)")
+    parser.add_argument("--clamp-len", type=clamp_len, default=None, help="clamp relative distances (default: model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="number of parallel evaluation streams")
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.max_tokens:
         tokens = tokens[:args.max_tokens]
+    if tokens.numel() < 2:
+        print(f"error: {args.tokens or args.text} gives {tokens.numel()} token(s); evaluation needs at least 2",
+              file=sys.stderr)
+        return 2
     if int(tokens.max()) >= model.config.vocab_size:
         print(f"error: token id {int(tokens.max())} is outside the model's vocabulary of {model.config.vocab_size}",
               file=sys.stderr)
@@ -71,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     tgt_len = args.tgt_len or model.config.tgt_len
     mem_len = args.mem_len if args.mem_len is not None else (model.config.mem_len if model.config.mem_len is not None
                                                              else tgt_len)
-    result = evaluate_tokens(model, tokens, tgt_len=tgt_len, mem_len=mem_len, batch_size=args.batch_size,
-                             device=args.device, progress=not args.json)
+    try:
+        result = evaluate_tokens(model, tokens, tgt_len=tgt_len, mem_len=mem_len, batch_size=args.batch_size,
+                                 device=args.device, progress=not args.json)
+    except ValueError as err:          # ConfigError too; e.g. more streams than tokens
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     report = {"tokens": result.n_tokens, "loss": result.loss, "perplexity": result.perplexity,
               "bits_per_token": result.bits_per_token, "tgt_len": tgt_len, "mem_len": mem_len,
               "clamp_len": model.config.clamp_len}

@@ -15,12 +15,13 @@ import argparse
 import sys
 
 import _bootstrap  # noqa: F401
+from pretrain.cli_args import OneLineParser
 
 from lamemo_parallel import CheckpointMismatchError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_N) or a run directory")
     parser.add_argument("out", help="output directory")
     args = parser.parse_args(argv)

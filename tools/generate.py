@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+from pretrain.cli_args import (OneLineParser, clamp_len, device, non_negative_float, non_negative_int, positive_int,
+                               probability)
 import torch
 
 from lamemo_parallel import LaMemoModel
@@ -18,19 +20,19 @@ from pretrain.sampling import generate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="from_pretrained directory")
     parser.add_argument("--prompt", required=True, help="prompt text (or @FILE to read it from a file)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL/tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=100)
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=non_negative_int, default=0)
+    parser.add_argument("--top-p", type=probability, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--segment-len", type=int, default=None, help="prompt segment length (default tgt_len)")
-    parser.add_argument("--mem-len", type=int, default=None)
-    parser.add_argument("--clamp-len", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--segment-len", type=positive_int, default=None, help="prompt segment length (default tgt_len)")
+    parser.add_argument("--mem-len", type=non_negative_int, default=None)
+    parser.add_argument("--clamp-len", type=clamp_len, default=None)
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
         from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
@@ -49,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         model.config.clamp_len = args.clamp_len
     segment_len = args.segment_len or model.config.tgt_len
     mem_len = args.mem_len if args.mem_len is not None else (model.config.mem_len or segment_len)
-    new = generate(model, torch.tensor([ids], device=args.device), max_new_tokens=args.max_new_tokens,
-                   segment_len=segment_len, mem_len=mem_len, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+    try:
+        new = generate(model, torch.tensor([ids], device=args.device), max_new_tokens=args.max_new_tokens,
+                       segment_len=segment_len, mem_len=mem_len, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
+    except ValueError as err:          # ConfigError too: a memory or segment length the model refuses
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(prompt + tokenizer.decode(new[0].tolist()))
     return 0
 

@@ -12,21 +12,22 @@ import argparse
 import sys
 
 import _bootstrap  # noqa: F401
+from pretrain.cli_args import OneLineParser, non_negative_int, positive_int
 
 from lamemo_parallel.config import ConfigError
 from lamemo_parallel.convert import OfficialImportError, import_official, read_official_state_dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="state dict file saved by the release (torch.save(model.state_dict()))")
     parser.add_argument("out", help="output directory (config.json + model.safetensors)")
     parser.add_argument("--variant", type=int, choices=[0, 3, 31, 32, 33], default=None,
                         help="attn_type; inferred from the tensors (3 and 33 are indistinguishable: default 3)")
     parser.add_argument("--pre-lnorm", action="store_true", help="the model was trained with --pre_lnorm")
     parser.add_argument("--clamp-len", type=int, default=-1, help="clamp relative distances (<= 0: off)")
-    parser.add_argument("--tgt-len", type=int, default=128, help="default segment length stored in config.json")
-    parser.add_argument("--mem-len", type=int, default=None,
+    parser.add_argument("--tgt-len", type=positive_int, default=128, help="default segment length stored in config.json")
+    parser.add_argument("--mem-len", type=non_negative_int, default=None,
                         help="default memory length stored in config.json (default: equal to the segment length)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a whole pickled model (unsafe unpickling) when SRC is not a plain state dict")

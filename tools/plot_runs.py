@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+from pretrain.cli_args import OneLineParser, positive_float, positive_int
 
 from pretrain.tracking import EMBEDDED_DB, METRICS_FILE, RUN_ID_FILE, embedded_tracking_uri
 
@@ -206,7 +207,7 @@ def plot(runs: list[RunCurves], metrics: list[str], out: Path, *, x_axis: str, w
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directory, metrics.jsonl, MLflow run id or name")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--metric", action="append", help="metric to plot, repeatable (default: loss)")
@@ -217,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                                                "directory's embedded mlflow.db)")
     parser.add_argument("--experiment", default="lamemo", help="MLflow experiment for run names")
     parser.add_argument("--x", dest="x_axis", choices=("step", "time"), default="step", help="x axis")
-    parser.add_argument("--smooth", type=int, default=1, help="moving-average window in points (raw curve faint)")
+    parser.add_argument("--smooth", type=positive_int, default=1,
+                        help="moving-average window in points (raw curve faint)")
     parser.add_argument("--logy", action="store_true", help="log-scale y axis")
     parser.add_argument("--title")
-    parser.add_argument("--width", type=float, default=8.0, help="inches")
-    parser.add_argument("--height", type=float, default=None, help="inches (default 4.5 per panel)")
-    parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("--width", type=positive_float, default=8.0, help="inches")
+    parser.add_argument("--height", type=positive_float, default=None, help="inches (default 4.5 per panel)")
+    parser.add_argument("--dpi", type=positive_int, default=100)
     args = parser.parse_args(argv)
     metrics = args.metric or ["loss"]
     try:

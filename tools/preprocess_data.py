@@ -21,13 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python tools/...` from the repo
 
+from pretrain.cli_args import OneLineParser  # noqa: E402
+
 from pretrain.data.cli import run_tool  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.indexed import preprocess, read_meta  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/.jsonl files or folders")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="a directory from tools/train_tokenizer.py")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin, .idx, .meta.json")

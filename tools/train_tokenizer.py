@@ -19,31 +19,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python tools/...` from the repo
 
+from pretrain.cli_args import OneLineParser, non_negative_int, positive_int, probability  # noqa: E402
+
 from pretrain.data.cli import run_tool  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.tokenizer import KINDS, train_tokenizer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--input", nargs="+", default=[], metavar="PATH",
                    help="training text files or folders (.xz/.gz read as is); ignored for --kind byte")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to save the tokenizer into")
     sp = p.add_argument_group("bpe / unigram (sentencepiece)")
-    sp.add_argument("--vocab-size", type=int, help="vocabulary size (default 8000)")
-    sp.add_argument("--character-coverage", type=float, help="share of characters covered (default 0.9995)")
+    sp.add_argument("--vocab-size", type=positive_int, help="vocabulary size (default 8000)")
+    sp.add_argument("--character-coverage", type=probability, help="share of characters covered (default 0.9995)")
     sp.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=None,
                     help="unknown characters become byte pieces (default on: exact round trip)")
-    sp.add_argument("--max-sentences", type=int, help="sample at most this many lines (default all)")
-    sp.add_argument("--num-threads", type=int)
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--max-sentences", type=positive_int, help="sample at most this many lines (default all)")
+    sp.add_argument("--num-threads", type=positive_int)
+    sp.add_argument("--seed", type=non_negative_int)
     sp.add_argument("--spm-option", action="append", default=[], metavar="KEY=VALUE",
                     help="any other sentencepiece trainer option, e.g. split_digits=true")
     wd = p.add_argument_group("word")
     wd.add_argument("--lowercase", action="store_true", default=None)
-    wd.add_argument("--min-freq", type=int)
-    wd.add_argument("--max-size", type=int)
+    wd.add_argument("--min-freq", type=positive_int)
+    wd.add_argument("--max-size", type=positive_int)
     p.add_argument("--user-symbols", nargs="+", default=None, metavar="SYM",
                    help="extra symbols that are always one id (<eos> is always present)")
     return p

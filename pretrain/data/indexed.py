@@ -313,8 +313,8 @@ def preprocess(
 def _is_up_to_date(prefix: PathLike, job: dict[str, Any]) -> bool:
     try:
         meta = read_meta(prefix)
-        _check_files(prefix, meta)
-    except DataError:
+        _check_files(prefix, meta, checksum=True)   # a same-size corruption must be rebuilt, not kept
+    except (DataError, KeyError, TypeError, ValueError):
         return False
     return all(meta.get(k) == v for k, v in job.items())
 

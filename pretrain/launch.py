@@ -1,0 +1,59 @@
+"""``torchrun`` that lets the trainers finish a clean stop: ``python -m pretrain.launch [torchrun args] -m pretrain.train ...``
+
+Plain torchrun answers SIGTERM by signalling its workers, giving them ``--shutdown-timeout`` seconds (30 by
+default) and then raising, so the job exits 1 with a traceback even when every trainer saved a checkpoint and
+exited 0 (and a save that takes longer than the timeout is killed half-way). This launcher is torchrun with one
+change: the first SIGTERM (or SIGUSR1) is forwarded to the trainers and the agent keeps waiting for them; the
+trainers save at the step they agree on and exit 0 (pretrain/train.py, StopSignal), so the job exits 0. A second
+SIGTERM, or SIGINT, falls back to torchrun's own shutdown. Every argument is torchrun's.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _children() -> list[int]:
+    import psutil
+    return [child.pid for child in psutil.Process().children(recursive=False)]
+
+
+def install() -> None:
+    """Replace torch.distributed.elastic's signal handler (it looks the module-level name up when it starts
+    the workers) by one that forwards the first SIGTERM / SIGUSR1."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    original = api._terminate_process_handler
+    received: set[int] = set()
+
+    def handler(signum, frame):
+        if signum in FORWARDED and signum not in received:
+            received.add(signum)
+            pids = _children()
+            print(f"[pretrain.launch] {signal.Signals(signum).name}: asking {len(pids)} trainer(s) to save a "
+                  f"checkpoint and exit (send it again to stop them at once)", file=sys.stderr, flush=True)
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            return
+        original(signum, frame)
+
+    api._terminate_process_handler = handler
+    signals = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    if "SIGUSR1" not in signals:
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = signals + ",SIGUSR1"
+
+
+def main() -> None:
+    install()
+    from torch.distributed.run import main as torchrun_main
+    torchrun_main()
+
+
+if __name__ == "__main__":
+    main()

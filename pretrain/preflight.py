@@ -1,0 +1,242 @@
+"""Checks before compute: everything about a run that can be checked without training is checked here, on
+every rank, before the engine is built, so a bad input costs seconds and never a half-done run.
+
+* the token files (train and validation): finished, not truncated, made with *this* tokenizer (fingerprint in
+  their ``meta.json``), ids inside the vocabulary, sha256 against ``meta.json`` (policy in docs/data.md:
+  ``data.verify``), long enough for the stream layout and the evaluation;
+* the memory per rank (:func:`estimate_memory`) against what the device has (:func:`available_memory`);
+* ranks agree (:func:`agree`): a problem found on any rank stops every rank with the same message.
+
+``python -m pretrain.train --dry-run`` prints :func:`dry_run_report` and exits without building anything.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig, TrainConfigError
+from .layout import Layout, split_layers
+
+GiB = 1024 ** 3
+FRAMEWORK_BYTES = int(0.6 * GiB)
+"""What torch + DeepSpeed + megatron-core take per process before any tensor (measured: 0.45 GiB RSS on CPU)."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class RunData:
+    tokenizer: object
+    train: object          # numpy memmap of the training split
+    valid: object | None   # numpy memmap of the validation split, or None
+
+
+def token_file_bytes(prefix: str) -> int:
+    from .data.indexed import _paths
+    return sum(p.stat().st_size for p in _paths(prefix)[:2] if p.is_file())
+
+
+def checksum_wanted(config: TrainConfig, prefixes: list[str]) -> bool:
+    """``data.verify``: checksum / size / auto (sha256 only when all token files together are small)."""
+    d = config.data
+    if d.verify != "auto":
+        return d.verify == "checksum"
+    return sum(token_file_bytes(p) for p in prefixes) <= d.verify_max_gb * GiB
+
+
+def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> RunData:
+    """Tokenizer and both splits, checked as described in the module docstring; raises DataError /
+    TrainConfigError naming the file and the problem."""
+    from .data.errors import DataError
+    from .data.indexed import load_tokens
+    from .data.tokenizer import check_vocab_matches, load_tokenizer
+    d = config.data
+    if not d.tokenizer:
+        raise TrainConfigError("data.tokenizer is not set (the directory written by tools/train_tokenizer.py)")
+    if not d.train:
+        raise TrainConfigError("data.train is not set (a prefix written by tools/preprocess_data.py)")
+    tokenizer = load_tokenizer(d.tokenizer)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    try:
+        check_vocab_matches(tokenizer, config.model.vocab_size)
+    except ValueError as err:
+        raise TrainConfigError(f"model.vocab_size={config.model.vocab_size}: {err}") from None
+    prefixes = [p for p in (d.train, d.valid) if p]
+    checksum = verify_checksums and checksum_wanted(config, prefixes)
+    if verify_checksums and not checksum and d.verify == "auto":
+        log(f"note: token files larger than data.verify_max_gb={d.verify_max_gb:g} GiB: sizes and index checked, "
+            f"sha256 not (run tools/verify_data.py, or set data.verify=checksum)")
+    split = {}
+    for key, prefix in (("data.train", d.train), ("data.valid", d.valid)):
+        if not prefix:
+            continue
+        try:
+            tokens = load_tokens(prefix, verify="checksum" if checksum else "size", tokenizer=tokenizer)
+        except (DataError, OSError) as err:
+            raise DataError(f"{key}={prefix}: {err}") from None
+        if len(tokens) < 2:
+            raise TrainConfigError(f"{key}={prefix} holds {len(tokens)} token(s); at least 2 are needed")
+        scored = tokens if key == "data.train" or not config.run.eval_tokens else tokens[:config.run.eval_tokens + 1]
+        top = int(scored.max())
+        if top >= config.model.vocab_size:
+            raise TrainConfigError(f"{key}={prefix} holds token id {top}, outside the vocabulary of "
+                                   f"{config.model.vocab_size}: was it preprocessed with another tokenizer?")
+        split[key] = tokens
+    return RunData(tokenizer=tokenizer, train=split["data.train"], valid=split.get("data.valid"))
+
+
+# ---------------------------------------------------------------------------------------------- memory
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank on the busiest pipeline stage (see :func:`estimate_memory` for the formula)."""
+
+    parameters: int          # parameters held by this rank (before ZeRO-3 partitioning)
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    memory_store: int
+    framework: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.memory_store
+                + self.framework)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / GiB:.2f}" for name in
+                          ("weights", "gradients", "optimizer", "activations", "memory_store", "framework"))
+        return f"{self.total / GiB:.2f} GiB per rank ({parts} GiB)"
+
+
+def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
+    """Parameters each tensor-parallel rank of each pipeline stage holds: matrices split over TP, vectors
+    counted whole (an upper bound: some biases are split too); the tied embedding sits on the first and the
+    last stage. Counted on the meta device: nothing is allocated."""
+    from .engine import model_config
+    from lamemo_parallel import LaMemoModel
+    with torch.device("meta"):
+        model = LaMemoModel(model_config(config, config.model.vocab_size))
+    per_layer = [0] * config.model.n_layer
+    shared = embedding = 0
+    for name, param in model.named_parameters():
+        count = param.numel() // layout.tensor if param.dim() >= 2 else param.numel()
+        if name.startswith("layers."):
+            per_layer[int(name.split(".")[1])] += count
+        elif name.startswith("embedding."):
+            embedding += count
+        else:
+            shared += count
+    stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
+    out = []
+    for s, layers in enumerate(stages):
+        emb = embedding if s in (0, len(stages) - 1) else 0
+        out.append(sum(per_layer[i] for i in layers) + emb + shared)
+    return out
+
+
+def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
+    """Bytes one rank needs, for the busiest pipeline stage. P = its parameters (:func:`parameters_per_stage`),
+    w = bytes per weight (4 fp32, 2 bf16/fp16), D = data-parallel size, b = micro_batch_size, N = tgt_len,
+    M = mem_len, d = d_model, H = n_head, V = vocab, L = layers on the stage, T = tensor-parallel size:
+
+    * weights P*w (/D with ZeRO-3); gradients P*4 (/D with ZeRO-2/3); Adam moments 8*P plus an fp32 master
+      copy 4*P in bf16/fp16 (/D with ZeRO-1/2/3);
+    * activations of one micro-batch and layer, after Korthikanti et al. (2022) with q = N query rows (N + M
+      for look-ahead variants, whose memory rows attend to the new tokens) and k = M + N keys:
+      b*(34*q*d + 5*H*q*k)*w/2 / T; times L (only the layer inputs b*q*d*w per layer plus one layer with
+      activation checkpointing); times the micro-batches in flight (1, or min(pipeline, micro_batches) on the
+      first stage under 1F1B); plus the logits b*N*V*4*3 / T (values, softmax, gradient) on the last stage;
+    * the memory store: per micro-batch slot and layer M*b*(2*d*w + 4*H) (embedding FIFO, C-bar, Z-bar fp32);
+    * a fixed FRAMEWORK_BYTES per process.
+
+    It is an estimate (allocator fragmentation and temporary buffers are not counted); its job is to refuse
+    what cannot fit by a wide margin (a tgt_len of 100k, a 7B model on one rank), not to plan to the byte."""
+    m, d, p = config.model, config.data, config.parallel
+    w = 4 if p.precision == "fp32" else 2
+    D, T, b, N, M = layout.data, layout.tensor, d.micro_batch_size, d.tgt_len, d.mem_len
+    lookahead = m.variant != 0
+    q, k = (N + M if lookahead else N), M + N
+    stages = split_layers(m.n_layer, layout.pipeline, p.pipeline_partition)
+    params = parameters_per_stage(config, layout)
+    best = None
+    for s, layers in enumerate(stages):
+        P, L = params[s], len(layers)
+        weights = P * w // (D if p.zero_stage == 3 else 1)
+        grads = P * 4 // (D if p.zero_stage >= 2 else 1)
+        optim = P * (8 + (4 if w == 2 else 0)) // (D if p.zero_stage >= 1 else 1)
+        per_layer = b * (34 * q * m.d_model + 5 * m.n_head * q * k) * w // 2 // T
+        if p.activation_checkpointing:
+            acts = L * b * q * m.d_model * w + per_layer
+        else:
+            acts = L * per_layer
+        in_flight = min(layout.pipeline - s, d.micro_batches) if layout.pipeline > 1 else 1
+        acts *= in_flight
+        if s == len(stages) - 1:
+            acts += b * N * m.vocab_size * 4 * 3 // T
+        store = d.micro_batches * L * M * b * (2 * m.d_model * w + 4 * m.n_head) // T
+        estimate = MemoryEstimate(P, weights, grads, optim, acts, store, FRAMEWORK_BYTES)
+        if best is None or estimate.total > best.total:
+            best = estimate
+    return best
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what) one rank may use: the GPU's free memory, or on CPU the host's available memory shared by
+    the ranks of this node (LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of GPU {torch.cuda.current_device()}"
+    import psutil
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    available = psutil.virtual_memory().available
+    return int(available // local), f"available host memory / {local} rank(s) on this node"
+
+
+def check_memory(config: TrainConfig, layout: Layout, device: torch.device) -> MemoryEstimate:
+    estimate = estimate_memory(config, layout)
+    if config.run.memory_check:
+        have, what = available_memory(device)
+        if estimate.total > have:
+            raise TrainConfigError(
+                f"this run would need about {estimate.describe()}, more than the {have / GiB:.2f} GiB "
+                f"({what}): reduce data.tgt_len / data.mem_len / data.micro_batch_size or the model, use more "
+                f"parallel.tensor / parallel.pipeline / parallel.zero_stage, or set run.memory_check=false")
+    return estimate
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+def agree(problem: str | None) -> None:
+    """Collective: raise TrainConfigError on every rank when any rank found a problem (the lowest rank's
+    message, prefixed with its rank when it was not seen everywhere), so no rank waits for another in vain."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if problem:
+            raise TrainConfigError(problem)
+        return
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    found = [(rank, p) for rank, p in enumerate(everyone) if p]
+    if not found:
+        return
+    rank, message = found[0]
+    if len(found) < len(everyone):
+        message = f"rank {rank}: {message}"
+    raise TrainConfigError(message)
+
+
+def dry_run_report(config: TrainConfig, layout: Layout, estimate: MemoryEstimate, steps_per_epoch: int,
+                   device: torch.device) -> str:
+    import yaml
+    data = config.to_dict()
+    data["optim"]["betas"] = list(data["optim"]["betas"])
+    params = parameters_per_stage(config, layout)
+    have, what = available_memory(device)
+    lines = ["resolved config:", yaml.safe_dump(data, sort_keys=False).rstrip(),
+             f"layout: {layout.describe()}",
+             "parameters per rank: " + ", ".join(f"stage {s}: {n:,}" for s, n in enumerate(params)),
+             f"memory estimate: {estimate.describe()}; {have / GiB:.2f} GiB available ({what})",
+             f"steps per epoch: {steps_per_epoch} (run.steps {config.run.steps})"]
+    return "\n".join(lines)
