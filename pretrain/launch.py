@@ -5,7 +5,9 @@ default) and then raising, so the job exits 1 with a traceback even when every t
 exited 0 (and a save that takes longer than the timeout is killed half-way). This launcher is torchrun with one
 change: the first SIGTERM (or SIGUSR1) is forwarded to the trainers and the agent keeps waiting for them; the
 trainers save at the step they agree on and exit 0 (pretrain/train.py, StopSignal), so the job exits 0. A second
-SIGTERM, or SIGINT, falls back to torchrun's own shutdown. Every argument is torchrun's.
+SIGTERM, or SIGINT, falls back to torchrun's own shutdown. A trainer that fails ends the job with its exit code
+and one line instead of torchrun's traceback (the trainer's own ``error:`` line says what happened). Every argument
+is torchrun's.
 """
 from __future__ import annotations
 
@@ -51,8 +53,16 @@ def install() -> None:
 
 def main() -> None:
     install()
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
-    torchrun_main()
+    try:
+        torchrun_main()
+    except ChildFailedError as err:
+        # The trainers said what went wrong (one ``error:`` line); torchrun's own report would add a traceback.
+        rank, failure = err.get_first_failure()
+        print(f"error: trainer rank {rank} exited with code {failure.exitcode} (its message is above)",
+              file=sys.stderr, flush=True)
+        sys.exit(failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1)
 
 
 if __name__ == "__main__":

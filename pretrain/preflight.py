@@ -56,7 +56,10 @@ def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> Run
         raise TrainConfigError("data.tokenizer is not set (the directory written by tools/train_tokenizer.py)")
     if not d.train:
         raise TrainConfigError("data.train is not set (a prefix written by tools/preprocess_data.py)")
-    tokenizer = load_tokenizer(d.tokenizer)
+    try:
+        tokenizer = load_tokenizer(d.tokenizer)
+    except (DataError, OSError) as err:
+        raise DataError(f"data.tokenizer={d.tokenizer}: {err}") from None
     if config.model.vocab_size == 0:
         config.model.vocab_size = tokenizer.vocab_size
     try:

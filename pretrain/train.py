@@ -94,15 +94,21 @@ def set_cpu_threads(device: torch.device) -> None:
 
 
 class StopSignal:
-    """SIGUSR1 / SIGTERM ask for a checkpoint and a clean exit (so a scheduler can requeue the job).
-    Ranks agree on stopping through a tiny all-reduce after each step."""
+    """SIGUSR1 / SIGTERM / a first Ctrl-C (SIGINT) ask for a checkpoint and a clean exit (so a scheduler can
+    requeue the job); a second Ctrl-C stops at once. Ranks agree on stopping through a tiny all-reduce after
+    each step."""
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("interrupt: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.received = signum
 
     def agreed(self) -> bool:
@@ -117,20 +123,37 @@ class RunFailed(RuntimeError):
     """A failure after start-up, already worded for the user (names the newest complete checkpoint).
     ``exit_code``: 3 divergence, 1 anything else."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1, every_rank: bool = True):
         super().__init__(message)
         self.exit_code = exit_code
+        self.every_rank = every_rank     # False: every rank knows it (a collective decision), rank 0 says it
 
 
 def newest_checkpoint_note(run_dir: Path) -> str:
-    from .checkpoint import find_resume_checkpoint
+    """Where the run can continue from. Not collective (a failing rank may be alone): the newest checkpoint with
+    a completion marker; resuming verifies it and falls back past a damaged one."""
+    from .checkpoint import complete_checkpoints
     try:
-        ckpt = find_resume_checkpoint(run_dir, "auto", log=lambda *_: None)
-    except Exception:                      # the note must never hide the original failure
-        ckpt = None
+        found = complete_checkpoints(run_dir)
+    except OSError:                        # the note must never hide the original failure
+        found = []
+    ckpt = found[0] if found else None
     if ckpt is None:
         return f"no complete checkpoint in {run_dir / 'checkpoints'}"
     return f"newest complete checkpoint: {ckpt} (the same command resumes from it)"
+
+
+def failure(err: BaseException, what: str, rank: int, run_dir: Path) -> RunFailed:
+    """An unexpected exception as one line; its traceback goes to ``<run.dir>/error-rank<R>.log``."""
+    import traceback
+    trace = run_dir / f"error-rank{rank}.log"
+    try:
+        trace.write_text(traceback.format_exc())
+        where = f"traceback in {trace}"
+    except OSError:
+        where = "traceback not saved"
+    return RunFailed(f"{what} on rank {rank}: {type(err).__name__}: {' '.join(str(err).split())[:500]} "
+                     f"({where}); {newest_checkpoint_note(run_dir)}")
 
 
 def claim_run_dir(config: TrainConfig, run_dir: Path, lock) -> None:
@@ -212,8 +235,7 @@ def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run
 
     from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
     resume_from = checked(find_resume_checkpoint, run_dir, config.run.resume, log=log)
-    if rank == 0:
-        config.save(run_dir / "config.yaml")
+    checked(lambda: config.save(run_dir / "config.yaml") if rank == 0 else None)
     stop = StopSignal()
 
     from .divergence import DivergenceError, prune_checkpoints, quarantine_checkpoints
@@ -222,15 +244,19 @@ def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run
     from .run_lock import rewind_metrics
     from .throughput import ThroughputMeter, format_console_line, resolve_peak_tflops
     from .tracking import Tracker
-    engine = build_engine(config, layout, config.model.vocab_size, device)
-    log(f"model: {sum(p.numel() for p in engine.model.parameters()):,} parameters on this rank")
-
     start_step, run_id = 0, None
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, engine=engine, streams=streams, layout=layout, log=log)
-        start_step = meta["step"]
-        checked(apply_changed_settings, resume_from, config, engine, log=log)
-        log(f"resumed from {resume_from} at step {start_step}")
+    try:
+        engine = build_engine(config, layout, config.model.vocab_size, device)
+        log(f"model: {sum(p.numel() for p in engine.model.parameters()):,} parameters on this rank")
+        if resume_from is not None:
+            meta = load_checkpoint(resume_from, engine=engine, streams=streams, layout=layout, log=log)
+            start_step = meta["step"]
+            checked(apply_changed_settings, resume_from, config, engine, log=log)
+            log(f"resumed from {resume_from} at step {start_step}")
+    except (TrainConfigError, DataError, ConfigError, CheckpointError):
+        raise
+    except Exception as err:
+        raise failure(err, "start-up failed", rank, run_dir) from err
     if rank == 0:
         rewound = rewind_metrics(run_dir, start_step)
         if rewound:
@@ -322,21 +348,17 @@ def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run
         if dist.is_initialized():
             dist.barrier()
         tracker.set_tags({"lamemo.diverged_at_step": step, "lamemo.divergence": str(err)[:4000]})
-        raise RunFailed(f"{err}; nothing exported{note}; {newest_checkpoint_note(run_dir)}", exit_code=3) from None
+        raise RunFailed(f"{err}; nothing exported{note}; {newest_checkpoint_note(run_dir)}", exit_code=3,
+                        every_rank=False) from None
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
+    except CheckpointError as err:      # a failed save, agreed by every rank; its message names what is left
+        status = "FAILED"
+        raise RunFailed(f"at step {step}: {err}", every_rank=False) from None
     except Exception as err:
         status = "FAILED"
-        trace = run_dir / f"error-rank{rank}.log"
-        import traceback
-        try:
-            trace.write_text(traceback.format_exc())
-            where = f"traceback in {trace}"
-        except OSError:
-            where = "traceback not saved"
-        raise RunFailed(f"training failed at step {step} on rank {rank}: {type(err).__name__}: "
-                        f"{' '.join(str(err).split())[:500]} ({where}); {newest_checkpoint_note(run_dir)}") from err
+        raise failure(err, f"training failed at step {step}", rank, run_dir) from err
     finally:
         tracker.finish(status)
     return run_dir
@@ -363,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
         code = 2
     except RunFailed as err:          # after start-up: printed by every rank that saw it
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if err.every_rank or not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         code = err.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; " + "the newest complete checkpoint is kept", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from pretrain.cli_args import OneLineParser  # noqa: E402
 from pretrain.data.cli import run_tool  # noqa: E402
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prefixes", nargs="+", metavar="PREFIX", help="token file prefixes (PREFIX.bin/.idx/.meta.json)")
     parser.add_argument("--tokenizer", metavar="DIR", help="also require this tokenizer's fingerprint")
@@ -40,5 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_tool(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(main())

@@ -322,6 +322,10 @@ def _is_up_to_date(prefix: PathLike, job: dict[str, Any]) -> bool:
 # -- reading ---------------------------------------------------------------------------------------------
 
 
+_META_FIELDS = {"dtype": str, "num_tokens": int, "vocab_size": int, "bin_sha256": str, "idx_sha256": str,
+                "tokenizer_fingerprint": str, "tokenizer_kind": str}
+
+
 def read_meta(prefix: PathLike) -> dict[str, Any]:
     """The ``<prefix>.meta.json`` of a finished preprocessing run (see the module docstring)."""
     _, _, meta_path = _paths(prefix)
@@ -334,10 +338,13 @@ def read_meta(prefix: PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{meta_path} is corrupt ({exc}); re-run tools/preprocess_data.py") from None
-    if meta.get("meta_version") != META_VERSION:
-        raise DataError(
-            f"{meta_path} has version {meta.get('meta_version')}, expected {META_VERSION}; re-run preprocessing"
-        )
+    if not isinstance(meta, dict) or meta.get("meta_version") != META_VERSION:
+        version = meta.get("meta_version") if isinstance(meta, dict) else None
+        raise DataError(f"{meta_path} has version {version}, expected {META_VERSION}; re-run preprocessing")
+    wrong = [key for key, kind in _META_FIELDS.items() if not isinstance(meta.get(key), kind)]
+    if wrong or meta["dtype"] not in ("uint16", "int32") or meta["num_tokens"] < 0:
+        raise DataError(f"{meta_path} is corrupt (missing or bad: {', '.join(wrong) or 'dtype / num_tokens'}); "
+                        "re-run tools/preprocess_data.py")
     return meta
 
 
