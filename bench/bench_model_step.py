@@ -1,16 +1,25 @@
 #!/usr/bin/env python
-"""Training-step time (forward + backward) of Transformer-XL (variant 0) against LaMemo (variant 3).
+"""LaMemo (variant 3) against Transformer-XL (variant 0), and optionally against the paper's official release.
 
-    .venv/bin/python bench/bench_model_step.py [--repeats 7] [--device cpu]
+    .venv/bin/python bench/bench_model_step.py [--repeats 9] [--device cpu]                 # training step
+    .venv/bin/python bench/bench_model_step.py --mode eval --seg-len 64 --mem-len 1024 --batch 4
+    .venv/bin/python bench/bench_model_step.py --release /path/to/LaMemo/pytorch            # + the release
 
-Default shape (issue 2): N = M = 128, d = 256, 4 layers, 8 heads, d_ff = 1024, batch 8, fp32. Both variants
-are timed in the same process, interleaved, median of the repeats, and the measured 3/0 ratio is printed next
-to the ratio predicted by the FLOP formula of docs/method.md §6 (lamemo_parallel.flops).
+Training (default, issue 2): N = M = 128, d = 256, 4 layers, 8 heads, d_ff = 1024, batch 8, fp32, forward +
+backward with a full memory. Evaluation (``--mode eval``): one segment's forward with targets under no_grad.
+All models are timed in the same process, interleaved, median of the repeats; the measured ratios are printed
+next to the multiply-add ratios of docs/method.md §6 (lamemo_parallel.flops).
+
+``--release DIR`` also times the official release's LaMemo (its ``mem_transformer.py`` in DIR, with DIR/utils,
+loaded from there: it is not part of this repository) on the same weights (``convert.to_official_state_dict``),
+and prints the largest |difference| of the per-token losses between it and ours.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,32 +29,102 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel  # noqa: E402
-from lamemo_parallel.flops import StepShape, training_flops  # noqa: E402
+from lamemo_parallel.flops import StepShape, forward_macs, training_flops  # noqa: E402
 
 
 def build(variant, args):
     torch.manual_seed(0)
     cfg = LaMemoConfig(vocab_size=args.vocab, n_layer=args.layers, d_model=args.d_model, n_head=args.heads,
                        d_inner=args.d_inner, variant=variant, tgt_len=args.seg_len, mem_len=args.mem_len)
-    return LaMemoModel(cfg).to(args.device).train()
+    model = LaMemoModel(cfg).to(args.device)
+    model.attention_backend = args.backend
+    return model.train(args.mode == "train")
 
 
-def step_time(model, tokens, memory, args):
+def sync(args):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+class Runner:
+    """One timed call = one segment's loss (forward), and its backward when training."""
+
+    model: torch.nn.Module
+    args: argparse.Namespace
+
+    def nll(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self):
+        if self.args.mode == "eval":
+            with torch.no_grad():
+                self.nll()
+        else:
+            self.nll().mean().backward()
+            self.model.zero_grad(set_to_none=True)
+
+
+class Ours(Runner):
+    """Our model."""
+
+    def __init__(self, model, tokens, args):
+        self.model, self.tokens, self.args = model, tokens, args
+        mem = None
+        with torch.no_grad():     # fill the memory to M = mem_len
+            while mem is None or mem.length < args.mem_len:
+                mem = model(tokens[:, :-1], memory=mem, mem_len=args.mem_len).memory
+        self.memory = mem
+
+    def nll(self):
+        return self.model(self.tokens[:, :-1], targets=self.tokens[:, 1:], memory=self.memory,
+                          mem_len=self.args.mem_len).nll
+
+
+class Release(Runner):
+    """The official release's MemTransformerLM on our weights (time-major [T, B])."""
+
+    def __init__(self, ours: LaMemoModel, tokens, args):
+        sys.path[:0] = [args.release, str(Path(args.release) / "utils")]
+        import mem_transformer  # noqa: the release, from the user's path
+        from lamemo_parallel.convert import to_official_state_dict
+        c = ours.config
+        self.model = mem_transformer.MemTransformerLM(
+            c.vocab_size, c.n_layer, c.n_head, c.d_model, c.d_head, c.d_inner, 0.0, 0.0, tie_weight=True,
+            d_embed=c.d_model, div_val=1, tie_projs=[False], pre_lnorm=c.pre_lnorm, tgt_len=args.seg_len,
+            ext_len=0, mem_len=args.mem_len, cutoffs=[], attn_type=c.variant, clamp_len=c.clamp_len)
+        self.model.load_state_dict(to_official_state_dict(ours), strict=False)
+        self.model.to(args.device).train(args.mode == "train")
+        self.args = args
+        self.data, self.target = tokens[:, :-1].t().contiguous(), tokens[:, 1:].t().contiguous()
+        self.mems = tuple()
+        with torch.no_grad():
+            while not self.mems or self.mems[0].shape[0] < args.mem_len:
+                self.mems = self._call()[1]
+
+    def _call(self):
+        out = self.model(self.data, self.target, *self.mems)
+        if self.model.training:                  # [loss, mem_loss, *mems]
+            return out[0], tuple(out[2:])
+        return out[0][0], tuple(out[0][1:])      # ([loss, *mems], analysis)
+
+    def nll(self):
+        return self._call()[0].t()               # [B, N]
+
+
+def timed(fn, args):
+    sync(args)
     start = time.perf_counter()
-    out = model(tokens[:, :-1], targets=tokens[:, 1:], memory=memory, mem_len=args.mem_len)
-    out.nll.mean().backward()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    model.zero_grad(set_to_none=True)
+    fn()
+    sync(args)
     return time.perf_counter() - start
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("eager", "flex"), default="eager")
     p.add_argument("--seg-len", type=int, default=128)
     p.add_argument("--mem-len", type=int, default=128)
     p.add_argument("--d-model", type=int, default=256)
@@ -54,36 +133,46 @@ def main():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=10000)
+    p.add_argument("--release", default=None, help="directory of the official release's mem_transformer.py")
     args = p.parse_args()
-    models = {v: build(v, args) for v in (0, 3)}
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seg_len + 1), generator=g).to(args.device)
-    memories = {}
-    for v, model in models.items():     # fill the memory to M = mem_len, then warm up
-        mem = None
+    models = {v: build(v, args) for v in (0, 3)}
+    runners = {"XL": Ours(models[0], tokens, args), "LaMemo": Ours(models[3], tokens, args)}
+    if args.release:
+        runners["release"] = Release(models[3], tokens, args)
         with torch.no_grad():
-            while mem is None or mem.length < args.mem_len:
-                mem = model(tokens[:, :-1], memory=mem, mem_len=args.mem_len).memory
-        memories[v] = mem
-        step_time(model, tokens, mem, args)
-    times = {0: [], 3: []}
+            diff = (runners["release"].nll() - runners["LaMemo"].nll()).abs().max().item()
+    for run in runners.values():   # warm-up
+        run()
+    times = {name: [] for name in runners}
     for _ in range(args.repeats):
-        for v in (0, 3):
-            times[v].append(step_time(models[v], tokens, memories[v], args))
-    med = {v: statistics.median(t) for v, t in times.items()}
-    flops = {v: training_flops(StepShape(args.layers, args.d_model, args.d_inner, args.vocab, args.seg_len,
-                                         args.mem_len, lookahead=v != 0)) for v in (0, 3)}
-    no_out = {v: training_flops(StepShape(args.layers, args.d_model, args.d_inner, 0, args.seg_len,
-                                          args.mem_len, lookahead=v != 0)) for v in (0, 3)}
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"N={args.seg_len} M={args.mem_len} d={args.d_model} d_ff={args.d_inner} L={args.layers} "
-          f"H={args.heads} B={args.batch} V={args.vocab} fp32 repeats={args.repeats}")
-    for v in (0, 3):
-        print(f"variant {v}: median {med[v] * 1e3:8.1f} ms/step  (min {min(times[v]) * 1e3:.1f}, "
-              f"max {max(times[v]) * 1e3:.1f})  {flops[v] * args.batch / med[v] / 1e9:.1f} GFLOP/s")
-    print(f"measured time ratio 3/0: {med[3] / med[0]:.3f}")
-    print(f"FLOP ratio 3/0 (docs/method.md §6): {flops[3] / flops[0]:.3f} with the output layer, "
-          f"{no_out[3] / no_out[0]:.3f} layer stack only")
+        for name, run in runners.items():
+            times[name].append(timed(run, args))
+    med = {name: statistics.median(t) for name, t in times.items()}
+
+    def macs(v, vocab=args.vocab):
+        shape = StepShape(args.layers, args.d_model, args.d_inner, vocab, args.seg_len, args.mem_len,
+                          lookahead=v != 0)
+        if args.mode == "eval":
+            return forward_macs(shape, include_output=vocab > 0)
+        return training_flops(shape) / 2
+
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"mode={args.mode} backend={args.backend} device={args.device} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} N={args.seg_len} M={args.mem_len} d={args.d_model} "
+          f"d_ff={args.d_inner} L={args.layers} H={args.heads} B={args.batch} V={args.vocab} fp32 "
+          f"repeats={args.repeats}")
+    print(f"load: {load}")
+    for name in runners:
+        print(f"{name:8s}: median {med[name] * 1e3:8.1f} ms  (min {min(times[name]) * 1e3:.1f}, "
+              f"max {max(times[name]) * 1e3:.1f})")
+    print(f"measured ratio LaMemo/XL: {med['LaMemo'] / med['XL']:.3f}")
+    print(f"multiply-add ratio LaMemo/XL (docs/method.md §6): {macs(3) / macs(0):.3f} with the output layer, "
+          f"{macs(3, 0) / macs(0, 0):.3f} layer stack only")
+    if args.release:
+        print(f"measured ratio LaMemo/release: {med['LaMemo'] / med['release']:.3f}  "
+              f"(max |nll difference| {diff:.2e})")
 
 
 if __name__ == "__main__":

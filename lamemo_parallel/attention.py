@@ -2,6 +2,9 @@
 look-ahead attention of the memory rows plus the interpolation with their cached state (docs/method.md §4).
 
 Layout is batch-major: rows are [B, T, ...] with T = M + N (memory rows first). Scores are [B, H, Q, K].
+Two implementations of the softmax part share the projections and the interpolation: ``eager`` (plain torch,
+the numerical reference and the CPU path) and ``flex`` (torch's FlexAttention, fused, for CUDA; see
+``fused_attention``). The masks and index tables come from ``positions.step_tables`` (cached per shape).
 """
 from __future__ import annotations
 
@@ -12,16 +15,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .positions import causal_mask, lookahead_distances, lookahead_future_mask, lookahead_window, relative_shift
+from .positions import lookahead_position_scores, relative_shift, step_tables
+from .softmax import softmax_with_lse, statistics_dtype
+
+__all__ = ["ATTENTION_BACKENDS", "AttentionResult", "GlobalBiases", "PositionEncodings", "RelativeAttention",
+           "statistics_dtype"]
 
 #: Added to the interpolation's denominator, exactly as in the paper's release.
 INTERPOLATION_EPS = 1e-6
-
-
-def statistics_dtype(activation_dtype: torch.dtype) -> torch.dtype:
-    """Z-bar / Z+ and the interpolation run in float32 whatever the activations (bf16, fp16), or in
-    float64 for a float64 model (so that float64 checks stay float64)."""
-    return torch.promote_types(activation_dtype, torch.float32)
+#: ``eager``: plain torch (reference, CPU); ``flex``: FlexAttention (CUDA; forward also runs on CPU, unfused).
+ATTENTION_BACKENDS = ("eager", "flex")
 
 
 @dataclass
@@ -39,19 +42,13 @@ class PositionEncodings:
     """Sinusoids of one step, shared by every layer (dropout already applied once), each [rows, d].
 
     ``causal`` holds distances T-1, ..., 0 (row r = distance T-1-r). ``lookahead`` is the table the memory
-    queries score against: distances 1..M (variants 3 / 32), -1..-M (31), or M-1..0 followed by 1..M (33);
-    ``lookahead_index(i, p)`` tells which row serves memory row i and key p.
+    queries score against, in the order of ``positions.lookahead_table_distances``: distances 1..M (variants
+    3 / 32), -1..-M (31), or M-1..0 followed by 1..M (33).
     """
 
     causal: torch.Tensor
     lookahead: torch.Tensor | None
     variant: int
-
-    def lookahead_index(self, mem_len: int, start: int, end: int, device) -> torch.Tensor:
-        delta = lookahead_distances(mem_len, start, end, device=device)     # p - i
-        if self.variant == 33:
-            return delta + (mem_len - 1)           # rows M-1..0 are distances M-1..0, rows M.. are 1..M
-        return (delta - 1).clamp(min=0)            # row k is distance k + 1; p <= i is masked anyway
 
 
 class AttentionResult(NamedTuple):
@@ -77,6 +74,8 @@ class RelativeAttention(nn.Module):
         self.pre_lnorm = pre_lnorm
         self.lookahead = lookahead
         self.variant = variant
+        #: Which softmax implementation runs (one of ATTENTION_BACKENDS); the model sets it on every layer.
+        self.backend = "eager"
         inner = n_head * d_head
         # Separate K and V projections (the release packs them) so that a column split gives each
         # tensor-parallel rank whole heads of both.
@@ -104,25 +103,39 @@ class RelativeAttention(nn.Module):
         M = mem_len
         T = z.shape[1]
         N = T - M
+        tables = step_tables(M, N, self.variant if self.lookahead else 0, z.device)
+        # The fused path has no attention-probability dropout and returns no probabilities: such a call runs eager.
+        dropatt_active = self.dropatt.p > 0 and self.training
+        fused = self.backend == "flex" and not return_probs and not dropatt_active
+        if fused and z.device.type == "cpu" and torch.is_grad_enabled() and z.requires_grad:
+            raise RuntimeError("the 'flex' attention backend has no backward pass on CPU (torch 2.13): "
+                               "train on CPU with attention_backend='eager'")
         zn = self.norm(z) if self.pre_lnorm else z
         query_rows = zn if self.lookahead else zn[:, M:]
         q = self._heads(self.q_proj(query_rows))             # [B, H, Tq, d_h]
         k = self._heads(self.k_proj(zn))                     # [B, H, T, d_h]
         v = self._heads(self.v_proj(zn))
         r_causal = self.r_proj(positions.causal).view(T, self.n_local_heads, self.d_head)
+        recorded = {} if return_probs else None
 
         # ---- causal attention of the current rows (exactly Transformer-XL) ---------------------------
         q_cur = q[:, :, M:] if self.lookahead else q
-        content = torch.einsum("bhid,bhjd->bhij", q_cur + biases.content[:, None], k)
-        position = torch.einsum("bhid,jhd->bhij", q_cur + biases.position[:, None], r_causal)
-        scores = (content + relative_shift(position)) * self.scale
-        allowed = causal_mask(N, M, device=z.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        stat = statistics_dtype(scores.dtype)
-        lse_cur = torch.logsumexp(scores.to(stat), dim=-1)                     # Z_t, [B, H, N]
-        probs = torch.softmax(scores, dim=-1)
-        vec_cur = torch.matmul(self.dropatt(probs), v)                          # c_t, [B, H, N, d_h]
-        recorded = {"causal": probs.detach()} if return_probs else None
+        # The scale is folded into the (small) queries rather than applied to the [N, T] scores.
+        content_q = (q_cur + biases.content[:, None]) * self.scale
+        position = torch.matmul((q_cur + biases.position[:, None]) * self.scale, r_causal.permute(1, 2, 0))
+        if fused:
+            from .fused_attention import causal_attention
+            vec_cur, lse_cur = causal_attention(content_q, k, v, position, M)
+        else:
+            scores = torch.matmul(content_q, k.transpose(-1, -2)).add_(relative_shift(position))
+            scores = scores.masked_fill_(tables.causal_blocked, float("-inf"))
+            if self.lookahead:
+                probs, lse_cur = softmax_with_lse(scores)                  # Z_t, [B, H, N]
+            else:
+                probs = torch.softmax(scores, dim=-1)
+            vec_cur = torch.matmul(self.dropatt(probs), v)                  # c_t, [B, H, N, d_h]
+            if recorded is not None:
+                recorded["causal"] = probs.detach()
 
         if not self.lookahead:
             out = self._project(vec_cur, z[:, M:])
@@ -130,8 +143,8 @@ class RelativeAttention(nn.Module):
 
         # ---- look-ahead attention of the memory rows + interpolation ---------------------------------
         if M > 0:
-            vec_mem, lse_prev = self._lookahead(q[:, :, :M], k, v, M, N, positions, biases,
-                                                cached_vectors, cached_log_normalizers, recorded)
+            vec_mem, lse_prev = self._lookahead(q[:, :, :M], k, v, tables.lookahead, positions, biases,
+                                                cached_vectors, cached_log_normalizers, recorded, fused)
             vectors = torch.cat([vec_mem, vec_cur], dim=2)
             lse = torch.cat([lse_prev, lse_cur], dim=2)
         else:
@@ -139,29 +152,29 @@ class RelativeAttention(nn.Module):
         out = self._project(vectors, z)
         return AttentionResult(out, vectors.transpose(1, 2), lse.transpose(1, 2), recorded)
 
-    def _lookahead(self, q_mem, k, v, M, N, positions, biases, cached_vectors, cached_lse, recorded):
-        start, end = lookahead_window(M, N)
-        k_win, v_win = k[:, :, start:end], v[:, :, start:end]
+    def _lookahead(self, q_mem, k, v, plan, positions, biases, cached_vectors, cached_lse, recorded, fused):
+        k_win, v_win = k[:, :, plan.start:plan.end], v[:, :, plan.start:plan.end]
         content_bias = biases.future_content if biases.future_content is not None else biases.content
         position_bias = biases.position if self.variant == 31 else biases.future_position
         r_table = self.r_proj(positions.lookahead).view(-1, self.n_local_heads, self.d_head)
-        content = torch.einsum("bhid,bhjd->bhij", q_mem + content_bias[:, None], k_win)
-        by_row = torch.einsum("bhid,rhd->bhir", q_mem + position_bias[:, None], r_table)
-        index = positions.lookahead_index(M, start, end, q_mem.device)          # [M, W]
-        position = torch.gather(by_row, 3, index.expand(*by_row.shape[:2], -1, -1))
-        scores = (content + position) * self.scale
-        if self.variant != 33:   # 33 is the 'full look-ahead' ablation: the same window, no strict-future mask
-            allowed = lookahead_future_mask(M, start, end, device=q_mem.device)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        stat = statistics_dtype(scores.dtype)
-        lse_new = torch.logsumexp(scores.to(stat), dim=-1)                    # Z+, [B, H, M], not detached
-        probs = torch.softmax(scores, dim=-1)
-        vec_new = torch.matmul(self.dropatt(probs), v_win)                    # a_i, [B, H, M, d_h]
+        content_q = (q_mem + content_bias[:, None]) * self.scale
+        position = lookahead_position_scores((q_mem + position_bias[:, None]) * self.scale, r_table, plan)
+        if fused:
+            from .fused_attention import lookahead_attention
+            vec_new, lse_new = lookahead_attention(content_q, k_win, v_win, position, plan)
+        else:
+            scores = torch.matmul(content_q, k_win.transpose(-1, -2)).add_(position)       # [B, H, M, W]
+            if plan.future_blocked is not None:   # 33 (full look-ahead ablation): same window, no future mask
+                scores = scores.masked_fill_(plan.future_blocked, float("-inf"))
+            probs, lse_new = softmax_with_lse(scores)                         # Z+, [B, H, M], not detached
+            vec_new = torch.matmul(self.dropatt(probs), v_win)                # a_i, [B, H, M, d_h]
+            if recorded is not None:
+                recorded["lookahead"] = probs.detach()
         if recorded is not None:
-            recorded["lookahead"] = probs.detach()
-            recorded["lookahead_window"] = (start, end)
+            recorded["lookahead_window"] = (plan.start, plan.end)
 
         # Interpolation in float32 (docs/method.md §4, step 4): one softmax over the union of old and new keys.
+        stat = lse_new.dtype
         old_vec = cached_vectors.transpose(1, 2).to(stat)                     # [B, H, M, d_h]
         old_lse = cached_lse.transpose(1, 2).to(stat)                         # [B, H, M]
         top = torch.maximum(old_lse, lse_new)

@@ -21,6 +21,20 @@ from safetensors.torch import load_file, save_file
 _FORMAT = "lamemo-memory-v1"
 
 
+def compact_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is contiguous and owns its whole storage, else a compact copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def newest_rows(old: torch.Tensor, new: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The newest ``n_rows`` rows (dim 1) of [old; new] without building the whole concatenation."""
+    if n_rows <= new.shape[1]:
+        return new[:, new.shape[1] - n_rows:]
+    return torch.cat([old[:, max(0, old.shape[1] - (n_rows - new.shape[1])):], new], dim=1)
+
+
 class MemoryMismatchError(ValueError):
     """A memory that does not fit the model or the batch it is used with."""
 
@@ -111,6 +125,11 @@ class LaMemoMemory:
 
     def clone(self) -> "LaMemoMemory":
         return self._map(lambda t: t.clone())
+
+    def compact(self) -> "LaMemoMemory":
+        """Every tensor in storage of its own size: a view into a larger tensor (the M+N rows of a step) is
+        copied, so that a memory of M rows keeps M rows alive, not M+N."""
+        return self._map(compact_tensor)
 
     @staticmethod
     def concat_rows(parts: list["LaMemoMemory"]) -> "LaMemoMemory":

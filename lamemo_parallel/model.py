@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import GlobalBiases, PositionEncodings, statistics_dtype
+from .attention import ATTENTION_BACKENDS, GlobalBiases, PositionEncodings, statistics_dtype
 from .config import ConfigError, LaMemoConfig
 from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
 from .linear import PlainLinears
-from .memory import LaMemoMemory
-from .positions import clamp_distances, inverse_frequencies, sinusoid
+from .memory import LaMemoMemory, newest_rows
+from .positions import clamp_distances, inverse_frequencies, lookahead_table_distances, sinusoid
 from .sharding import sharding_table
 
 WEIGHTS_NAME = "model.safetensors"
@@ -123,6 +123,19 @@ class LaMemoModel(nn.Module):
         initialise_parameters(dict(self.named_parameters()), sharding_table(self.config, tp_size),
                               init_seed=init_seed, init_std=self.config.init_std, tp_rank=tp_rank, tp_size=tp_size)
 
+    # ------------------------------------------------------------------ attention implementation
+    @property
+    def attention_backend(self) -> str:
+        """``eager`` (plain torch: the reference, and the CPU path) or ``flex`` (FlexAttention, for CUDA)."""
+        return self.layers[0].attn.backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+        for layer in self.layers:
+            layer.attn.backend = name
+
     # ------------------------------------------------------------------ memory
     def empty_memory(self, batch_size: int, device=None, dtype=None) -> LaMemoMemory:
         c = self.config
@@ -167,17 +180,10 @@ class LaMemoModel(nn.Module):
         distances = [torch.arange(T - 1, -1, -1.0, device=device)]
         n_ahead = 0
         if c.uses_lookahead and mem_len > 0:
-            if c.variant == 33:
-                if mem_len < seg_len:
-                    raise ConfigError(f"variant 33 (full look-ahead) needs mem_len >= tgt_len once memory is "
-                                      f"non-empty; got M={mem_len} < N={seg_len}")
-                # The table for signed distances: M-1..0 (past and self) then 1..M (future), magnitudes.
-                ahead = torch.cat([torch.arange(mem_len - 1, -1, -1.0, device=device),
-                                   torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)])
-            elif c.variant == 31:
-                ahead = -torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)
-            else:
-                ahead = torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)
+            if c.variant == 33 and mem_len < seg_len:
+                raise ConfigError(f"variant 33 (full look-ahead) needs mem_len >= tgt_len once memory is "
+                                  f"non-empty; got M={mem_len} < N={seg_len}")
+            ahead = lookahead_table_distances(mem_len, c.variant, device=device)
             distances.append(ahead)
             n_ahead = ahead.numel()
         table = sinusoid(clamp_distances(torch.cat(distances), c.clamp_len), self.inv_freq).to(dtype)
@@ -188,7 +194,8 @@ class LaMemoModel(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 memory: LaMemoMemory | None = None, *, mem_len: int | None = None,
                 return_logits: bool = False, return_hidden: bool = False,
-                return_attention: bool = False) -> LaMemoOutput:
+                return_attention: bool = False, last_logits_only: bool = False) -> LaMemoOutput:
+        """``last_logits_only``: logits of the last position only ([B, 1, V]; what generation samples from)."""
         c = self.config
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
@@ -207,14 +214,16 @@ class LaMemoModel(nn.Module):
         attentions = [] if return_attention else None
 
         if c.uses_lookahead:
-            hidden, new_memory = self._forward_lookahead(emb, memory, M, positions, biases, attentions)
+            hidden, new_memory = self._forward_lookahead(emb, memory, M, positions, biases, attentions, mem_len)
         else:
-            hidden, new_memory = self._forward_recurrent(emb, memory, M, positions, biases, attentions)
+            hidden, new_memory = self._forward_recurrent(emb, memory, M, positions, biases, attentions, mem_len)
         hidden = self.drop(hidden)
-        new_memory = new_memory.last(mem_len).detach() if mem_len > 0 else self.empty_memory(B)
+        new_memory = new_memory.detach().compact() if mem_len > 0 else self.empty_memory(B)
 
         nll = self.token_nll(hidden, targets) if targets is not None else None
-        logits = self.logits(hidden) if (return_logits or targets is None) else None
+        logits = None
+        if return_logits or targets is None:
+            logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
         return LaMemoOutput(nll=nll, memory=new_memory, logits=logits,
                             hidden=hidden if return_hidden else None, attentions=attentions)
 
@@ -223,7 +232,7 @@ class LaMemoModel(nn.Module):
             return checkpoint(layer, z, use_reentrant=False, **inputs)
         return layer(z, **inputs)
 
-    def _forward_lookahead(self, emb, memory, M, positions, biases, attentions):
+    def _forward_lookahead(self, emb, memory, M, positions, biases, attentions, mem_len):
         """LaMemo: memory rows are recomputed at every layer from the embedding FIFO (docs/method.md §4)."""
         z = torch.cat([memory.embeddings, emb], dim=1)
         vectors, lses = [], []
@@ -232,15 +241,16 @@ class LaMemoModel(nn.Module):
                            cached_vectors=memory.vectors[i], cached_log_normalizers=memory.log_normalizers[i],
                            return_probs=attentions is not None)
             z = result.output
-            vectors.append(result.vectors)
-            lses.append(result.log_normalizers)
+            keep = result.vectors.shape[1] - min(mem_len, result.vectors.shape[1])
+            vectors.append(result.vectors[:, keep:])
+            lses.append(result.log_normalizers[:, keep:])
             if attentions is not None:
                 attentions.append(result.probs)
-        new_memory = LaMemoMemory(embeddings=torch.cat([memory.embeddings, emb], dim=1),
+        new_memory = LaMemoMemory(embeddings=newest_rows(memory.embeddings, emb, mem_len),
                                   vectors=vectors, log_normalizers=lses)
         return z[:, M:], new_memory    # top-layer memory rows are discarded
 
-    def _forward_recurrent(self, emb, memory, M, positions, biases, attentions):
+    def _forward_recurrent(self, emb, memory, M, positions, biases, attentions, mem_len):
         """Transformer-XL: layer l attends to the cached input of layer l (docs/method.md §5, variant 0)."""
         levels = [memory.embeddings, *memory.hidden]
         h = emb
@@ -252,7 +262,7 @@ class LaMemoModel(nn.Module):
             h = result.output
             if attentions is not None:
                 attentions.append(result.probs)
-        stacked = [torch.cat([old, new], dim=1) for old, new in zip(levels, inputs)]
+        stacked = [newest_rows(old, new, mem_len) for old, new in zip(levels, inputs)]
         return h, LaMemoMemory(embeddings=stacked[0], hidden=stacked[1:])
 
     # ------------------------------------------------------------------ persistence

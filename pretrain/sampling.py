@@ -1,7 +1,9 @@
-"""Text generation with memory: the prompt is fed in segments, then one token at a time (docs/method.md §7:
-WikiText-103 generation uses 256-token prompt segments, mem_len 512, clamp_len 400, top-p 0.95).
+"""Text generation with memory: the prompt is fed in segments, then one token at a time (docs/method.md §7: WikiText-103
+generation uses 256-token prompt segments, mem_len 512, clamp_len 400, top-p 0.95).
 
-One-token steps change the look-ahead tiling (docs/method.md §9.7); that is inherent to the method's generation."""
+One-token steps change the look-ahead tiling (docs/method.md §9.7); that is inherent to the method's generation.
+Only the logits sampled from are computed: the last position of each prompt segment and of each new token
+(the output layer is the largest matmul of a step when the vocabulary is large)."""
 from __future__ import annotations
 
 import torch
@@ -37,7 +39,7 @@ def generate(model, prompt: torch.Tensor, *, max_new_tokens: int, segment_len: i
         generator.manual_seed(seed)
     memory, logits = None, None
     for start in range(0, prompt.shape[1], segment_len):
-        out = model(prompt[:, start:start + segment_len], memory=memory, mem_len=mem_len)
+        out = model(prompt[:, start:start + segment_len], memory=memory, mem_len=mem_len, last_logits_only=True)
         memory, logits = out.memory, out.logits[:, -1]
     produced = []
     for _ in range(max_new_tokens):
@@ -49,6 +51,6 @@ def generate(model, prompt: torch.Tensor, *, max_new_tokens: int, segment_len: i
         produced.append(token)
         if stop_token is not None and bool((token == stop_token).all()):
             break
-        out = model(token, memory=memory, mem_len=mem_len)
+        out = model(token, memory=memory, mem_len=mem_len, last_logits_only=True)
         memory, logits = out.memory, out.logits[:, -1]
     return torch.cat(produced, dim=1)
