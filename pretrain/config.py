@@ -90,6 +90,19 @@ class ParallelSection:
     precision: str = "fp32"
     """fp32, bf16, or fp16 (GPU only, dynamic loss scaling). Z-bar stays float32 in every mode."""
     activation_checkpointing: bool = False
+    attention_backend: str = "auto"
+    """The attention's softmax part: auto (flex on CUDA, eager on CPU), eager (plain torch, the reference) or
+    flex (torch's FlexAttention, fused; CUDA for training). See lamemo_parallel/attention.py."""
+    overlap_comm: bool = True
+    """Overlap ZeRO's gradient reduction (and ZeRO-3's parameter all-gathers) with the backward / forward
+    compute, bucket by bucket (DeepSpeed ``overlap_comm`` + ``contiguous_gradients``; Megatron's
+    overlap_grad_reduce / overlap_param_gather). Applies on GPUs with zero_stage >= 1 (bf16 runs as stage 1 at
+    least). Tensor parallelism overlaps its input-gradient all-reduce with the weight-gradient matmul by itself
+    (megatron-core), given CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment (the SLURM launch sets it)."""
+    reduce_bucket_size: int = 200_000_000
+    """Elements per gradient-reduction bucket: smaller buckets start communicating earlier in the backward."""
+    allgather_bucket_size: int = 200_000_000
+    """Elements per parameter all-gather bucket (ZeRO 1/2 after the step, ZeRO-3 prefetch)."""
     pipeline_partition: list[int] | None = None
     """Layers per pipeline stage (default: split evenly)."""
 
@@ -309,6 +322,10 @@ def validate(config: TrainConfig) -> None:
         (p.pipeline > 0, f"parallel.pipeline must be >= 1, got {p.pipeline}"),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
         (p.precision in ("fp32", "bf16", "fp16"), f"parallel.precision must be fp32, bf16 or fp16, got {p.precision!r}"),
+        (p.attention_backend in ("auto", "eager", "flex"),
+         f"parallel.attention_backend must be auto, eager or flex, got {p.attention_backend!r}"),
+        (p.reduce_bucket_size > 0 and p.allgather_bucket_size > 0,
+         "parallel.reduce_bucket_size and parallel.allgather_bucket_size must be > 0"),
         (r.dir.strip() != "", "run.dir must be a directory path"),
         (r.steps > 0, f"run.steps must be >= 1, got {r.steps}"),
         (r.eval_batch_size > 0, f"run.eval_batch_size must be >= 1, got {r.eval_batch_size}"),

@@ -28,18 +28,42 @@ def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
 
 def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
     d, p = config.data, config.parallel
+    precision = precision_config(p.precision, p.zero_stage)
     return {
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
         "gradient_accumulation_steps": d.micro_batches,
         "train_batch_size": d.micro_batch_size * d.micro_batches * layout.data,
         # DeepSpeed's default clip is 1.0: always set it explicitly (0 disables).
         "gradient_clipping": config.optim.clip_grad,
-        "zero_optimization": {"stage": p.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 31,
         "wall_clock_breakdown": False,
-        **precision_config(p.precision, p.zero_stage),
+        **precision,
+        "zero_optimization": zero_config(p, precision.get("zero_optimization", {}).get("stage", p.zero_stage),
+                                         on_gpu=runs_on_gpu(config)),
     }
+
+
+def runs_on_gpu(config: TrainConfig) -> bool:
+    return config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+
+
+def zero_config(p, stage: int, *, on_gpu: bool) -> dict:
+    """ZeRO's keys: the stage and, on GPUs from stage 1 on, communication overlapped with compute (gradients
+    reduced bucket by bucket on a side stream while the backward pass still runs, ZeRO-3 parameters prefetched
+    during compute). CPU runs keep DeepSpeed's defaults (no side streams to overlap on)."""
+    out = {"stage": stage}
+    if stage >= 1 and on_gpu:
+        out.update(overlap_comm=p.overlap_comm, contiguous_gradients=True,
+                   reduce_bucket_size=p.reduce_bucket_size, allgather_bucket_size=p.allgather_bucket_size)
+    return out
+
+
+def attention_backend(name: str, device: torch.device) -> str:
+    """``auto``: the fused FlexAttention on CUDA, eager attention elsewhere (FlexAttention has no CPU backward)."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "eager"
+    return name
 
 
 def precision_config(precision: str, zero_stage: int) -> dict:
@@ -97,6 +121,7 @@ class Engine:
         else:
             model = LaMemoModel(self.model_config)
         model.activation_checkpointing = config.parallel.activation_checkpointing
+        model.attention_backend = attention_backend(config.parallel.attention_backend, device)
         self.model = model.to(device)
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         scheduler = build_scheduler(optimizer, config.optim, config.run.steps)

@@ -80,3 +80,57 @@ def test_fused_equals_eager_on_cuda_forward_and_backward(variant, dtype):
     for name, g in results["eager"][1].items():
         torch.testing.assert_close(results["flex"][1][name], g, **(tol if dtype == torch.float32 else
                                                                  dict(rtol=5e-2, atol=5e-2)), msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- bench/gpu_check
+def test_gpu_check_script_runs_on_cpu_with_a_tiny_model(tmp_path, root):
+    """The python behind bench/gpu_check.sh: a tiny model on CPU fills the report's tables; the shell script
+    parses and, without CUDA, stops with one clear line."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    report = tmp_path / "gpu.md"
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--backend", "eager", "--dtype", "fp32", "--seg-len", "6",
+                           "--mem-len", "6", "--batch", "2", "--steps", "2", "--warmup", "1",
+                           "--out", str(report)]) == 0
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| 3", "| 0"))]
+    assert len(rows) == 4                                   # two timing rows, two equality rows
+    timing = [float(r.split("|")[5].replace(",", "")) for r in rows[:2]]
+    assert all(t > 0 for t in timing)                       # tokens / s
+    assert all(r.split("|")[2].strip() == "0.00e+00" for r in rows[2:])   # eager against itself
+    assert subprocess.run(["bash", "-n", str(root / "bench" / "gpu_check.sh")]).returncode == 0
+    if not torch.cuda.is_available():
+        done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(tmp_path / "x.md")],
+                              env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().startswith("error: no CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------- trainer keys
+def test_attention_backend_and_overlap_config_keys(root):
+    from pretrain.config import TrainConfigError, load_config
+    from pretrain.engine import attention_backend, deepspeed_config
+    from pretrain.layout import Layout
+
+    layout = Layout(world_size=2, tensor=1, pipeline=1, data=2)
+    gpu = load_config(root / "configs" / "tiny-cpu.yaml", ["run.device=cuda", "parallel.zero_stage=2",
+                                                           "parallel.reduce_bucket_size=1000"])
+    zero = deepspeed_config(gpu, layout)["zero_optimization"]
+    assert zero == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 1000,
+                    "allgather_bucket_size": gpu.parallel.allgather_bucket_size}
+    bf16 = load_config(root / "configs" / "tiny-cpu.yaml", ["run.device=cuda", "parallel.precision=bf16",
+                                                            "parallel.overlap_comm=false"])
+    assert deepspeed_config(bf16, layout)["zero_optimization"]["stage"] == 1          # bf16 runs as stage 1
+    assert deepspeed_config(bf16, layout)["zero_optimization"]["overlap_comm"] is False
+    cpu = load_config(root / "configs" / "tiny-cpu.yaml", ["run.device=cpu", "parallel.zero_stage=2"])
+    assert deepspeed_config(cpu, layout)["zero_optimization"] == {"stage": 2}       # no side streams on CPU
+    assert attention_backend("auto", torch.device("cpu")) == "eager"
+    assert attention_backend("auto", torch.device("cuda")) == "flex"
+    assert attention_backend("eager", torch.device("cuda")) == "eager"
+    with pytest.raises(TrainConfigError, match="attention_backend"):
+        load_config(root / "configs" / "tiny-cpu.yaml", ["parallel.attention_backend=triton"])
