@@ -112,11 +112,13 @@ class Release(Runner):
 
 
 def timed(fn, args):
+    """(wall seconds, CPU seconds of this process) of one call. On a loaded machine the CPU time of a
+    one-thread run is the steadier figure (it does not count the time other processes hold the core)."""
     sync(args)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(args)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main():
@@ -145,11 +147,14 @@ def main():
             diff = (runners["release"].nll() - runners["LaMemo"].nll()).abs().max().item()
     for run in runners.values():   # warm-up
         run()
-    times = {name: [] for name in runners}
+    walls, cpus = {name: [] for name in runners}, {name: [] for name in runners}
     for _ in range(args.repeats):
         for name, run in runners.items():
-            times[name].append(timed(run, args))
-    med = {name: statistics.median(t) for name, t in times.items()}
+            wall, cpu = timed(run, args)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    med = {name: statistics.median(t) for name, t in walls.items()}
+    cpu_med = {name: statistics.median(t) for name, t in cpus.items()}
 
     def macs(v, vocab=args.vocab):
         shape = StepShape(args.layers, args.d_model, args.d_inner, vocab, args.seg_len, args.mem_len,
@@ -165,14 +170,16 @@ def main():
           f"repeats={args.repeats}")
     print(f"load: {load}")
     for name in runners:
-        print(f"{name:8s}: median {med[name] * 1e3:8.1f} ms  (min {min(times[name]) * 1e3:.1f}, "
-              f"max {max(times[name]) * 1e3:.1f})")
-    print(f"measured ratio LaMemo/XL: {med['LaMemo'] / med['XL']:.3f}")
+        print(f"{name:8s}: wall median {med[name] * 1e3:8.1f} ms  (min {min(walls[name]) * 1e3:.1f}, "
+              f"max {max(walls[name]) * 1e3:.1f});  CPU median {cpu_med[name] * 1e3:8.1f} ms  "
+              f"(min {min(cpus[name]) * 1e3:.1f})")
+    print(f"measured ratio LaMemo/XL: {med['LaMemo'] / med['XL']:.3f} wall, "
+          f"{cpu_med['LaMemo'] / cpu_med['XL']:.3f} CPU")
     print(f"multiply-add ratio LaMemo/XL (docs/method.md §6): {macs(3) / macs(0):.3f} with the output layer, "
           f"{macs(3, 0) / macs(0, 0):.3f} layer stack only")
     if args.release:
-        print(f"measured ratio LaMemo/release: {med['LaMemo'] / med['release']:.3f}  "
-              f"(max |nll difference| {diff:.2e})")
+        print(f"measured ratio LaMemo/release: {med['LaMemo'] / med['release']:.3f} wall, "
+              f"{cpu_med['LaMemo'] / cpu_med['release']:.3f} CPU  (max |nll difference| {diff:.2e})")
 
 
 if __name__ == "__main__":
