@@ -24,12 +24,15 @@ from pretrain.evaluation import evaluate_tokens
 
 def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, int | None]:
     """The token ids to score and, when known, the number of characters they encode (for bpc)."""
-    if args.tokens:
-        from pretrain.data.indexed import load_tokens
-        tokens = torch.from_numpy(load_tokens(args.tokens).astype("int64"))
-        return tokens, None
     from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
     tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
+    if args.tokens:
+        from pretrain.data.indexed import load_tokens
+        # With the model's tokenizer at hand, a token file made with another one (same vocabulary size or not)
+        # is refused by its fingerprint instead of being scored as nonsense.
+        tokenizer = load_tokenizer(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+        tokens = torch.from_numpy(load_tokens(args.tokens, tokenizer=tokenizer).astype("int64"))
+        return tokens, None
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab_matches(tokenizer, vocab_size)
     text = Path(args.text).read_text(encoding="utf-8")

@@ -32,10 +32,15 @@ def one_error_line(capsys, call) -> str:
     return lines[0]
 
 
-def test_bad_arguments_of_every_tool_give_one_line(tmp_path, model_dir, capsys, monkeypatch, root):
+def test_bad_arguments_of_every_tool_give_one_line(tmp_path, model_dir, corpus, capsys, monkeypatch, root):
+    from pretrain.data.indexed import preprocess
+    from pretrain.data.tokenizer import train_tokenizer
     monkeypatch.syspath_prepend(str(root / "tools"))      # the scripts import their _bootstrap sibling
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    # a token file whose ids fit the model's vocabulary but were made with another tokenizer
+    train_tokenizer("word", [corpus / "train.txt"], tmp_path / "word", max_size=200)
+    preprocess([corpus / "train.txt"], tmp_path / "word", tmp_path / "foreign", workers=1, progress=False)
     evaluate, generate = load_tool("evaluate"), load_tool("generate")
     cases = [
         (evaluate, [str(model_dir), "--text", str(empty)], "evaluation needs at least 2"),
@@ -43,6 +48,7 @@ def test_bad_arguments_of_every_tool_give_one_line(tmp_path, model_dir, capsys, 
         (evaluate, [str(model_dir), "--text", str(empty), "--tgt-len", "0"], "--tgt-len"),
         (evaluate, [str(model_dir), "--text", str(empty), "--mem-len", "-1"], "--mem-len"),
         (evaluate, [str(tmp_path / "nothing"), "--text", str(empty)], "not a LaMemo model directory"),
+        (evaluate, [str(model_dir), "--tokens", str(tmp_path / "foreign")], "different tokenizer"),
         (generate, [str(model_dir), "--prompt", "hi", "--top-p", "0"], "--top-p: must be in (0, 1]"),
         (generate, [str(model_dir), "--prompt", "hi", "--top-k", "-2"], "--top-k"),
         (generate, [str(model_dir), "--prompt", "hi", "--temperature", "-1"], "--temperature"),
