@@ -46,9 +46,10 @@ def install() -> None:
         original(signum, frame)
 
     api._terminate_process_handler = handler
-    signals = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
-    if "SIGUSR1" not in signals:
-        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = signals + ",SIGUSR1"
+    # torchrun sets TORCHELASTIC_SIGNALS_TO_HANDLE from this option (default: no SIGUSR1); the workers run in
+    # sessions of their own, so a signal to the agent's process group reaches them only through the agent.
+    if not any(arg.startswith(("--signals-to-handle", "--signals_to_handle")) for arg in sys.argv[1:]):
+        sys.argv.insert(1, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
 def main() -> None:
