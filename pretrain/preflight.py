@@ -153,6 +153,9 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
       activation checkpointing); times the micro-batches in flight (1, or min(pipeline, micro_batches) on the
       first stage under 1F1B); plus the logits b*N*V*4*3 / T (values, softmax, gradient) on the last stage;
     * the memory store: per micro-batch slot and layer M*b*(2*d*w + 4*H) (embedding FIFO, C-bar, Z-bar fp32);
+    * the end-of-interval evaluation instead of the activations when it needs more: b_e = run.eval_batch_size
+      streams, M_e = eval_mem_len: b_e*(4*q_e*d + 2*H*q_e*(M_e + N))*4 / T for one layer's scores plus its
+      memory store L*M_e*b_e*(2*d*w + 4*H) / T;
     * a fixed FRAMEWORK_BYTES per process.
 
     It is an estimate (allocator fragmentation and temporary buffers are not counted); its job is to refuse
@@ -180,6 +183,14 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
         if s == len(stages) - 1:
             acts += b * N * m.vocab_size * 4 * 3 // T
         store = d.micro_batches * L * M * b * (2 * m.d_model * w + 4 * m.n_head) // T
+        # Evaluation (no gradients, one layer's scores at a time) with its own, possibly longer, memory.
+        Me = d.eval_mem_len if d.eval_mem_len is not None else M
+        if config.run.eval_tokens:                   # the memory never holds more than was scored
+            Me = min(Me, config.run.eval_tokens)
+        be, qe = config.run.eval_batch_size, (N + Me if lookahead else N)
+        evaluation = (be * (4 * qe * m.d_model + 2 * m.n_head * qe * (Me + N)) * 4 // T
+                      + L * Me * be * (2 * m.d_model * w + 4 * m.n_head) // T) if d.valid else 0
+        acts = max(acts, evaluation)
         estimate = MemoryEstimate(P, weights, grads, optim, acts, store, FRAMEWORK_BYTES)
         if best is None or estimate.total > best.total:
             best = estimate
@@ -205,7 +216,7 @@ def check_memory(config: TrainConfig, layout: Layout, device: torch.device) -> M
         if estimate.total > have:
             raise TrainConfigError(
                 f"this run would need about {estimate.describe()}, more than the {have / GiB:.2f} GiB "
-                f"({what}): reduce data.tgt_len / data.mem_len / data.micro_batch_size or the model, use more "
+                f"({what}): reduce data.tgt_len / data.mem_len / data.eval_mem_len / data.micro_batch_size or the model, use more "
                 f"parallel.tensor / parallel.pipeline / parallel.zero_stage, or set run.memory_check=false")
     return estimate
 
