@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import evaluate_tokens
     from .export import export_checkpoint
     export = run_dir / "export"
-    export_checkpoint(run_dir, export)                       # the newest checkpoint -> single-device format
+    export_checkpoint(run_dir, export, overwrite=True)       # the newest checkpoint -> single-device format
     print(f"[demo] exported the newest checkpoint of {run_dir} to {export}", flush=True)
     model = LaMemoModel.from_pretrained(export)
     tokens = torch.from_numpy(load_tokens(data_dir / "test").astype("int64"))[:20001]

@@ -2,12 +2,15 @@
 """Export a training checkpoint to a single-device directory that loads with plain torch.
 
     python tools/export_checkpoint.py RUN_DIR/checkpoints/step_00001000 OUT
-    python tools/export_checkpoint.py RUN_DIR OUT          # the newest complete checkpoint of a run
+    python tools/export_checkpoint.py RUN_DIR OUT                  # the newest complete checkpoint of a run
+    python tools/export_checkpoint.py RUN_DIR OUT --dtype bfloat16
 
-The checkpoint's manifest is verified first (missing / truncated files, interrupted saves). The weights were
-merged over tensor-, pipeline- and ZeRO-shards when the checkpoint was saved (checkpoints/*/consolidated);
-the export checks them against the model config, writes config.json + model.safetensors + tokenizer/, and
-loads the result with lamemo_parallel.LaMemoModel to prove it (no deepspeed or megatron-core needed).
+Offline, from the checkpoint's shards (any TP / PP / DP / ZeRO layout): no process group, no GPU. The
+manifest is verified first (missing, truncated or corrupted files, interrupted saves, unsafe pickles); then
+every parameter is merged from its shards one tensor at a time (peak memory about the largest tensor) from the
+optimizer's fp32 master copy, cast to --dtype and appended to OUT/model.safetensors, with config.json,
+export.json (step, dtype, source) and tokenizer/. The result loads with lamemo_parallel.LaMemoModel, which needs
+neither deepspeed nor megatron-core.
 """
 from __future__ import annotations
 
@@ -17,24 +20,25 @@ import sys
 import _bootstrap  # noqa: F401
 from pretrain.cli_args import OneLineParser
 
-from lamemo_parallel import CheckpointMismatchError
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_N) or a run directory")
     parser.add_argument("out", help="output directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the exported weights (default float32, the master copy itself)")
+    parser.add_argument("--force", action="store_true", help="replace a model already exported to OUT")
     args = parser.parse_args(argv)
     from pretrain.checkpoint import CheckpointError
     from pretrain.export import export_checkpoint
     try:
-        model, meta, ckpt = export_checkpoint(args.checkpoint, args.out)
-    except (CheckpointError, CheckpointMismatchError, FileNotFoundError, ValueError) as err:
+        result = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.force)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    c = model.config
-    print(f"exported step {meta['step']} of {ckpt}: variant {c.variant}, {c.n_layer} layers, d_model {c.d_model}, "
-          f"{model.num_parameters():,} parameters -> {args.out}")
+    c = result.config
+    print(f"exported step {result.step} of {result.checkpoint}: variant {c.variant}, {c.n_layer} layers, d_model "
+          f"{c.d_model}, {result.parameters:,} parameters as {result.dtype} (from the fp32 master) -> {args.out}")
     return 0
 
 

@@ -63,43 +63,106 @@ def test_kill_during_save_resumes_from_previous_checkpoint(corpus, tmp_path):
     assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]
 
 
+def _resign(ckpt, *names):
+    """Rewrite the manifest entries of ``names`` as an attacker with write access would (sizes and sha256 of
+    the files as they are now), so only the pickle safety check stands between the file and a load."""
+    from pretrain.checkpoint.format import sha256_file
+    marker = json.loads((ckpt / "COMPLETE.json").read_text())
+    for name in names:
+        marker["files"][name] = {"size": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
+    (ckpt / "COMPLETE.json").write_text(json.dumps(marker))
+
+
+class Payload:
+    """A pickle that runs a shell command when unpickled with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
 def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
+    """One run saves 7 checkpoints; six are damaged in six ways (truncated shard, missing file, size-preserving
+    corruption, a manifest of {}, a garbage trainer.json of the same size, a planted pickle payload with a
+    re-signed manifest). Auto-resume skips each with a warning and lands on step 1; nothing runs."""
     run = tmp_path / "run"
-    assert launch(1, overrides(corpus, run, "run.save_interval=2", "run.keep_checkpoints=3")).returncode == 0
+    result = launch(1, overrides(corpus, run, "run.save_interval=1", "run.keep_checkpoints=7", "run.steps=7"))
+    assert result.returncode == 0, result.stderr[-4000:]
     ckpts = run / "checkpoints"
-    shard = ckpts / "step_00000006" / "mp_rank_00_model_states.pt"
-    shard.write_bytes(shard.read_bytes()[:100])                     # truncated shard
-    (ckpts / "step_00000004" / "trainer_state_rank_00000.pt").unlink()      # missing file
+    step = {s: ckpts / f"step_{s:08d}" for s in range(1, 8)}
+    shard = step[7] / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])                                  # truncated shard
+    (step[6] / "trainer_state_rank_00000.pt").unlink()                           # missing file
+    flipped = bytearray((step[5] / "mp_rank_00_model_states.pt").read_bytes())   # size-preserving corruption
+    flipped[len(flipped) // 2] ^= 0xFF
+    (step[5] / "mp_rank_00_model_states.pt").write_bytes(bytes(flipped))
+    (step[4] / "COMPLETE.json").write_text("{}")                                  # damaged manifest
+    size = (step[3] / "trainer.json").stat().st_size                              # garbage trainer.json
+    (step[3] / "trainer.json").write_bytes(b"\x00garbage" * (size // 8) + b"#" * (size % 8))
+    marker = tmp_path / "payload-ran"                                             # planted pickle payload
+    torch.save({"module": Payload(marker)}, step[2] / "mp_rank_00_model_states.pt")
+    _resign(step[2], "mp_rank_00_model_states.pt")
+
     from pretrain.checkpoint import CheckpointError, find_resume_checkpoint, validate
     messages = []
-    assert find_resume_checkpoint(run, "auto", log=messages.append) == ckpts / "step_00000002"
-    assert any("truncated" in m for m in messages) and any("missing" in m for m in messages)
+    assert find_resume_checkpoint(run, "auto", log=messages.append) == step[1]
+    text = "\n".join(messages)
+    for expected in ("truncated", "missing trainer_state_rank_00000.pt", "mp_rank_00_model_states.pt is corrupted",
+                     "COMPLETE.json is damaged", "trainer.json is corrupted", "could run code"):
+        assert expected in text, (expected, text)
+    assert len(messages) == 6 and all(m.startswith("warning: skipping checkpoint") for m in messages)
     with pytest.raises(CheckpointError, match="truncated"):
-        validate(ckpts / "step_00000006")
-    # an explicit broken checkpoint stops the trainer with one message
-    bad = launch(1, overrides(corpus, run, f"run.resume={ckpts / 'step_00000006'}", "run.steps=8"))
-    assert bad.returncode != 0 and "is truncated or altered" in bad.stderr
+        validate(step[7])
+    # the loaders themselves refuse the payload too (weights_only + allow-list), in our code and DeepSpeed's
+    from pretrain.checkpoint.safe_load import _safe_engine_class, safe_load
+    with pytest.raises(CheckpointError, match="could run code"):
+        safe_load(step[2] / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="could run code"):
+        _safe_engine_class()(None).load(str(step[2] / "mp_rank_00_model_states.pt"))
+    # an explicit broken checkpoint stops the trainer with one message; the payload never runs
+    for broken, expected in ((step[7], "is truncated or altered"), (step[2], "could run code")):
+        bad = launch(1, overrides(corpus, run, f"run.resume={broken}", "run.steps=8"))
+        assert bad.returncode != 0 and expected in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert not marker.exists()
     # a checkpoint of another model is refused by name
     other = launch(1, overrides(corpus, run, "model.d_inner=48", "run.steps=8"))
     assert other.returncode != 0 and "another model" in other.stderr and "d_inner" in other.stderr
-    # the export tool refuses the truncated checkpoint and exports the good one
+    # the export tool refuses the damaged checkpoints with one line each and exports the good one
     tool = [sys.executable, str(ROOT / "tools" / "export_checkpoint.py")]
-    refused = subprocess.run(tool + [str(ckpts / "step_00000006"), str(tmp_path / "x")], capture_output=True,
-                             text=True)
-    assert refused.returncode == 2 and "truncated" in refused.stderr and "Traceback" not in refused.stderr
+    for broken, expected in ((step[7], "truncated"), (step[5], "corrupted"), (step[4], "damaged"),
+                             (step[2], "could run code")):
+        refused = subprocess.run(tool + [str(broken), str(tmp_path / "x")], capture_output=True, text=True)
+        assert refused.returncode == 2 and expected in refused.stderr and "Traceback" not in refused.stderr
+        assert refused.stderr.count("\n") == 1
+    assert not marker.exists()
+    ok = subprocess.run(tool + [str(step[1]), str(tmp_path / "x")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    # exporting onto an existing file, or over an exported model, is one line (--force replaces the model)
+    (tmp_path / "file").write_text("keep me")
+    for target in (tmp_path / "file", tmp_path / "x"):
+        again = subprocess.run(tool + [str(step[1]), str(target)], capture_output=True, text=True)
+        assert again.returncode == 2 and again.stderr.startswith("error: ") and again.stderr.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert subprocess.run(tool + [str(step[1]), str(tmp_path / "x"), "--force"]).returncode == 0
 
 
-def test_export_of_tensor_and_pipeline_parallel_checkpoint_reproduces_eval_loss(corpus, tmp_path):
-    """(TP, PP) = (2, 2): the export's evaluation loss equals the one the training run computed."""
+@pytest.mark.parametrize("tp,pp,dp,zero", [(2, 2, 1, 0), (1, 2, 2, 1)])
+def test_export_from_shards_reproduces_eval_loss(corpus, tmp_path, tp, pp, dp, zero):
+    """Offline export from the shards of a (TP, PP, DP) run: its evaluation loss equals the one the training run
+    computed (1e-5); it loads with plain torch; --dtype bfloat16 writes the rounded fp32 masters and says so."""
     run = tmp_path / "run"
-    result = launch(4, overrides(corpus, run, "parallel.tensor=2", "parallel.pipeline=2", "model.dropout=0.0",
-                                 "model.dropatt=0.0"))
+    result = launch(tp * pp * dp, overrides(corpus, run, f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
+                                            f"parallel.zero_stage={zero}", "model.dropout=0.0", "model.dropatt=0.0"))
     assert result.returncode == 0, result.stderr[-4000:]
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert not (ckpt / "consolidated").exists()             # shards only
     out = tmp_path / "export"
-    tool = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), str(ckpt), str(out)],
-                          capture_output=True, text=True)
-    assert tool.returncode == 0, tool.stderr
+    tool = [sys.executable, str(ROOT / "tools" / "export_checkpoint.py")]
+    exported_tool = subprocess.run(tool + [str(ckpt), str(out)], capture_output=True, text=True)
+    assert exported_tool.returncode == 0, exported_tool.stderr
     assert (out / "tokenizer" / "tokenizer.json").exists()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     parallel_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]     # scored by the training run
@@ -108,11 +171,45 @@ def test_export_of_tensor_and_pipeline_parallel_checkpoint_reproduces_eval_loss(
     tokens = torch.from_numpy(load_tokens(corpus / "train").astype("int64"))[:301]
     exported = evaluate_tokens(LaMemoModel.from_pretrained(out), tokens, tgt_len=8, mem_len=8)
     assert exported.loss == pytest.approx(parallel_eval, rel=1e-5)
+    # run.dir/final is the same offline export of the same checkpoint
+    final = LaMemoModel.from_pretrained(run / "final").state_dict()
+    fp32 = LaMemoModel.from_pretrained(out).state_dict()
+    assert all(torch.equal(final[k], fp32[k]) for k in fp32)
     # plain torch only: the export loads in a process that never imports deepspeed / megatron
     probe = ("import sys, lamemo_parallel as lp; lp.LaMemoModel.from_pretrained(sys.argv[1]); "
              "assert 'deepspeed' not in sys.modules and 'megatron' not in sys.modules")
     check = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+    assert json.loads((out / "export.json").read_text())["dtype"] == "float32"
+    if zero == 1:
+        from safetensors.torch import load_file
+        half = subprocess.run(tool + [str(ckpt), str(tmp_path / "bf16"), "--dtype", "bfloat16"], capture_output=True,
+                              text=True)
+        assert half.returncode == 0, half.stderr
+        info = json.loads((tmp_path / "bf16" / "export.json").read_text())
+        assert info["dtype"] == "bfloat16" and info["weights"] == "fp32 master"
+        weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+        assert all(weights[k].dtype == torch.bfloat16 and torch.equal(weights[k], fp32[k].bfloat16()) for k in fp32)
+
+
+def test_bf16_training_exports_the_fp32_master_and_reshards(corpus, tmp_path):
+    """bf16 training, ZeRO-1 over 2 ranks: the export holds the optimizer's fp32 masters (not bf16-rounded
+    weights); resuming it on one rank with ZeRO 0 (another layout) restores the masters and continues."""
+    run = tmp_path / "run"
+    base = ["parallel.precision=bf16", "model.dropout=0.0", "model.dropatt=0.0", "data.mem_len=0"]
+    first = launch(2, overrides(corpus, run, *base, "parallel.zero_stage=1", "run.exit_after=3"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    ckpt = run / "checkpoints" / "step_00000003"
+    from pretrain.export import export_checkpoint
+    export_checkpoint(ckpt, tmp_path / "export")
+    weights = LaMemoModel.from_pretrained(tmp_path / "export").state_dict()
+    w = weights["layers.0.attn.q_proj.weight"]
+    assert not torch.equal(w, w.bfloat16().float())           # fp32 masters carry more than bf16 precision
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["training_precision"] == "bf16"
+    second = launch(1, overrides(corpus, run, *base, "parallel.zero_stage=0"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resharding weights and optimizer state" in second.stdout + second.stderr
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
 
 
 def test_reshard_tensor_parallel_change_continues_exactly_without_memory(corpus, tmp_path):
@@ -125,6 +222,24 @@ def test_reshard_tensor_parallel_change_continues_exactly_without_memory(corpus,
     first = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=2", "run.exit_after=3"))
     assert first.returncode == 0, first.stderr[-4000:]
     second = launch(2, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=1"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resharding weights and optimizer state" in second.stdout + second.stderr
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    torch.testing.assert_close(torch.tensor([b[s] for s in range(1, STEPS + 1)]),
+                               torch.tensor([a[s] for s in range(1, STEPS + 1)]), rtol=1e-5, atol=1e-6)
+
+
+def test_reshard_pipeline_and_tensor_parallel_to_data_parallel_continues_exactly(corpus, tmp_path):
+    """(TP, PP, DP) = (2, 2, 1) -> (1, 1, 2): each rank reads only the tensors it holds from the (2, 2, 1)
+    shards; with mem_len = 0 the continuation equals the straight run to 1e-5. The global batch stays the
+    same 4 streams (micro-batch size 2 on one data-parallel rank, then 1 on each of two)."""
+    base = ["data.mem_len=0", "model.dropout=0.0", "model.dropatt=0.0"]
+    straight = launch(2, overrides(corpus, tmp_path / "straight", *base, "data.micro_batch_size=1"))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    first = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=2", "parallel.pipeline=2",
+                                "run.exit_after=3"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = launch(2, overrides(corpus, tmp_path / "run", *base, "data.micro_batch_size=1"))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resharding weights and optimizer state" in second.stdout + second.stderr
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
@@ -170,3 +285,47 @@ def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):
     assert sorted({m.step for m in history}) == list(range(1, STEPS + 1))
     assert runs[0].data.params["model.d_model"] == "16"
     assert runs[0].info.status == "FINISHED"
+
+
+def _mount_tmpfs(path, size_bytes) -> bool:
+    """A size-limited tmpfs (needs root); False where mounting is not allowed."""
+    import os
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
+    """The run directory on a tmpfs that holds one checkpoint but not two: the second save fails with one line
+    naming the path and 'No space left on device', the half-written checkpoint is removed, the first one stays
+    complete and a resume from it continues bitwise like an uninterrupted run."""
+    import shutil
+    args = ["run.save_interval=2", "run.keep_checkpoints=2", "run.steps=4"]
+    straight = launch(1, overrides(corpus, tmp_path / "straight", *args))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    ckpt_bytes = sum(p.stat().st_size for p in (tmp_path / "straight" / "checkpoints" / "step_00000002").rglob("*")
+                     if p.is_file())
+    disk = tmp_path / "disk"
+    assert _mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
+    try:
+        full = launch(1, overrides(corpus, disk / "run", *args))
+        assert full.returncode == 2, full.stderr[-4000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-4000:]
+        assert "step_00000004" in errors[0] and "No space left on device" in errors[0]
+        assert "the newest complete one is" in errors[0] and "step_00000002" in errors[0]
+        ckpts = disk / "run" / "checkpoints"
+        assert not (ckpts / "step_00000004").exists()
+        from pretrain.checkpoint import validate
+        validate(ckpts / "step_00000002")
+        shutil.copytree(disk / "run", tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    again = launch(1, overrides(corpus, tmp_path / "moved", *args))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "moved")
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]

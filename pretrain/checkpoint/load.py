@@ -1,0 +1,41 @@
+"""Loading a checkpoint into a running job: the same layout restores everything exactly (DeepSpeed's own load
+through the safe checkpoint engine, then each rank's memory, data offset and RNG); another layout reshards."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+from . import safe_load
+from .format import MARKER, TRAINER_META, CheckpointError, rank_state_path
+from .save import layout_record
+from .state import set_rng_state
+
+
+def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
+    """Restore weights, optimizer, schedule and - for the same layout - memory, data offset and RNG exactly.
+    A changed layout reshards the weights and optimizer and resets the memory with a warning."""
+    meta = json.loads((ckpt / TRAINER_META).read_text())
+    marker = json.loads((ckpt / MARKER).read_text())
+    if meta["model"] != engine.model_config.to_dict():
+        changed = sorted(k for k in meta["model"] if meta["model"][k] != engine.model_config.to_dict().get(k))
+        raise CheckpointError(f"checkpoint {ckpt} was made for another model (differs in: {', '.join(changed)})")
+    saved, ours = marker.get("layout", {}), layout_record(engine.config, layout)
+    if saved == ours:
+        safe_load.install(engine.engine)
+        engine.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                      load_lr_scheduler_states=True)
+        state = safe_load.safe_load(rank_state_path(ckpt, dist.get_rank()))
+        engine.load_memory_state(state["memory"])
+        streams.load_state_dict(state["streams"])
+        set_rng_state(state["rng"])
+    else:
+        from .reshard import reshard_load
+        changed = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ours if saved.get(k) != ours[k])
+        log(f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
+            f"state from the shards; the memory starts empty")
+        reshard_load(ckpt, marker, engine)
+        state = safe_load.safe_load(rank_state_path(ckpt, 0))
+        streams.load_state_dict(state["streams"], strict=False)
+    return meta

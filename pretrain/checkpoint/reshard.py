@@ -1,0 +1,112 @@
+"""Resuming on another layout (TP, PP, DP, ZeRO stage, precision or pipeline partition changed).
+
+Every rank reads, one parameter at a time, the fp32 master weights and Adam moments of the parameters it holds
+from the checkpoint's shards (``ShardReader``: memory-mapped, merged in memory one tensor at a time), cuts its
+slice with the sharding table (``lamemo_parallel.sharding.shard``) and writes it into its engine: the module
+weight, the fp32 master (ZeRO fragments through DeepSpeed's ``safe_set_full_*`` API) and the moments. The step
+count and LR schedule continue; the memory starts empty (the caller warns).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .shard_index import MOMENTS, single_device_parameters
+from .shards import ShardReader
+
+
+def _torch_optimizer(engine):
+    """The torch optimizer that holds per-parameter state (ZeRO 0, fp32), or None under a DeepSpeed wrapper."""
+    opt = engine.engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) else None
+
+
+def _ensure_zero_optimizer_state(engine, step: int) -> None:
+    """ZeRO-1/2 create Adam's state lazily at the first step; a resharded load needs it now: allocate it for
+    the flat fp32 partitions and link every parameter's fragment to it (what DeepSpeed does after a step)."""
+    zero = engine.engine.optimizer
+    flats = getattr(zero, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        return
+    inner = zero.optimizer
+    for i, flat in enumerate(flats):
+        state = inner.state[flat]
+        if not state:
+            state.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat),
+                         exp_avg_sq=torch.zeros_like(flat))
+        for lp in zero.bit16_groups[i]:
+            if getattr(lp, "_hp_mapping", None) is not None:
+                lp._hp_mapping.set_optim_state_fragment(flat, state)
+
+
+def _target_table(engine):
+    from lamemo_parallel.sharding import sharding_table
+
+    from ..layout import split_layers
+    p = engine.config.parallel
+    parts = split_layers(engine.model_config.n_layer, p.pipeline, p.pipeline_partition)
+    return sharding_table(engine.model_config, engine.layout.tensor, parts)
+
+
+def reshard_load(ckpt: Path, meta: dict, engine) -> None:
+    """Load weights and Adam moments saved under another layout into this run's engine (every rank)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from lamemo_parallel.sharding import shard
+    if engine.config.parallel.zero_stage == 3:
+        from .format import CheckpointError
+        raise CheckpointError(f"resuming {ckpt} on another layout into ZeRO stage 3 is not supported: resume with "
+                              f"the checkpoint's layout {meta['layout']} or with ZeRO stage 0-2")
+    reader = ShardReader(ckpt, meta)
+    module = engine.engine.module
+    device = next(module.parameters()).device
+    tp_rank, tp_size = int(getattr(module, "tp_rank", 0) or 0), engine.layout.tensor
+    table = _target_table(engine)
+    params = single_device_parameters(module)
+    step = int(meta["step"])
+    with_moments = reader.has("exp_avg") and reader.has("exp_avg_sq")
+    if with_moments:
+        _ensure_zero_optimizer_state(engine, step)
+    plain = _torch_optimizer(engine)
+    with torch.no_grad():
+        for name, param in params.items():
+            value = shard(table[name], reader.full(name, "master"), tp_rank, tp_size).to(device)
+            param.copy_(value.to(param.dtype))
+            zero = getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
+            if zero:
+                safe_set_full_fp32_param(param, value.float())
+            hp, opt = (param, plain) if plain is not None or zero else _fp32_copy(engine, param)
+            if hp is not param:
+                hp.copy_(value)
+            if not with_moments:
+                continue
+            for key in MOMENTS:
+                moment = shard(table[name], reader.full(name, key), tp_rank, tp_size).to(device)
+                if zero:
+                    safe_set_full_optimizer_state(param, moment, key)
+                else:
+                    state = opt.state.setdefault(hp, {})
+                    state[key] = moment.to(hp.dtype).clone()
+                    state["step"] = torch.tensor(float(step))
+        inner = getattr(engine.engine.optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):     # DeepSpeed's wrappers keep the step count per group
+            for state in inner.state.values():
+                if "step" in state:
+                    state["step"] = torch.full_like(torch.as_tensor(state["step"]), float(step))
+    scheduler = engine.scheduler
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+    engine.engine.global_steps = step
+    engine.reset_memory()
+
+
+def _fp32_copy(engine, param):
+    """DeepSpeed's unfused mixed-precision optimizer (bf16, ZeRO 0): (the fp32 master of ``param``, the torch
+    optimizer that holds its Adam state)."""
+    opt = engine.engine.optimizer
+    for lg, hg in zip(opt.fp16_groups, opt.fp32_groups):
+        for lp, hp in zip(lg, hg):
+            if lp is param:
+                return hp, opt.optimizer
+    raise KeyError("parameter not found in the mixed-precision optimizer")
