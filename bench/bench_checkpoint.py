@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIZES = {  # name -> model overrides (vocabulary: the byte tokenizer, 257)
+SIZES = {  # name -> model overrides (vocabulary: the byte tokenizer, 257); "tiny" checks the script quickly
+    "tiny": ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.d_inner=128"],
     "100m": ["model.n_layer=8", "model.d_model=1024", "model.n_head=16", "model.d_inner=4096"],
     "400m": ["model.n_layer=13", "model.d_model=1536", "model.n_head=16", "model.d_inner=6144"],
 }

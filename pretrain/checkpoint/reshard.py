@@ -23,21 +23,26 @@ def _torch_optimizer(engine):
 
 
 def _ensure_zero_optimizer_state(engine, step: int) -> None:
-    """ZeRO-1/2 create Adam's state lazily at the first step; a resharded load needs it now: allocate it for
-    the flat fp32 partitions and link every parameter's fragment to it (what DeepSpeed does after a step)."""
+    """ZeRO-1/2 (and DeepSpeed's BF16 optimizer) create Adam's state lazily at the first step; a resharded load
+    needs it now: allocate it for the flat fp32 partitions and link every parameter's fragment to it (what
+    DeepSpeed does after a step)."""
     zero = engine.engine.optimizer
-    flats = getattr(zero, "single_partition_of_fp32_groups", None)
+    flats = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_groups_flat_partition",
+                                                                             None)
     if flats is None:
         return
+    groups = getattr(zero, "bit16_groups", None) or zero.bf16_groups
     inner = zero.optimizer
     for i, flat in enumerate(flats):
         state = inner.state[flat]
         if not state:
             state.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat),
                          exp_avg_sq=torch.zeros_like(flat))
-        for lp in zero.bit16_groups[i]:
+        for lp in groups[i]:
             if getattr(lp, "_hp_mapping", None) is not None:
                 lp._hp_mapping.set_optim_state_fragment(flat, state)
+    if hasattr(zero, "_hp_optimizer_states_linked"):
+        zero._hp_optimizer_states_linked = True
 
 
 def _target_table(engine):
@@ -73,7 +78,8 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
         for name, param in params.items():
             value = shard(table[name], reader.full(name, "master"), tp_rank, tp_size).to(device)
             param.copy_(value.to(param.dtype))
-            zero = getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
+            # a ZeRO parameter (DeepSpeed sets _hp_mapping, None where no fragment lies on this rank)
+            zero = hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
             if zero:
                 safe_set_full_fp32_param(param, value.float())
             hp, opt = (param, plain) if plain is not None or zero else _fp32_copy(engine, param)

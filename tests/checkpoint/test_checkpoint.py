@@ -125,7 +125,9 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     # an explicit broken checkpoint stops the trainer with one message; the payload never runs
     for broken, expected in ((step[7], "is truncated or altered"), (step[2], "could run code")):
         bad = launch(1, overrides(corpus, run, f"run.resume={broken}", "run.steps=8"))
-        assert bad.returncode != 0 and expected in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+        # torchrun prints its own summary of a failed child; no frame of our code may appear (a clean exit 2)
+        assert bad.returncode != 0 and expected in bad.stderr and "exitcode  : 2" in bad.stderr, bad.stderr[-3000:]
+        assert str(ROOT / "pretrain") not in bad.stderr and "site-packages/deepspeed" not in bad.stderr
     assert not marker.exists()
     # a checkpoint of another model is refused by name
     other = launch(1, overrides(corpus, run, "model.d_inner=48", "run.steps=8"))
@@ -169,7 +171,8 @@ def test_export_from_shards_reproduces_eval_loss(corpus, tmp_path, tp, pp, dp, z
     from pretrain.data.indexed import load_tokens
     from pretrain.evaluation import evaluate_tokens
     tokens = torch.from_numpy(load_tokens(corpus / "train").astype("int64"))[:301]
-    exported = evaluate_tokens(LaMemoModel.from_pretrained(out), tokens, tgt_len=8, mem_len=8)
+    # the run scores run.eval_batch_size (1) streams per data-parallel rank: the single-device batch is dp
+    exported = evaluate_tokens(LaMemoModel.from_pretrained(out), tokens, tgt_len=8, mem_len=8, batch_size=dp)
     assert exported.loss == pytest.approx(parallel_eval, rel=1e-5)
     # run.dir/final is the same offline export of the same checkpoint
     final = LaMemoModel.from_pretrained(run / "final").state_dict()
@@ -212,34 +215,28 @@ def test_bf16_training_exports_the_fp32_master_and_reshards(corpus, tmp_path):
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
 
 
-def test_reshard_tensor_parallel_change_continues_exactly_without_memory(corpus, tmp_path):
-    """(TP, DP) = (2, 2) -> (1, 2) with ZeRO-1: weights and Adam moments reshard through the single-device
-    layout. With mem_len = 0 and dropout off the memory reset is a no-op, so the continuation must equal the
-    straight run up to summation order (1e-5)."""
-    base = ["data.mem_len=0", "model.dropout=0.0", "model.dropatt=0.0", "parallel.zero_stage=1"]
-    straight = launch(2, overrides(corpus, tmp_path / "straight", *base))
-    assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=2", "run.exit_after=3"))
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(2, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=1"))
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "resharding weights and optimizer state" in second.stdout + second.stderr
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
-    torch.testing.assert_close(torch.tensor([b[s] for s in range(1, STEPS + 1)]),
-                               torch.tensor([a[s] for s in range(1, STEPS + 1)]), rtol=1e-5, atol=1e-6)
+EXACT_RESHARDS = {  # name -> (extra settings, (ranks, settings) of the straight run, the first part, the resumed part)
+    # (TP, DP) = (2, 2) -> (1, 2), ZeRO-1 on both sides
+    "tp2dp2-to-dp2": (["parallel.zero_stage=1"], (2, []), (4, ["parallel.tensor=2"]), (2, [])),
+    # (TP, PP, DP) = (2, 2, 1) -> (1, 1, 2): the global batch stays the same 4 streams (micro-batch size 2 on one
+    # data-parallel rank, then 1 on each of two)
+    "tp2pp2-to-dp2": ([], (2, ["data.micro_batch_size=1"]), (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+                      (2, ["data.micro_batch_size=1"])),
+}
 
 
-def test_reshard_pipeline_and_tensor_parallel_to_data_parallel_continues_exactly(corpus, tmp_path):
-    """(TP, PP, DP) = (2, 2, 1) -> (1, 1, 2): each rank reads only the tensors it holds from the (2, 2, 1)
-    shards; with mem_len = 0 the continuation equals the straight run to 1e-5. The global batch stays the
-    same 4 streams (micro-batch size 2 on one data-parallel rank, then 1 on each of two)."""
-    base = ["data.mem_len=0", "model.dropout=0.0", "model.dropatt=0.0"]
-    straight = launch(2, overrides(corpus, tmp_path / "straight", *base, "data.micro_batch_size=1"))
+@pytest.mark.parametrize("case", sorted(EXACT_RESHARDS))
+def test_resharded_resume_continues_exactly_without_memory(corpus, tmp_path, case):
+    """Resume on another layout: each rank reads the fp32 masters and Adam moments of the tensors it holds from
+    the shards, one tensor at a time. With mem_len = 0 and dropout off the memory reset is a no-op, so the
+    continuation must equal the straight run up to summation order (1e-5)."""
+    extra, straight_run, first_run, second_run = EXACT_RESHARDS[case]
+    base = ["data.mem_len=0", "model.dropout=0.0", "model.dropatt=0.0", *extra]
+    straight = launch(straight_run[0], overrides(corpus, tmp_path / "straight", *base, *straight_run[1]))
     assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=2", "parallel.pipeline=2",
-                                "run.exit_after=3"))
+    first = launch(first_run[0], overrides(corpus, tmp_path / "run", *base, *first_run[1], "run.exit_after=3"))
     assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(2, overrides(corpus, tmp_path / "run", *base, "data.micro_batch_size=1"))
+    second = launch(second_run[0], overrides(corpus, tmp_path / "run", *base, *second_run[1]))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resharding weights and optimizer state" in second.stdout + second.stderr
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
@@ -312,9 +309,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     assert _mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
     try:
         full = launch(1, overrides(corpus, disk / "run", *args))
-        assert full.returncode == 2, full.stderr[-4000:]
+        assert full.returncode != 0 and "exitcode  : 2" in full.stderr, full.stderr[-4000:]
         errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-4000:]
+        assert len(errors) == 1 and str(ROOT / "pretrain") not in full.stderr, full.stderr[-4000:]
         assert "step_00000004" in errors[0] and "No space left on device" in errors[0]
         assert "the newest complete one is" in errors[0] and "step_00000002" in errors[0]
         ckpts = disk / "run" / "checkpoints"
