@@ -93,13 +93,17 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
     from pretrain.distributed import init_distributed
     from pretrain.engine import build_engine
     from pretrain.layout import resolve_layout
-    from pretrain.train import init_model_parallel, load_training_data
+    from pretrain.data.streams import SegmentStreams
+    from pretrain.preflight import check_data
+    from pretrain.train import init_model_parallel
     config = load_config(ROOT / "configs" / "tiny-cpu.yaml", config_overrides)
     device = torch.device("cpu")
     rank, world = init_distributed(device)
     layout = resolve_layout(config, world, cuda=False)
     dp_rank = init_model_parallel(layout)
-    _, streams = load_training_data(config, layout, dp_rank)
+    data, d = check_data(config, verify_checksums=False, log=lambda m: None), config.data
+    streams = SegmentStreams(data.train, tgt_len=d.tgt_len, dp_size=layout.data, dp_rank=dp_rank,
+                             micro_batches=d.micro_batches, micro_batch_size=d.micro_batch_size, roll_seed=d.roll_seed)
     engine = build_engine(config, layout, config.model.vocab_size, device)
     results = []
     if mode == "save":
