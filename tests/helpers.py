@@ -127,3 +127,14 @@ def assert_eval_matches_export(run_dir: Path, corpus: Path, config, dp: int) -> 
                              mem_len=mem_len, batch_size=EVAL_STREAMS * dp)
     assert evals[-1]["eval_tokens"] == single.n_tokens
     assert evals[-1]["eval_loss"] == pytest.approx(single.loss, rel=1e-5)
+
+
+class PicklePayload:
+    """A pickle that runs ``touch marker`` when unpickled with ``weights_only=False`` (the safe-loading tests
+    plant it in checkpoint files and check that the marker never appears)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

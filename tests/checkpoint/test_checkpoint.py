@@ -10,7 +10,7 @@ import torch
 
 from lamemo_parallel import LaMemoModel
 
-from helpers import ROOT, launch, losses
+from helpers import ROOT, PicklePayload, launch, losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -73,17 +73,6 @@ def _resign(ckpt, *names):
     (ckpt / "COMPLETE.json").write_text(json.dumps(marker))
 
 
-class Payload:
-    """A pickle that runs a shell command when unpickled with weights_only=False."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     """One run saves 7 checkpoints; six are damaged in six ways (truncated shard, missing file, size-preserving
     corruption, a manifest of {}, a garbage trainer.json of the same size, a planted pickle payload with a
@@ -103,7 +92,7 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     size = (step[3] / "trainer.json").stat().st_size                              # garbage trainer.json
     (step[3] / "trainer.json").write_bytes(b"\x00garbage" * (size // 8) + b"#" * (size % 8))
     marker = tmp_path / "payload-ran"                                             # planted pickle payload
-    torch.save({"module": Payload(marker)}, step[2] / "mp_rank_00_model_states.pt")
+    torch.save({"module": PicklePayload(marker)}, step[2] / "mp_rank_00_model_states.pt")
     _resign(step[2], "mp_rank_00_model_states.pt")
 
     from pretrain.checkpoint import CheckpointError, find_resume_checkpoint, validate

@@ -1,0 +1,73 @@
+"""Checkpoint format pieces without a training run: the marker check, the hash split, write-failure messages,
+safe loading of a planted payload and the streaming safetensors writer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PicklePayload
+
+from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint.format import read_marker, share_of
+from pretrain.checkpoint.safe_load import check_pickle_is_safe, safe_load, write_failure
+
+
+@pytest.mark.parametrize("text", ["{}", "[]", "not json", '{"step": 3, "files": {"a": 5}}'])
+def test_a_damaged_marker_is_named(tmp_path, text):
+    (tmp_path / "COMPLETE.json").write_text(text)
+    with pytest.raises(CheckpointError, match="COMPLETE.json is damaged"):
+        read_marker(tmp_path)
+
+
+def test_hash_work_is_split_evenly_and_completely():
+    sizes = [100, 90, 10, 10, 10, 50, 40, 1]
+    paths = [Path(f"f{i}") for i in range(len(sizes))]
+    shares = [share_of(paths, sizes, r, 3) for r in range(3)]
+    assert sorted(i for s in shares for i in s) == list(range(len(sizes)))      # every file exactly once
+    loads = [sum(sizes[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(sizes)
+
+
+def test_write_failures_name_the_path_and_the_cause(tmp_path):
+    denied = PermissionError(13, "Permission denied", str(tmp_path / "x.pt"))
+    assert write_failure(tmp_path / "x.pt", denied) == f"{tmp_path / 'x.pt'}: Permission denied"
+    full = OSError(28, "No space left on device", str(tmp_path / "y.pt"))
+    assert write_failure(tmp_path / "y.pt", full).endswith("No space left on device")
+    # torch.save's C++ writer gives no errno: the message is its first line, never a stack
+    text = write_failure(tmp_path / "z.pt", RuntimeError("PytorchStreamWriter failed writing file\n  frame #0"))
+    assert text == f"{tmp_path / 'z.pt'}: PytorchStreamWriter failed writing file"
+
+
+def test_a_planted_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    planted = tmp_path / "trainer_state_rank_00000.pt"
+    torch.save({"step": 3, "rng": PicklePayload(marker)}, planted)
+    with pytest.raises(CheckpointError, match="could run code"):
+        check_pickle_is_safe(planted)
+    with pytest.raises(CheckpointError, match="could run code"):
+        safe_load(planted)
+    assert not marker.exists()
+    good = tmp_path / "good.pt"
+    torch.save({"step": 3, "memory": [None, {"x": torch.ones(2)}], "rng": {"python": (3, (1, 2), None)}}, good)
+    check_pickle_is_safe(good)
+    assert safe_load(good)["memory"][1]["x"].sum() == 2
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable torch file"):
+        check_pickle_is_safe(tmp_path / "garbage.pt")
+
+
+def test_streaming_safetensors_reads_back_with_the_library(tmp_path):
+    from safetensors.torch import load_file
+
+    from pretrain.export import write_streaming_safetensors
+    tensors = {"b": torch.randn(3, 5), "a": torch.randn(7), "c": torch.randn(2, 2, 2)}
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        path = tmp_path / f"{dtype}.safetensors"
+        write_streaming_safetensors(path, list(tensors), {k: list(v.shape) for k, v in tensors.items()}, dtype,
+                                    tensors.__getitem__, {"dtype": dtype})
+        back = load_file(str(path))
+        assert all(torch.equal(back[k], v.to(torch_dtype)) for k, v in tensors.items())
+        header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+        assert header["__metadata__"] == {"dtype": dtype}
