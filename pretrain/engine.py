@@ -230,11 +230,6 @@ class Engine:
     def reset_memory(self) -> None:
         self.memories = [None] * len(self.memories)
 
-    def full_optimizer_state(self) -> dict[str, torch.Tensor] | None:
-        """Collective: Adam moments in the single-device layout (for resharding on a layout change)."""
-        from .reshard import gather_full_optimizer_state
-        return gather_full_optimizer_state(self)
-
     def split_dims(self) -> dict[str, int | None]:
         """Which dimension of each weight is split over tensor-parallel ranks (None: replicated)."""
         module = self.engine.module

@@ -205,23 +205,6 @@ class PipelineEngine:
         """Collective: the single-device state dict (all stages, TP shards gathered), on every rank."""
         return self.model.full_state_dict()
 
-    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
-        """Collective: Adam moments in the single-device layout, ``<name>.exp_avg`` / ``<name>.exp_avg_sq``
-        (gathered over ZeRO-1 partitions, TP shards and pipeline stages), on every rank."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-        plain = self.engine.optimizer if isinstance(self.engine.optimizer, torch.optim.Optimizer) else None
-        out = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            local = {}
-            for name, param in self.model.named_model_parameters().items():
-                value = safe_get_full_optimizer_state(param, key)
-                if value is None:
-                    state = plain.state.get(param, {}) if plain is not None else {}
-                    value = state.get(key, torch.zeros_like(param))
-                local[name] = value
-            out.update({f"{name}.{key}": t for name, t in self.model.gather_full(local).items()})
-        return out
-
     def split_dims(self) -> dict[str, int | None]:
         """Single-device name -> the dimension split over tensor-parallel ranks (None: replicated); no
         communication (gathered at start-up)."""
