@@ -1,7 +1,0 @@
-"""Lets `python tools/X.py` find the repository's packages without an editable install."""
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
