@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import lzma
 import os
@@ -42,13 +42,8 @@ def concat_documents(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
 
 
 def load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` by path (``tools`` is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses defined in the tool look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The module behind ``tools/<name>.py`` and its installed command: ``pretrain.cli.<name>``."""
+    return importlib.import_module(f"pretrain.cli.{name}")
 
 
 def free_port() -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Average attention weight against relative distance for exported models on a token file (the paper's
 Figure 1: how much a model reads its memory), to a PNG and a CSV.
 
@@ -27,13 +26,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
-from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from lamemo_parallel import LaMemoModel
+from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
 from pretrain.evaluation import split_streams
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Fetch WikiText-103, WikiText-2, enwik8 and text8 from their official sources (checksums verified).
 
     python tools/download_data.py wikitext-103 enwik8 --out-dir data
@@ -16,14 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python tools/...` from the repo
-
-from pretrain.cli_args import OneLineParser  # noqa: E402
-
-from pretrain.data.cli import run_tool  # noqa: E402
-from pretrain.data.download import CORPORA, prepare, prepare_demo  # noqa: E402
+from pretrain.cli_args import OneLineParser
+from pretrain.data.cli import run_tool
+from pretrain.data.download import CORPORA, prepare, prepare_demo
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Perplexity and bits per character of a from_pretrained model over a token file or a text file.
 
     python tools/evaluate.py MODEL_DIR --tokens data/wt2/valid        # a preprocessed .bin/.idx prefix
@@ -14,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
-from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
 import torch
 
 from lamemo_parallel import LaMemoModel
+from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
 from pretrain.evaluation import evaluate_tokens
 
 

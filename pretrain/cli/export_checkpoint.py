@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Export a training checkpoint to a single-device directory that loads with plain torch.
 
     python tools/export_checkpoint.py RUN_DIR/checkpoints/step_00001000 OUT
@@ -17,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _bootstrap  # noqa: F401
 from pretrain.cli_args import OneLineParser
 
 

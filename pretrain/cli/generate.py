@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Sample text from a from_pretrained model: the prompt is fed in segments, then one token at a time.
 
     python tools/generate.py MODEL_DIR --prompt "The meaning of" [--max-new-tokens 100] [--top-p 0.95]
@@ -10,12 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
-from pretrain.cli_args import (OneLineParser, clamp_len, device, non_negative_float, non_negative_int, positive_int,
-                               probability)
 import torch
 
 from lamemo_parallel import LaMemoModel
+from pretrain.cli_args import (OneLineParser, clamp_len, device, non_negative_float, non_negative_int, positive_int,
+                               probability)
 from pretrain.sampling import generate
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Import a state dict saved by the paper's official release (thu-coai/LaMemo) into a from_pretrained directory.
 
     python tools/import_official_checkpoint.py SRC.pt OUT_DIR [--pre-lnorm] [--clamp-len 400] [--variant 33]
@@ -11,11 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _bootstrap  # noqa: F401
-from pretrain.cli_args import OneLineParser, non_negative_int, positive_int
-
 from lamemo_parallel.config import ConfigError
 from lamemo_parallel.convert import OfficialImportError, import_official, read_official_state_dict
+from pretrain.cli_args import OneLineParser, non_negative_int, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Curves of several training runs in one PNG (e.g. LaMemo against Transformer-XL).
 
     python tools/plot_runs.py runs/wt103-lamemo runs/wt103-xl --out loss.png
@@ -26,9 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
 from pretrain.cli_args import OneLineParser, positive_float, positive_int
-
 from pretrain.tracking import EMBEDDED_DB, METRICS_FILE, RUN_ID_FILE, embedded_tracking_uri
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Tokenize text files / folders into a memory-mapped token file (megatron-core .bin/.idx + .meta.json).
 
     python tools/preprocess_data.py --input data/demo/train.txt --tokenizer runs/tok --output-prefix data/demo/train
@@ -17,15 +16,11 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python tools/...` from the repo
-
-from pretrain.cli_args import OneLineParser  # noqa: E402
-
-from pretrain.data.cli import run_tool  # noqa: E402
-from pretrain.data.errors import DataError  # noqa: E402
-from pretrain.data.indexed import preprocess, read_meta  # noqa: E402
+from pretrain.cli_args import OneLineParser
+from pretrain.data.cli import run_tool
+from pretrain.data.errors import DataError
+from pretrain.data.indexed import preprocess, read_meta
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train a tokenizer and save it as a directory (tokenizer.json + model files).
 
     python tools/train_tokenizer.py --kind bpe --input data/demo/train.txt --output runs/tok --vocab-size 4000
@@ -15,15 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python tools/...` from the repo
-
-from pretrain.cli_args import OneLineParser, non_negative_int, positive_int, probability  # noqa: E402
-
-from pretrain.data.cli import run_tool  # noqa: E402
-from pretrain.data.errors import DataError  # noqa: E402
-from pretrain.data.tokenizer import KINDS, train_tokenizer  # noqa: E402
+from pretrain.cli_args import OneLineParser, non_negative_int, positive_int, probability
+from pretrain.data.cli import run_tool
+from pretrain.data.errors import DataError
+from pretrain.data.tokenizer import KINDS, train_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

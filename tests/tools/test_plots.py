@@ -15,13 +15,9 @@ import pytest
 import torch
 from helpers import ROOT
 
-sys.path.insert(0, str(ROOT / "tools"))
-
-import attention_utilization  # noqa: E402
-import plot_runs  # noqa: E402
-
-from lamemo_parallel import LaMemoConfig, LaMemoModel  # noqa: E402
-from pretrain.tracking import Tracker  # noqa: E402
+from lamemo_parallel import LaMemoConfig, LaMemoModel
+from pretrain.cli import attention_utilization, plot_runs
+from pretrain.tracking import Tracker
 
 SIZE = ["--width", "6", "--height", "4", "--dpi", "50"]       # 300 x 200 pixels
 

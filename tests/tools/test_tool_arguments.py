@@ -32,10 +32,9 @@ def one_error_line(capsys, call) -> str:
     return lines[0]
 
 
-def test_bad_arguments_of_every_tool_give_one_line(tmp_path, model_dir, corpus, capsys, monkeypatch, root):
+def test_bad_arguments_of_every_tool_give_one_line(tmp_path, model_dir, corpus, capsys):
     from pretrain.data.indexed import preprocess
     from pretrain.data.tokenizer import train_tokenizer
-    monkeypatch.syspath_prepend(str(root / "tools"))      # the scripts import their _bootstrap sibling
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     # a token file whose ids fit the model's vocabulary but were made with another tokenizer

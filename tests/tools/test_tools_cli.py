@@ -1,4 +1,6 @@
-"""evaluate.py / generate.py on an exported directory, and their clear errors (a real tiny model, real tokenizer)."""
+"""The tools as commands: evaluate / generate on an exported directory and their clear errors (a real tiny model,
+real tokenizer); every tool is an installed console command and a script."""
+import importlib
 import json
 import math
 import subprocess
@@ -9,7 +11,7 @@ import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
 
-from helpers import ROOT
+from helpers import ROOT, load_tool
 
 
 
@@ -64,3 +66,28 @@ def test_tokenizer_that_does_not_match_the_model_is_refused(tmp_path):
     for result in (run("evaluate.py", model_dir, "--text", text),
                    run("generate.py", model_dir, "--prompt", "hi")):
         assert result.returncode == 2 and "vocabulary mismatch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_tool_is_an_installed_command_and_a_script(monkeypatch, capsys):
+    """Each ``[project.scripts]`` entry names a ``main`` that exists, every ``tools/X.py`` (bar the shell scripts)
+    is the script form of one of them (no sys.path set-up of its own) and answers ``--help``."""
+    import runpy
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    targets = {}
+    for command, target in scripts.items():
+        module, function = target.split(":")
+        assert command.startswith("lamemo-") and callable(getattr(importlib.import_module(module), function)), command
+        targets[module] = command
+    tools = sorted(p for p in (ROOT / "tools").glob("*.py"))
+    assert tools and not (ROOT / "tools" / "_bootstrap.py").exists()
+    for tool in tools:
+        assert f"pretrain.cli.{tool.stem}" in targets, f"{tool.name} has no console command"
+        assert load_tool(tool.stem).main is importlib.import_module(f"pretrain.cli.{tool.stem}").main
+        assert "sys.path" not in tool.read_text() and "_bootstrap" not in tool.read_text(), tool.name
+        monkeypatch.setattr(sys, "argv", [str(tool), "--help"])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(tool), run_name="__main__")
+        assert exit_.value.code == 0, tool.name
+        assert capsys.readouterr().out.startswith("usage: "), tool.name
