@@ -199,6 +199,7 @@ def _coerce(value, annotation, key: str):
     if annotation is int:
         if isinstance(value, bool):
             raise TrainConfigError(f"{key} must be an integer, got {value!r}")
+        given = value
         try:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
@@ -208,7 +209,7 @@ def _coerce(value, annotation, key: str):
                 raise ValueError
             return value
         except (ValueError, yaml.YAMLError):
-            raise TrainConfigError(f"{key} must be an integer, got {value!r}") from None
+            raise TrainConfigError(f"{key} must be an integer, got {given!r}") from None
     if annotation is float:
         if isinstance(value, bool):
             raise TrainConfigError(f"{key} must be a number, got {value!r}")

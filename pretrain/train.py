@@ -159,7 +159,11 @@ def failure(err: BaseException, what: str, rank: int, run_dir: Path) -> RunFaile
 def claim_run_dir(config: TrainConfig, run_dir: Path, lock) -> None:
     """Rank 0: take the run directory's lock and apply the reuse rules (run.resume=never / run.overwrite)."""
     from .run_lock import has_previous_run, move_previous_run_aside
-    lock.acquire(log=log)
+    try:
+        lock.acquire(log=log)
+    except OSError as err:
+        raise TrainConfigError(f"run.dir={run_dir} cannot be used as the run directory ({err.strerror}: "
+                               f"{err.filename})") from None
     if config.run.resume != "never":
         return
     previous = has_previous_run(run_dir)
