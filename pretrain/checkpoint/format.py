@@ -83,6 +83,9 @@ def read_marker(ckpt: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {ckpt}: {MARKER} is damaged (not JSON)") from None
     files = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(files, dict) and files and all(isinstance(v, int) for v in files.values()):
+        raise CheckpointError(f"checkpoint {ckpt} was written by an older version (format 1: a consolidated copy, "
+                              f"no sha256); resume or export it with that version")
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(files, dict) \
             or not files or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
                                     and isinstance(v.get("sha256"), str) for v in files.values()):

@@ -14,10 +14,13 @@ from pretrain.checkpoint.format import read_marker, share_of
 from pretrain.checkpoint.safe_load import check_pickle_is_safe, safe_load, write_failure
 
 
-@pytest.mark.parametrize("text", ["{}", "[]", "not json", '{"step": 3, "files": {"a": 5}}'])
-def test_a_damaged_marker_is_named(tmp_path, text):
+@pytest.mark.parametrize("text,expected", [("{}", "COMPLETE.json is damaged"), ("[]", "COMPLETE.json is damaged"),
+                                           ("not json", "COMPLETE.json is damaged"),
+                                           ('{"step": 3, "files": {"a": {"size": 5}}}', "COMPLETE.json is damaged"),
+                                           ('{"step": 3, "files": {"a": 5}}', "older version")])
+def test_a_damaged_or_old_marker_is_named(tmp_path, text, expected):
     (tmp_path / "COMPLETE.json").write_text(text)
-    with pytest.raises(CheckpointError, match="COMPLETE.json is damaged"):
+    with pytest.raises(CheckpointError, match=expected):
         read_marker(tmp_path)
 
 
