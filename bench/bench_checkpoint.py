@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Checkpoint cost per rank: peak memory and wall time of save, offline export and resharded load.
 
-    flock /work/bigmem.lock .venv/bin/python bench/bench_checkpoint.py [--sizes 100m 400m] [--repeats 3]
+    .venv/bin/python bench/bench_checkpoint.py [--sizes 100m 400m] [--repeats 3]
 
 For each model size, 4 gloo ranks build the trainer's engine for (TP, PP, DP) = (2, 2, 1), run one step (so the
 Adam state exists) and save ``--repeats`` checkpoints; the offline export (``pretrain.export``, one process, no

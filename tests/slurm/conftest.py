@@ -9,6 +9,7 @@ not root, no apt-get, no package source) the SLURM tests skip with the script's 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -32,3 +33,14 @@ def cluster():
     stop = subprocess.run(["bash", str(SLURM_LOCAL / "stop.sh")], capture_output=True, text=True, timeout=120,
                           env=env)
     assert stop.returncode == 0, stop.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A test that fails mid-job leaves its jobs running; cancel them so that the next test gets the nodes."""
+    yield
+    if shutil.which("squeue") is None:        # no cluster here (the tests skipped)
+        return
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split()
+    if queued:
+        subprocess.run(["scancel", *queued], capture_output=True, text=True, timeout=30)

@@ -60,8 +60,14 @@ def sbatch(script, args, *options, env=None):
 
 
 def job_info(job):
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    """``scontrol show job``'s fields. On a loaded machine an RPC to slurmctld now and then fails outright
+    ("Zero Bytes were transmitted or received"): ask again rather than read that as the job's state."""
+    for _ in range(10):
+        result = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        if result.returncode == 0 and "JobState=" in result.stdout:
+            return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+        time.sleep(1)
+    pytest.fail(f"scontrol show job {job} keeps failing: {result.stderr.strip()}")
 
 
 def wait_job(job, timeout):
