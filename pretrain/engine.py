@@ -245,6 +245,8 @@ class Engine:
 
 def build_engine(config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
     """The engine for this layout: DeepSpeed's pipeline engine when pipelining, the plain one otherwise."""
+    from .host_memory import release_freed_memory
+    release_freed_memory()            # before any weight is allocated (see pretrain/host_memory.py)
     if layout.pipeline > 1:
         from .pipeline_engine import PipelineEngine
         return PipelineEngine(config, layout, vocab_size, device)
