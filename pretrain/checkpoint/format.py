@@ -169,9 +169,17 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str, log=print) -> Path 
         if error:
             raise CheckpointError(error)
         return Path(resume)
-    for ckpt in complete_checkpoints(run_dir):
+    found = complete_checkpoints(run_dir)
+    for ckpt in found:
         error = _agreed_error(ckpt)
         if error is None:
             return ckpt
         log(f"warning: skipping checkpoint: {error}")
+    if found:
+        # Starting fresh here would mix two runs in one directory and let checkpoint rotation delete the old
+        # run's checkpoints (perhaps readable by an older version, or repairable): refuse and change nothing.
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoints in {checkpoint_root(run_dir)} can be resumed (newest: "
+            f"{found[0].name}); nothing was changed: repair or remove them, resume one with run.resume=PATH, or "
+            f"start fresh with run.resume=never run.overwrite=true (moves the old run aside)")
     return None

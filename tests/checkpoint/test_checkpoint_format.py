@@ -10,7 +10,7 @@ import torch
 from helpers import PicklePayload
 
 from pretrain.checkpoint import CheckpointError
-from pretrain.checkpoint.format import read_marker, share_of
+from pretrain.checkpoint.format import find_resume_checkpoint, read_marker, share_of, step_tag
 from pretrain.checkpoint.safe_load import check_pickle_is_safe, safe_load, write_failure
 
 
@@ -22,6 +22,23 @@ def test_a_damaged_or_old_marker_is_named(tmp_path, text, expected):
     (tmp_path / "COMPLETE.json").write_text(text)
     with pytest.raises(CheckpointError, match=expected):
         read_marker(tmp_path)
+
+
+def test_auto_resume_refuses_a_directory_whose_checkpoints_are_all_unusable(tmp_path):
+    """Starting fresh next to unusable checkpoints would mix two runs and let rotation delete the old ones:
+    refused with one message, nothing touched. Without checkpoints, auto starts fresh."""
+    assert find_resume_checkpoint(tmp_path, "auto", log=lambda *_: None) is None
+    ckpts = tmp_path / "checkpoints"
+    for step, marker in ((4, "{}"), (8, '{"step": 8, "files": {"a": 5}}')):      # damaged, older version
+        (ckpts / step_tag(step)).mkdir(parents=True)
+        (ckpts / step_tag(step) / "COMPLETE.json").write_text(marker)
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    warnings = []
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints .* can be resumed \(newest: "
+                                              + step_tag(8) + r"\).*run\.overwrite=true"):
+        find_resume_checkpoint(tmp_path, "auto", log=warnings.append)
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping checkpoint") for w in warnings)
+    assert sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
 
 
 def test_hash_work_is_split_evenly_and_completely():
