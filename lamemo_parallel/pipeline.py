@@ -75,14 +75,13 @@ from .memory import LaMemoMemory
 from .model import LaMemoModel
 from .positions import inverse_frequencies
 from .init import draw_init_seed, initialise_parameters
-from .sharding import BIAS_NAMES, bias_names, merge, shard, sharding_table, stage_bounds, stage_plan
+from .sharding import BIAS_NAMES, bias_names, shard, sharding_table, stage_bounds, stage_plan
 
 #: Positions in the carry tuple that flows through a stage.
 ACT, CONTENT, POSITION, FUTURE_POSITION, FUTURE_CONTENT, POS_CAUSAL, POS_AHEAD = range(7)
 FIRST_MEMORY = 7
 
 #: Single-device names of the tied parameters (held by several stages; the first stage speaks for them).
-TIED = ("embedding.weight",) + BIAS_NAMES
 
 
 def layer_memory_names(layer: int, lookahead: bool) -> list[str]:
@@ -522,16 +521,6 @@ class LaMemoPipelineModule(PipelineModule):
     def _to_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
         return shard(self.sharding[name], full, self.tp_rank, self.tp_size) if self.tensor_parallel else full
 
-    def _to_full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (shaped like this rank's parameter ``name``) in the full layout: collective over the TP
-        group for split parameters."""
-        entry = self.sharding[name]
-        if not self.tensor_parallel or entry.split_dim is None:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.tp_group)
-        return merge(entry, parts)
-
     def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of the single-device-layout tensors it holds (weights or optimizer moments),
         keyed by single-device name like ``named_model_parameters``; no communication."""
@@ -549,30 +538,6 @@ class LaMemoPipelineModule(PipelineModule):
                     raise ValueError(f"{name}: state dict shape {tuple(state_dict[name].shape)}, the model's "
                                      f"{self.sharding[name].shape}")
                 param.copy_(self._to_local(name, state_dict[name]))
-
-    def gather_full(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Collective over all ranks of the pipeline: tensors shaped like this rank's parameters (the weights,
-        or per-parameter optimizer state), keyed by single-device name, gathered into the single-device
-        layout (float32, CPU) on every rank. Tied tensors come from the first stage."""
-        out = {}
-        for name, tensor in local.items():
-            if name in TIED and self.stage_id != 0:
-                continue
-            out[name] = self._to_full(name, tensor.detach()).float().cpu().clone()
-        gathered = [None] * self._grid.get_pipe_parallel_world_size()
-        dist.all_gather_object(gathered, out, group=self._grid.get_pipe_parallel_group())
-        merged = {}
-        for part in gathered:
-            merged.update(part)
-        return merged
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective over all ranks of the pipeline: the single-device state dict, on every rank."""
-        return self.gather_full({name: p.detach() for name, p in self.named_model_parameters().items()})
-
-    def split_dims(self) -> dict[str, int | None]:
-        """Single-device name -> dimension split over TP ranks (None: replicated), for the whole model."""
-        return {name: (entry.split_dim if self.tensor_parallel else None) for name, entry in self.sharding.items()}
 
     # ------------------------------------------------------------------ memory in the single-device layout
     def gathered_memory(self, slot: int) -> LaMemoMemory | None:

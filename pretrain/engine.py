@@ -198,22 +198,6 @@ class Engine:
         params = [q for q in self.engine.module.parameters() if q.grad is not None]
         return float(get_flattened_grad_norm(params, mpu=self.engine.mpu))
 
-    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights in the single-device layout (gathered over tensor-parallel ranks and ZeRO-3 shards)."""
-        module = self.engine.module
-        if self.config.parallel.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
-            if hasattr(module, "to_full_layout"):      # ZeRO-3 inside tensor parallelism: TP shards too
-                state = module.to_full_layout(state)
-            state = {k: v.cpu() for k, v in state.items()}
-        elif hasattr(module, "full_state_dict"):
-            state = module.full_state_dict()
-        else:
-            state = {k: v.detach().clone().float().cpu() for k, v in module.state_dict().items()}
-        return state
-
     # ------------------------------------------------------------------ checkpoint hooks
     def memory_state(self) -> list[dict | None]:
         """This rank's memory per micro-batch slot, as plain tensors (for the per-rank checkpoint file)."""
@@ -229,13 +213,6 @@ class Engine:
 
     def reset_memory(self) -> None:
         self.memories = [None] * len(self.memories)
-
-    def split_dims(self) -> dict[str, int | None]:
-        """Which dimension of each weight is split over tensor-parallel ranks (None: replicated)."""
-        module = self.engine.module
-        if hasattr(module, "_split_dims"):
-            return module._split_dims()
-        return {name: None for name in module.state_dict()}
 
     def evaluate(self, streams: torch.Tensor, *, tgt_len: int, mem_len: int) -> EvalResult:
         """Score this data-parallel rank's evaluation ``streams`` [E, L + 1] with the parallel model itself

@@ -1,7 +1,7 @@
 """The pipeline-parallel engine (parallel.pipeline > 1): DeepSpeed's pipe engine over ``LaMemoPipelineModule``.
 
 Same interface as ``pretrain.engine.Engine``: ``train_step(micro_batches) -> StepResult``,
-``full_model_state_dict()``, ``evaluate(streams)``, ``engine`` (DeepSpeed's), plus ``memory_state()`` /
+``evaluate(streams)``, ``engine`` (DeepSpeed's), plus ``memory_state()`` /
 ``load_memory_state()`` for checkpoints. One optimizer step is one ``engine.train_batch`` over the step's
 micro-batches (1F1B schedule, gradient_accumulation_steps = micro_batches), with tensor parallelism inside the
 stages (megatron-core) and data parallelism across pipelines; ZeRO-1 is allowed, ZeRO-2/3 are refused by
@@ -79,7 +79,6 @@ class PipelineEngine:
             seed=config.run.seed)
         self.grid = self.model.mpu()
         check_groups_agree(self.grid)
-        self._split_dims = self.model.split_dims()
         # The single-device model's initial weights at run.seed, each rank drawing only the tensors it holds.
         torch.manual_seed(config.run.seed)
         self.model.initialize()
@@ -199,16 +198,6 @@ class PipelineEngine:
                 count += targets.numel()
         self.engine.reset_activation_shape()                  # training shapes are negotiated afresh
         return EvalResult(nll_sum=nll_sum, n_tokens=count)
-
-    # ------------------------------------------------------------------ weights
-    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the single-device state dict (all stages, TP shards gathered), on every rank."""
-        return self.model.full_state_dict()
-
-    def split_dims(self) -> dict[str, int | None]:
-        """Single-device name -> the dimension split over tensor-parallel ranks (None: replicated); no
-        communication (gathered at start-up)."""
-        return dict(self._split_dims)
 
     # ------------------------------------------------------------------ memory
     def memory_state(self) -> list[dict | None]:
