@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel, LaMemoMemory
+from lamemo_parallel.init import draw_init_seed, initialise_parameters
+from lamemo_parallel.sharding import sharding_table
 
 from . import divergence
 from .config import TrainConfig
@@ -115,14 +117,19 @@ class Engine:
         # Identical initial weights on every rank (the single-device model's at run.seed); a tensor-parallel
         # rank draws each tensor in full, one at a time, and keeps its slice.
         torch.manual_seed(config.run.seed)
+        init_seed = draw_init_seed()
         if layout.tensor > 1:
-            from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel
-            model = TensorParallelLaMemoModel(self.model_config)
+            from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel as model_class
         else:
-            model = LaMemoModel(self.model_config)
+            model_class = LaMemoModel
+        if config.parallel.zero_stage == 3 and layout.tensor == 1:
+            # (with tensor parallelism a rank builds only its 1/TP shard, partitioned by deepspeed.initialize)
+            model = self._partitioned_model(model_class, init_seed)
+        else:
+            model = model_class(self.model_config, init_seed=init_seed).to(device)
         model.activation_checkpointing = config.parallel.activation_checkpointing
         model.attention_backend = attention_backend(config.parallel.attention_backend, device)
-        self.model = model.to(device)
+        self.model = model
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         scheduler = build_scheduler(optimizer, config.optim, config.run.steps)
         if config.parallel.zero_stage == 3:
@@ -136,6 +143,26 @@ class Engine:
         # Dropout differs across data-parallel ranks, agrees across tensor-parallel ranks (split regions
         # are forked inside the tensor-parallel model).
         torch.manual_seed(config.run.seed + 1 + self.dp_rank)
+
+    def _partitioned_model(self, model_class, init_seed: int):
+        """ZeRO-3: every parameter is partitioned over the data-parallel ranks as soon as its module is built
+        (``deepspeed.zero.Init``), then filled one tensor at a time (gathered, set from its per-tensor seed,
+        partitioned again), so no rank ever holds the whole model, not even at start-up."""
+        import deepspeed
+        ds_config = deepspeed_config(self.config, self.layout)
+        # zero.Init reads only the ZeRO and precision keys; the batch keys it would check against a world size
+        # it cannot know yet (DeepSpeed's communication layer starts in deepspeed.initialize).
+        for key in ("train_batch_size", "gradient_accumulation_steps"):
+            ds_config.pop(key, None)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=self._mpu()):
+            model = model_class(self.model_config, initialize=False)
+        table = sharding_table(self.model_config, model.linears.tp_size)
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                initialise_parameters({name: param}, table, init_seed=init_seed,
+                                      init_std=self.model_config.init_std, tp_rank=model.linears.tp_rank,
+                                      tp_size=model.linears.tp_size)
+        return model
 
     # ------------------------------------------------------------------ parallel pieces
     @property
