@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel  # noqa: E402
+from lamemo_parallel.config import BASELINE_VARIANT as XL, DEFAULT_VARIANT as LAMEMO, variant_traits  # noqa: E402
 from lamemo_parallel.flops import StepShape, forward_macs, training_flops  # noqa: E402
 
 
@@ -139,10 +140,10 @@ def main():
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seg_len + 1), generator=g).to(args.device)
-    models = {v: build(v, args) for v in (0, 3)}
-    runners = {"XL": Ours(models[0], tokens, args), "LaMemo": Ours(models[3], tokens, args)}
+    models = {v: build(v, args) for v in (XL, LAMEMO)}
+    runners = {"XL": Ours(models[XL], tokens, args), "LaMemo": Ours(models[LAMEMO], tokens, args)}
     if args.release:
-        runners["release"] = Release(models[3], tokens, args)
+        runners["release"] = Release(models[LAMEMO], tokens, args)
         with torch.no_grad():
             diff = (runners["release"].nll() - runners["LaMemo"].nll()).abs().max().item()
     for run in runners.values():   # warm-up
@@ -158,7 +159,7 @@ def main():
 
     def macs(v, vocab=args.vocab):
         shape = StepShape(args.layers, args.d_model, args.d_inner, vocab, args.seg_len, args.mem_len,
-                          lookahead=v != 0)
+                          lookahead=variant_traits(v).looks_ahead)
         if args.mode == "eval":
             return forward_macs(shape, include_output=vocab > 0)
         return training_flops(shape) / 2
@@ -175,8 +176,8 @@ def main():
               f"(min {min(cpus[name]) * 1e3:.1f})")
     print(f"measured ratio LaMemo/XL: {med['LaMemo'] / med['XL']:.3f} wall, "
           f"{cpu_med['LaMemo'] / cpu_med['XL']:.3f} CPU")
-    print(f"multiply-add ratio LaMemo/XL (docs/method.md §6): {macs(3) / macs(0):.3f} with the output layer, "
-          f"{macs(3, 0) / macs(0, 0):.3f} layer stack only")
+    print(f"multiply-add ratio LaMemo/XL (docs/method.md §6): {macs(LAMEMO) / macs(XL):.3f} with the output layer, "
+          f"{macs(LAMEMO, 0) / macs(XL, 0):.3f} layer stack only")
     if args.release:
         print(f"measured ratio LaMemo/release: {med['LaMemo'] / med['release']:.3f} wall, "
               f"{cpu_med['LaMemo'] / cpu_med['release']:.3f} CPU  (max |nll difference| {diff:.2e})")

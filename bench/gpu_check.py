@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel  # noqa: E402
+from lamemo_parallel.config import BASELINE_VARIANT, DEFAULT_VARIANT, variant_traits  # noqa: E402
 from lamemo_parallel.flops import StepShape, training_flops  # noqa: E402
 from pretrain.throughput import dense_peak_tflops  # noqa: E402
 
@@ -94,7 +95,7 @@ def measure(variant: int, args, sizes: dict) -> dict:
 def equality(args, sizes: dict) -> list[str]:
     """Eager against fused on the same weights and memory: losses and gradients of one step, per variant."""
     rows = []
-    for variant in (3, 0):
+    for variant in (DEFAULT_VARIANT, BASELINE_VARIANT):
         model = build(variant, args, sizes).train()
         g = torch.Generator().manual_seed(2)
         tokens = torch.randint(0, sizes["vocab_size"], (args.batch, args.seg_len + 1), generator=g).to(args.device)
@@ -149,11 +150,11 @@ def main(argv=None) -> int:
              "| variant | parameters | median ms / step | min | tokens / s | model TFLOP/s | MFU | peak memory GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     results = {}
-    for variant in (3, 0):
+    for variant in (DEFAULT_VARIANT, BASELINE_VARIANT):
         r = results[variant] = measure(variant, args, sizes)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
-        lines.append(f"| {variant} ({'LaMemo' if variant else 'XL'}) | {r['params'] / 1e6:.1f} M | "
+        lines.append(f"| {variant} ({'LaMemo' if variant_traits(variant).looks_ahead else 'XL'}) | {r['params'] / 1e6:.1f} M | "
                      f"{r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tflops']:.1f} | {mfu} | {mem} |")
         print(lines[-1], flush=True)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .config import BASELINE_VARIANT, variant_traits
 from .positions import lookahead_position_scores, relative_shift, step_tables
 from .softmax import softmax_with_lse, statistics_dtype
 
@@ -33,8 +34,8 @@ class GlobalBiases:
 
     content: torch.Tensor            # u  (r_w_bias)
     position: torch.Tensor           # v  (r_r_bias)
-    future_position: torch.Tensor | None = None   # v+ (r_r_bias_future), variants 3 / 32 / 33
-    future_content: torch.Tensor | None = None    # u+ (r_w_bias_future), variant 32
+    future_position: torch.Tensor | None = None   # v+ (r_r_bias_future): VariantTraits.future_position_bias
+    future_content: torch.Tensor | None = None    # u+ (r_w_bias_future): VariantTraits.future_content_bias
 
 
 @dataclass
@@ -103,7 +104,7 @@ class RelativeAttention(nn.Module):
         M = mem_len
         T = z.shape[1]
         N = T - M
-        tables = step_tables(M, N, self.variant if self.lookahead else 0, z.device)
+        tables = step_tables(M, N, self.variant if self.lookahead else BASELINE_VARIANT, z.device)
         # The fused path has no attention-probability dropout and returns no probabilities: such a call runs eager.
         dropatt_active = self.dropatt.p > 0 and self.training
         fused = self.backend == "flex" and not return_probs and not dropatt_active
@@ -155,7 +156,7 @@ class RelativeAttention(nn.Module):
     def _lookahead(self, q_mem, k, v, plan, positions, biases, cached_vectors, cached_lse, recorded, fused):
         k_win, v_win = k[:, :, plan.start:plan.end], v[:, :, plan.start:plan.end]
         content_bias = biases.future_content if biases.future_content is not None else biases.content
-        position_bias = biases.position if self.variant == 31 else biases.future_position
+        position_bias = biases.future_position if variant_traits(self.variant).future_position_bias else biases.position
         r_table = self.r_proj(positions.lookahead).view(-1, self.n_local_heads, self.d_head)
         content_q = (q_mem + content_bias[:, None]) * self.scale
         position = lookahead_position_scores((q_mem + position_bias[:, None]) * self.scale, r_table, plan)

@@ -9,7 +9,58 @@ from pathlib import Path
 #: The release's ``attn_type`` numbers we support (docs/method.md §5).
 #: 0 = Transformer-XL, 3 = LaMemo (default), 31 / 32 / 33 = ablations of the look-ahead positions.
 SUPPORTED_VARIANTS = (0, 3, 31, 32, 33)
-LOOKAHEAD_VARIANTS = (3, 31, 32, 33)
+
+
+@dataclass(frozen=True)
+class VariantTraits:
+    """What a variant number means (docs/method.md §5): the only place that reads the numbers.
+
+    Everything else asks these named questions, so a new ablation is one line here."""
+
+    looks_ahead: bool
+    """Memory rows are recomputed with look-ahead attention to the current rows (LaMemo); False = Transformer-XL."""
+    future_position_bias: bool
+    """The look-ahead position score has its own bias v+ (``r_r_bias_future``); otherwise it reuses v."""
+    future_content_bias: bool
+    """The look-ahead content score has its own bias u+ (``r_w_bias_future``); otherwise it reuses u."""
+    full_look_ahead: bool
+    """No strict-future mask: signed distances M-1..0, 1..M from a 2M table (needs M >= N once memory exists)."""
+    negative_future_distances: bool
+    """Future distances are written -1..-M (XL's positions extended to the future) instead of 1..M."""
+
+
+_TRAITS = {
+    0: VariantTraits(looks_ahead=False, future_position_bias=False, future_content_bias=False,
+                     full_look_ahead=False, negative_future_distances=False),
+    3: VariantTraits(looks_ahead=True, future_position_bias=True, future_content_bias=False,
+                     full_look_ahead=False, negative_future_distances=False),
+    31: VariantTraits(looks_ahead=True, future_position_bias=False, future_content_bias=False,
+                      full_look_ahead=False, negative_future_distances=True),
+    32: VariantTraits(looks_ahead=True, future_position_bias=True, future_content_bias=True,
+                      full_look_ahead=False, negative_future_distances=False),
+    33: VariantTraits(looks_ahead=True, future_position_bias=True, future_content_bias=False,
+                      full_look_ahead=True, negative_future_distances=False),
+}
+assert tuple(_TRAITS) == SUPPORTED_VARIANTS
+#: The default variant: LaMemo as published.
+DEFAULT_VARIANT = 3
+#: The Transformer-XL baseline.
+BASELINE_VARIANT = 0
+
+
+def variant_traits(variant: int) -> VariantTraits:
+    """The named properties of one supported variant number."""
+    try:
+        return _TRAITS[variant]
+    except (KeyError, TypeError):
+        raise ConfigError(f"variant must be one of {SUPPORTED_VARIANTS}, got {variant!r}") from None
+
+
+def check_variant(variant) -> str | None:
+    """The problem with a variant number (one line), or None when it is supported."""
+    if variant in _TRAITS:
+        return None
+    return f"variant must be one of {', '.join(map(str, SUPPORTED_VARIANTS))}, got {variant!r}"
 
 
 class ConfigError(ValueError):
@@ -32,7 +83,7 @@ class LaMemoConfig:
     d_head: int | None = None
     """Width of one head; defaults to d_model // n_head."""
     d_inner: int = 1024
-    variant: int = 3
+    variant: int = DEFAULT_VARIANT
     """The release's attn_type: 0 (Transformer-XL), 3 (LaMemo), 31, 32, 33 (ablations)."""
     pre_lnorm: bool = False
     """Pre-LayerNorm blocks; the release's default (and ours) is post-LN."""
@@ -61,8 +112,7 @@ class LaMemoConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.variant not in SUPPORTED_VARIANTS:
-            raise ConfigError(f"variant must be one of {SUPPORTED_VARIANTS}, got {self.variant!r}")
+        variant_traits(self.variant)
         if self.d_model % 2:
             raise ConfigError(f"d_model must be even for the sinusoidal positions, got {self.d_model}")
         if self.mem_len is not None and (not isinstance(self.mem_len, int) or self.mem_len < 0):
@@ -73,8 +123,25 @@ class LaMemoConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
     @property
+    def traits(self) -> VariantTraits:
+        return variant_traits(self.variant)
+
+    @property
     def uses_lookahead(self) -> bool:
-        return self.variant in LOOKAHEAD_VARIANTS
+        """LaMemo's look-ahead memory (any variant but Transformer-XL)."""
+        return self.traits.looks_ahead
+
+    @property
+    def has_future_position_bias(self) -> bool:
+        return self.traits.future_position_bias
+
+    @property
+    def has_future_content_bias(self) -> bool:
+        return self.traits.future_content_bias
+
+    @property
+    def full_look_ahead(self) -> bool:
+        return self.traits.full_look_ahead
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -83,8 +83,8 @@ class LaMemoModel(nn.Module):
             self.drop = nn.Dropout(config.dropout)
             self.content_bias = self._global_bias()
             self.position_bias = self._global_bias()
-            self.future_position_bias = self._global_bias() if config.variant in (3, 32, 33) else None
-            self.future_content_bias = self._global_bias() if config.variant == 32 else None
+            self.future_position_bias = self._global_bias() if config.has_future_position_bias else None
+            self.future_content_bias = self._global_bias() if config.has_future_content_bias else None
             self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
         self.register_buffer("inv_freq", inverse_frequencies(config.d_model), persistent=False)
         #: Recompute each layer's activations in the backward pass (training only). The cached memory enters a
@@ -180,8 +180,8 @@ class LaMemoModel(nn.Module):
         distances = [torch.arange(T - 1, -1, -1.0, device=device)]
         n_ahead = 0
         if c.uses_lookahead and mem_len > 0:
-            if c.variant == 33 and mem_len < seg_len:
-                raise ConfigError(f"variant 33 (full look-ahead) needs mem_len >= tgt_len once memory is "
+            if c.full_look_ahead and mem_len < seg_len:
+                raise ConfigError(f"variant {c.variant} (full look-ahead) needs mem_len >= tgt_len once memory is "
                                   f"non-empty; got M={mem_len} < N={seg_len}")
             ahead = lookahead_table_distances(mem_len, c.variant, device=device)
             distances.append(ahead)

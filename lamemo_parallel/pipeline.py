@@ -309,8 +309,8 @@ class GlobalBiasesPipe(nn.Module):
         shape = (_local_heads(config, tensor_parallel), config.d_head)
         self.content_bias = nn.Parameter(torch.zeros(shape))
         self.position_bias = nn.Parameter(torch.zeros(shape))
-        self.future_position_bias = nn.Parameter(torch.zeros(shape)) if config.variant in (3, 32, 33) else None
-        self.future_content_bias = nn.Parameter(torch.zeros(shape)) if config.variant == 32 else None
+        self.future_position_bias = nn.Parameter(torch.zeros(shape)) if config.has_future_position_bias else None
+        self.future_content_bias = nn.Parameter(torch.zeros(shape)) if config.has_future_content_bias else None
         if tensor_parallel:
             for name in self.present():
                 _tensor_parallel()._mark_split(getattr(self, name), 0)

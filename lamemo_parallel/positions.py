@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import variant_traits
+
 
 def inverse_frequencies(d_model: int) -> torch.Tensor:
     """omega_k = 10000^(-2(k-1)/d) for k = 1..d/2 (the release's ``pos_emb.inv_freq`` buffer)."""
@@ -59,16 +61,18 @@ def lookahead_distances(mem_len: int, start: int, end: int, device=None) -> torc
 def lookahead_table_distances(mem_len: int, variant: int, device=None) -> torch.Tensor:
     """The distances of the look-ahead table, in its row order: 1..M (variants 3 / 32), -1..-M (31), or
     M-1..0 followed by 1..M (33, the magnitudes of the signed distances)."""
+    traits = variant_traits(variant)
     future = torch.arange(1, mem_len + 1, dtype=torch.float32, device=device)
-    if variant == 33:
+    if traits.full_look_ahead:
         return torch.cat([torch.arange(mem_len - 1, -1, -1, dtype=torch.float32, device=device), future])
-    return -future if variant == 31 else future
+    return -future if traits.negative_future_distances else future
 
 
 def lookahead_table_row(delta: torch.Tensor, mem_len: int, variant: int) -> torch.Tensor:
     """Which row of the look-ahead table holds signed distance ``delta = p - i`` (-1 where none does)."""
-    row = delta + (mem_len - 1) if variant == 33 else delta - 1
-    size = 2 * mem_len if variant == 33 else mem_len
+    full = variant_traits(variant).full_look_ahead
+    row = delta + (mem_len - 1) if full else delta - 1
+    size = 2 * mem_len if full else mem_len
     return torch.where((row >= 0) & (row < size), row, torch.full_like(row, -1))
 
 
@@ -163,10 +167,11 @@ def step_tables(mem_len: int, seg_len: int, variant: int, device: torch.device) 
     """The cached tables of one (M, N, variant, device). Callers must not modify them."""
     mask = causal_mask(seg_len, mem_len, device=device)
     plan = None
-    if variant != 0 and mem_len > 0:
+    traits = variant_traits(variant)
+    if traits.looks_ahead and mem_len > 0:
         start, end = lookahead_window(mem_len, seg_len)
         width = end - start
-        if variant != 33 and mem_len <= seg_len:
+        if not traits.full_look_ahead and mem_len <= seg_len:
             block, table_index = mem_len, None
         else:
             block = width         # a block scores at most 2 x width - 1 table rows per row
@@ -177,7 +182,7 @@ def step_tables(mem_len: int, seg_len: int, variant: int, device: torch.device) 
             # start + u - (block - 1) + r: the distance p - i (i = j*block + r) does not depend on r.
             delta = start + local - rows
             table_index = (lookahead_table_row(delta, mem_len, variant) + 1).to(device)
-        blocked = None if variant == 33 else ~lookahead_future_mask(mem_len, start, end, device=device)
+        blocked = None if traits.full_look_ahead else ~lookahead_future_mask(mem_len, start, end, device=device)
         plan = LookaheadPlan(mem_len=mem_len, start=start, end=end, block=block, table_index=table_index,
                              future_blocked=blocked)
     return StepTables(causal_mask=mask, causal_blocked=~mask, lookahead=plan)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from lamemo_parallel.config import DEFAULT_VARIANT, check_variant, variant_traits
+
 
 class TrainConfigError(ValueError):
     """A configuration problem, reported before any compute."""
@@ -25,7 +27,7 @@ class TrainConfigError(ValueError):
 class ModelSection:
     """Architecture (see lamemo_parallel.LaMemoConfig). ``vocab_size: 0`` takes the tokenizer's size."""
 
-    variant: int = 3
+    variant: int = DEFAULT_VARIANT
     n_layer: int = 4
     d_model: int = 256
     n_head: int = 8
@@ -286,7 +288,7 @@ def validate(config: TrainConfig) -> None:
     size lives in pretrain.layout, files and memory in pretrain.preflight). The first problem is raised."""
     m, d, o, p, r = config.model, config.data, config.optim, config.parallel, config.run
     checks = [
-        (m.variant in (0, 3, 31, 32, 33), f"model.variant must be one of 0, 3, 31, 32, 33, got {m.variant}"),
+        (check_variant(m.variant) is None, f"model.{check_variant(m.variant)}"),
         *[(getattr(m, k) > 0, f"model.{k} must be >= 1, got {getattr(m, k)}")
           for k in ("n_layer", "d_model", "n_head", "d_inner")],
         (m.d_head is None or m.d_head > 0, f"model.d_head must be null (d_model / n_head) or >= 1, got {m.d_head}"),
@@ -301,8 +303,9 @@ def validate(config: TrainConfig) -> None:
         (d.mem_len >= 0, f"data.mem_len must be >= 0, got {d.mem_len}"),
         (d.eval_mem_len is None or d.eval_mem_len >= 0,
          f"data.eval_mem_len must be null (data.mem_len) or >= 0, got {d.eval_mem_len}"),
-        (not (m.variant == 33 and 0 < d.mem_len < d.tgt_len),
-         "model.variant 33 needs data.mem_len >= data.tgt_len"),
+        (check_variant(m.variant) is not None or not (variant_traits(m.variant).full_look_ahead
+                                                      and 0 < d.mem_len < d.tgt_len),
+         f"model.variant {m.variant} (full look-ahead) needs data.mem_len >= data.tgt_len"),
         (d.micro_batch_size > 0, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}"),
         (d.micro_batches > 0, f"data.micro_batches must be >= 1, got {d.micro_batches}"),
         (d.roll_seed is None or d.roll_seed >= 0, f"data.roll_seed must be null or >= 0, got {d.roll_seed}"),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lamemo_parallel.config import variant_traits
+
 from .config import TrainConfig, TrainConfigError
 from .layout import Layout, split_layers
 
@@ -163,7 +165,7 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
     m, d, p = config.model, config.data, config.parallel
     w = 4 if p.precision == "fp32" else 2
     D, T, b, N, M = layout.data, layout.tensor, d.micro_batch_size, d.tgt_len, d.mem_len
-    lookahead = m.variant != 0
+    lookahead = variant_traits(m.variant).looks_ahead
     q, k = (N + M if lookahead else N), M + N
     stages = split_layers(m.n_layer, layout.pipeline, p.pipeline_partition)
     params = parameters_per_stage(config, layout)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lamemo_parallel import ConfigError
+from lamemo_parallel.config import variant_traits
 from lamemo_parallel.flops import StepShape
 
 from .cli_args import OneLineParser
@@ -276,7 +277,7 @@ def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run
     m = config.model
     meter = ThroughputMeter(
         StepShape(m.n_layer, m.d_model, m.d_inner, m.vocab_size, config.data.tgt_len, config.data.mem_len,
-                  lookahead=m.variant != 0),
+                  lookahead=variant_traits(m.variant).looks_ahead),
         micro_batch_size=config.data.micro_batch_size, forward_calls_per_step=layout.data * config.data.micro_batches,
         n_devices=world, peak_tflops=resolve_peak_tflops(config.run.peak_tflops or None, device,
                                                          config.parallel.precision),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lamemo_parallel.config import ConfigError
+from lamemo_parallel.config import SUPPORTED_VARIANTS, ConfigError
 from lamemo_parallel.convert import OfficialImportError, import_official, read_official_state_dict
 from pretrain.cli_args import OneLineParser, non_negative_int, positive_int
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="state dict file saved by the release (torch.save(model.state_dict()))")
     parser.add_argument("out", help="output directory (config.json + model.safetensors)")
-    parser.add_argument("--variant", type=int, choices=[0, 3, 31, 32, 33], default=None,
+    parser.add_argument("--variant", type=int, choices=list(SUPPORTED_VARIANTS), default=None,
                         help="attn_type; inferred from the tensors (3 and 33 are indistinguishable: default 3)")
     parser.add_argument("--pre-lnorm", action="store_true", help="the model was trained with --pre_lnorm")
     parser.add_argument("--clamp-len", type=int, default=-1, help="clamp relative distances (<= 0: off)")
