@@ -11,6 +11,8 @@ every rank, before the engine is built, so a bad input costs seconds and never a
 """
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 
@@ -117,29 +119,15 @@ class MemoryEstimate:
 
 
 def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
-    """Parameters each tensor-parallel rank of each pipeline stage holds: matrices split over TP, vectors
-    counted whole (an upper bound: some biases are split too); the tied embedding sits on the first and the
-    last stage. Counted on the meta device: nothing is allocated."""
+    """Parameters one tensor-parallel rank of each pipeline stage holds, read off the sharding table (the tied
+    embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
+    the model, even on the meta device, costs seconds of imports in every process of every launch."""
+    from lamemo_parallel.sharding import sharding_table
     from .engine import model_config
-    from lamemo_parallel import LaMemoModel
-    with torch.device("meta"):
-        model = LaMemoModel(model_config(config, config.model.vocab_size))
-    per_layer = [0] * config.model.n_layer
-    shared = embedding = 0
-    for name, param in model.named_parameters():
-        count = param.numel() // layout.tensor if param.dim() >= 2 else param.numel()
-        if name.startswith("layers."):
-            per_layer[int(name.split(".")[1])] += count
-        elif name.startswith("embedding."):
-            embedding += count
-        else:
-            shared += count
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
-    out = []
-    for s, layers in enumerate(stages):
-        emb = embedding if s in (0, len(stages) - 1) else 0
-        out.append(sum(per_layer[i] for i in layers) + emb + shared)
-    return out
+    table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
+    return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)
+            for s in range(len(stages))]
 
 
 def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:

@@ -211,7 +211,9 @@ def dry_run(config: TrainConfig) -> int:
 
 
 def run(config: TrainConfig) -> Path:
+    from .deepspeed_import import import_deepspeed
     from .run_lock import RunLock
+    import_deepspeed(tracking=config.run.mlflow)
     device = resolve_device(config)
     set_cpu_threads(device)
     rank, world = init_distributed(device)
