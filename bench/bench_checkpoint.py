@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_checkpoint.py [--sizes 100m 400m] [--repeats 3]
 
 For each model size, 4 gloo ranks build the trainer's engine for (TP, PP, DP) = (2, 2, 1), run one step (so the
-Adam state exists) and save ``--repeats`` checkpoints; the offline export (``pretrain.export``, one process, no
+Adam state exists) and save ``--repeats`` checkpoints; the offline export (``pretrain.checkpoint.export``, one process, no
 process group) runs ``--repeats`` times on the last one; then 4 ranks in (1, 2, 2) ZeRO-1 (another layout) load
 it ``--repeats`` times through the resharding path. Each phase reports, per rank, the wall time and the peak
 resident memory above the resident memory just before the phase (sampled every 2 ms from /proc), as medians
@@ -132,7 +132,7 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
 
 def export_worker(ckpt: Path, dest: Path, out: Path) -> None:
     # sampled, not ru_maxrss: Linux carries the parent's peak over fork + exec into the child's ru_maxrss
-    from pretrain.export import export_checkpoint
+    from pretrain.checkpoint.export import export_checkpoint
     with PeakSampler() as s:
         export_checkpoint(ckpt, dest, overwrite=True)
     size = (dest / "model.safetensors").stat().st_size

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.indexed import load_tokens
     from .evaluation import evaluate_tokens
-    from .export import export_checkpoint
+    from .checkpoint.export import export_checkpoint
     export = run_dir / "export"
     export_checkpoint(run_dir, export, overwrite=True)       # the newest checkpoint -> single-device format
     print(f"[demo] exported the newest checkpoint of {run_dir} to {export}", flush=True)

@@ -79,7 +79,7 @@ def export_final(run_dir: Path) -> Path:
     """``run_dir/final``: the newest checkpoint (the last step's, saved just before) exported offline from its
     shards by rank 0, as ``tools/export_checkpoint.py`` does. The other ranks do not wait for it (no
     barrier to time out on a long export)."""
-    from .export import export_checkpoint
+    from .checkpoint.export import export_checkpoint
     out = run_dir / "final"
     if dist.get_rank() == 0:
         export_checkpoint(run_dir, out, overwrite=True)

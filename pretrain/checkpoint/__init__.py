@@ -8,6 +8,8 @@ resume is exact on the same layout and reshards on another, export reads the sha
     save        the collective save (no gather), failure handling (full disk, permissions)
     load        same-layout load, or resharding (reshard)
     shards      the offline reader: one merged tensor at a time (export, resharding)
+    export      the offline export to a single-device ``from_pretrained`` directory (import it as
+                ``pretrain.checkpoint.export``; it needs only the shards)
 """
 from .format import (CHECKPOINTS, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
                      find_resume_checkpoint, rank_state_path, step_tag, validate)

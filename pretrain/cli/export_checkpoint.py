@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace a model already exported to OUT")
     args = parser.parse_args(argv)
     from pretrain.checkpoint import CheckpointError
-    from pretrain.export import export_checkpoint
+    from pretrain.checkpoint.export import export_checkpoint
     try:
         result = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.force)
     except (CheckpointError, FileNotFoundError, ValueError) as err:

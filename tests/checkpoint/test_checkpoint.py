@@ -195,7 +195,7 @@ def test_bf16_training_exports_the_fp32_master_and_reshards(corpus, tmp_path):
     first = launch(2, overrides(corpus, run, *base, "parallel.zero_stage=1", "run.exit_after=3"))
     assert first.returncode == 0, first.stderr[-4000:]
     ckpt = run / "checkpoints" / "step_00000003"
-    from pretrain.export import export_checkpoint
+    from pretrain.checkpoint.export import export_checkpoint
     export_checkpoint(ckpt, tmp_path / "export")
     weights = LaMemoModel.from_pretrained(tmp_path / "export").state_dict()
     w = weights["layers.0.attn.q_proj.weight"]

@@ -81,7 +81,7 @@ def test_a_planted_pickle_payload_is_refused_and_never_runs(tmp_path):
 def test_streaming_safetensors_reads_back_with_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from pretrain.export import write_streaming_safetensors
+    from pretrain.checkpoint.export import write_streaming_safetensors
     tensors = {"b": torch.randn(3, 5), "a": torch.randn(7), "c": torch.randn(2, 2, 2)}
     for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         path = tmp_path / f"{dtype}.safetensors"

@@ -172,7 +172,7 @@ def test_divergence_stops_cleanly_and_keeps_the_checkpoint_before_it(corpus, tmp
 def test_non_finite_gradient_skips_the_update_under_zero(corpus, tmp_path):
     """NaN gradients injected on the last step (4; data parallel 2, ZeRO-2): the update is skipped on every rank,
     the final checkpoint's weights equal those after step 3 exactly, the run finishes and exports."""
-    from pretrain.export import export_checkpoint
+    from pretrain.checkpoint.export import export_checkpoint
     run_dir = tmp_path / "run"
     result = launch(2, [*base_overrides(corpus, run_dir), "parallel.zero_stage=2", "run.save_interval=1",
                         "run.steps=4", "run.keep_checkpoints=4"], env_extra={"LAMEMO_FAULT_NAN_STEPS": "4"})

@@ -1,7 +1,7 @@
 """Export of a training checkpoint to a single-device ``from_pretrained`` directory, offline from the shards.
 
 Streaming: the safetensors header is computed from the sharding table first, then each parameter is merged
-from its pieces (``checkpoint.shards.ShardReader``), cast and appended to the file, one tensor at a time, so the
+from its pieces (``shards.ShardReader``), cast and appended to the file, one tensor at a time, so the
 peak memory is about the largest merged tensor, not the model. The weights are the optimizer's fp32 master
 copy (under bf16 / fp16 training too); ``dtype`` chooses what is written, and the file's metadata and
 ``export.json`` say both. No process group, no GPU; the result loads with plain torch
@@ -19,8 +19,8 @@ import torch
 
 from lamemo_parallel import LaMemoConfig
 
-from .checkpoint import CheckpointError, complete_checkpoints, validate
-from .checkpoint.shards import ShardReader
+from .format import CheckpointError, complete_checkpoints, validate
+from .shards import ShardReader
 
 DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16")}
 EXPORT_META = "export.json"
