@@ -17,7 +17,6 @@ the unconfirmed ones are moved to ``checkpoints/diverged/`` so the newest checkp
 from __future__ import annotations
 
 import collections
-import os
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -27,8 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-
-FAULT_NAN_ENV = "LAMEMO_FAULT_NAN_STEPS"
+from . import faults
 
 
 class DivergenceError(RuntimeError):
@@ -92,8 +90,7 @@ class StepGuard:
         self._verdict: Verdict | None = None
         self.last: Verdict | None = None
         self.calls = 0
-        # Fault injection for tests: NaN gradients on this process's optimizer steps listed here (1-based).
-        self._poison = {int(x) for x in os.environ.get(FAULT_NAN_ENV, "").split(",") if x.strip()}
+        self._poison = faults.nan_gradient_steps()      # fault injection for tests (pretrain/faults.py)
 
         def step(*args, **kwargs):
             return self._step(*args, **kwargs)

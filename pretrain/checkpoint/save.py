@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .. import faults
 from . import safe_load
 from .format import (FORMAT_VERSION, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
                      listed_files, rank_state_path, sha256_file, shard_index_path, share_of, step_tag)
@@ -128,9 +128,7 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
                 failure = safe_load.write_failure(getattr(err, "filename", None) or ckpt, err)
     failure = _agree(failure)
     if failure is None:
-        if os.environ.get("LAMEMO_FAULT_KILL_DURING_SAVE") == str(step):
-            # Fault injection for tests: a real SIGKILL after the shards are written, before the marker.
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.kill_during_save(step)   # tests: a real SIGKILL after the shards, before the marker
         hashes = [None] * dist.get_world_size()
         dist.all_gather_object(hashes, _hash_share(ckpt))
         if rank == 0:

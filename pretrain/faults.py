@@ -1,0 +1,36 @@
+"""Fault injection for tests: every hook that lets a test break a real run on purpose, in one place.
+
+Production code asks one small question at the point where a fault can be injected; with no ``LAMEMO_FAULT_*``
+variable set every answer is "no", so a normal run never takes a fault path. The variables are read when asked
+(not at import), so a test sets them in the environment of the processes it launches.
+
+    LAMEMO_FAULT_KILL_DURING_SAVE=S   ``kill_during_save(S)``: the process SIGKILLs itself while saving the
+                                      checkpoint of step S, after every shard is written and before the marker
+                                      (``checkpoint/save.py``). A real crash mid-save: the checkpoint must stay
+                                      incomplete and resume must fall back to the previous one.
+                                      Used by ``tests/checkpoint/test_checkpoint.py`` (kill during save).
+    LAMEMO_FAULT_NAN_STEPS=3,4        ``nan_gradient_steps()``: the gradients are filled with NaN on those
+                                      optimizer steps of the process (1-based, counted by the step guard,
+                                      ``divergence.py``), so the divergence guard skips them and stops the run.
+                                      Used by ``tests/parallel/test_reliability.py`` (divergence stop).
+
+See docs/reliability.md ("Fault injection").
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+KILL_DURING_SAVE_ENV = "LAMEMO_FAULT_KILL_DURING_SAVE"
+NAN_STEPS_ENV = "LAMEMO_FAULT_NAN_STEPS"
+
+
+def kill_during_save(step: int) -> None:
+    """SIGKILL this process if a test asked for a crash while saving the checkpoint of ``step``."""
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_gradient_steps() -> set[int]:
+    """The optimizer steps (1-based, of this process) whose gradients a test wants filled with NaN."""
+    return {int(x) for x in os.environ.get(NAN_STEPS_ENV, "").split(",") if x.strip()}
