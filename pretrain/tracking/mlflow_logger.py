@@ -29,7 +29,6 @@ With ``enabled=False`` (every rank but 0) every method is a no-op.
 from __future__ import annotations
 
 import atexit
-import collections
 import json
 import logging
 import math
@@ -37,14 +36,15 @@ import os
 import re
 import socket
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-logger = logging.getLogger(__name__)
+from .delivery_queue import DeliveryQueue
+
+logger = logging.getLogger("pretrain.tracking")     # one logger for the package, as before the split
 
 RUN_ID_FILE = "mlflow_run_id"
 EMBEDDED_DB = "mlflow.db"
@@ -177,18 +177,8 @@ class Tracker:
         self._jsonl = None
         self._started = False
         self._finished = False
-        # Background delivery: new operations arrive in _incoming; the worker moves them to _pending and
-        # sends them in order; a failed one stays at the head of _pending and is retried later.
-        self._lock = threading.Condition()
-        self._incoming: collections.deque = collections.deque()
-        self._pending: collections.deque = collections.deque()
-        self._outstanding = 0
-        self._dropped = 0
-        self._failing = False
         self._warned = False
-        self._stop = False
-        self._retry_now = False
-        self._thread: threading.Thread | None = None
+        self._queue: DeliveryQueue | None = None      # background delivery to MLflow, from start() on
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -221,8 +211,9 @@ class Tracker:
         self._started = True
         if not self.use_mlflow:
             return None
-        self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
-        self._thread.start()
+        self._queue = DeliveryQueue("MLflow", self.tracking_uri, warn_once=self._warn_once,
+                                    max_pending=self.max_pending, retry_interval_s=self.retry_interval_s,
+                                    thread_name="mlflow-tracker")
         atexit.register(self._at_exit)
         return self.run_id
 
@@ -359,18 +350,9 @@ class Tracker:
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued is delivered (True) or ``timeout_s`` passes (False)."""
-        if not (self.enabled and self._started and self._thread is not None):
+        if not (self.enabled and self._started and self._queue is not None):
             return True
-        deadline = time.monotonic() + (self.flush_timeout_s if timeout_s is None else timeout_s)
-        with self._lock:
-            while self._outstanding:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._retry_now = True            # a failed record is retried now, not after retry_interval_s
-                self._lock.notify_all()
-                self._lock.wait(min(remaining, 0.5))
-        return True
+        return self._queue.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Deliver what is queued (at most ``flush_timeout_s``), then mark the run ``status``."""
@@ -378,17 +360,14 @@ class Tracker:
             return
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
-        if self.use_mlflow and self._thread is not None:
+        if self.use_mlflow and self._queue is not None:
             self._submit(f"status {status}", lambda: self._client.set_terminated(self.run_id, status))
             if not self.flush():
-                with self._lock:
-                    lost = self._outstanding
+                lost = self._queue.outstanding
                 logger.warning("MLflow at %s did not take %d queued record(s) within %.0f s; they are lost "
                                "(metrics.jsonl in %s has every metric)", self.tracking_uri, lost,
                                self.flush_timeout_s, self.run_dir)
-            with self._lock:
-                self._stop = True
-                self._lock.notify_all()
+            self._queue.stop()
         self._finished = True
         if self._jsonl is not None:
             self._jsonl.close()
@@ -407,65 +386,15 @@ class Tracker:
             self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
     def _at_exit(self) -> None:
-        if self.active and self._thread is not None:
+        if self.active and self._queue is not None:
             self.flush(min(self.flush_timeout_s, 10.0))
 
-    # ------------------------------------------------------------------ background delivery
+    # ------------------------------------------------------------------ background delivery (delivery_queue)
     def _submit(self, what: str, op: Callable[[], Any]) -> None:
-        with self._lock:
-            self._incoming.append((what, op))
-            self._outstanding += 1
-            self._lock.notify_all()
+        self._queue.submit(what, op)
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:
             self._warned = True
             logger.warning("%s; training continues (MLflow records may be incomplete; metrics.jsonl is not)",
                            message)
-
-    def _worker(self) -> None:
-        while True:
-            with self._lock:
-                while (not self._incoming and not (self._pending and not self._failing) and not self._stop
-                       and not (self._pending and self._retry_now)):
-                    if self._pending:           # failing: wait, then retry the head
-                        if not self._lock.wait(self.retry_interval_s):
-                            break
-                    else:
-                        self._lock.wait()
-                self._retry_now = False
-                if self._stop and not self._incoming and not self._pending:
-                    return
-                while self._incoming:
-                    self._pending.append(self._incoming.popleft())
-                overflow = len(self._pending) - self.max_pending
-                for _ in range(max(overflow, 0)):
-                    self._pending.popleft()
-                    self._dropped += 1
-                    self._outstanding -= 1
-                if overflow > 0:
-                    self._lock.notify_all()
-                if not self._pending:
-                    continue
-                what, op = self._pending[0]
-            try:
-                op()
-            except Exception as err:   # never let a tracking failure reach the training loop
-                with self._lock:
-                    self._failing = True
-                    if self._stop:         # finish() gave up: do not retry forever
-                        self._pending.clear()
-                        self._outstanding = 0
-                        self._lock.notify_all()
-                        return
-                self._warn_once(f"MLflow logging to {self.tracking_uri} failed ({what}: "
-                                f"{type(err).__name__}: {str(err)[:300]})")
-                continue
-            with self._lock:
-                self._pending.popleft()
-                self._outstanding -= 1
-                if self._failing:
-                    self._failing = False
-                    logger.warning("MLflow at %s reachable again%s", self.tracking_uri,
-                                   f"; {self._dropped} queued record(s) were dropped" if self._dropped else "")
-                self._lock.notify_all()

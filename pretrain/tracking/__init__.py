@@ -1,0 +1,12 @@
+"""Experiment tracking on rank 0: MLflow runs plus a local ``metrics.jsonl``.
+
+    mlflow_logger   the :class:`Tracker` (run lifecycle, params, metrics, artifacts, resume of the run id)
+    delivery_queue  the generic in-order background delivery with bounded retry the tracker sends through
+
+Callers import from the package: ``from pretrain.tracking import Tracker``.
+"""
+from .mlflow_logger import (EMBEDDED_ARTIFACTS, EMBEDDED_DB, METRICS_FILE, RUN_ID_FILE, TERMINAL_STATUSES, Tracker,
+                            TrackingError, clean_key, embedded_tracking_uri, flatten_params, resolve_tracking_uri)
+
+__all__ = ["EMBEDDED_ARTIFACTS", "EMBEDDED_DB", "METRICS_FILE", "RUN_ID_FILE", "TERMINAL_STATUSES", "Tracker",
+           "TrackingError", "clean_key", "embedded_tracking_uri", "flatten_params", "resolve_tracking_uri"]
