@@ -1,4 +1,4 @@
-"""The segment-recurrent loader (Transformer-XL style) with exact resume, and the evaluation iterator.
+"""The segment-recurrent loader (Transformer-XL style) with exact resume.
 
 Layout. The token array is cut into ``S = dp_size * micro_batches * micro_batch_size`` contiguous
 streams. Stream ``s`` owns the ``L`` (input, target) pairs ``(t[i], t[i+1])`` for
@@ -33,11 +33,6 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
-
-IGNORE_INDEX = -100
-"""Target value of padding positions in :func:`eval_segments` (``torch.nn.functional.cross_entropy``'s
-default ``ignore_index``)."""
-
 
 def stream_id(dp_rank: int, micro_batch: int, row: int, *, micro_batches: int, micro_batch_size: int) -> int:
     """The stream read by ``row`` of micro-batch ``micro_batch`` on data-parallel rank ``dp_rank``.
@@ -216,35 +211,3 @@ class SegmentStreams:
             "the token order differs from an uninterrupted run",
             stacklevel=2,
         )
-
-
-def eval_segments(tokens: Any, *, tgt_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Segments over a whole valid/test split, every target token exactly once, in order per row.
-
-    The ``n - 1`` (input, target) pairs of the ``n`` tokens are cut into ``batch_size`` contiguous rows of
-    ``ceil((n - 1) / batch_size)`` pairs (the last row(s) shorter), then walked ``tgt_len`` pairs at a
-    time, like Transformer-XL's evaluation iterator. The last segment is shorter when the row length is
-    not a multiple of ``tgt_len``. Positions past the end of a short row are padding: their target is
-    :data:`IGNORE_INDEX` (and their input 0), so ``(targets != IGNORE_INDEX).sum()`` over all segments is
-    exactly ``n - 1``. Every token but the first is predicted once; unlike Transformer-XL nothing at the
-    end is dropped. The memory length is the model's business: any ``mem_len`` works with these segments.
-
-    Yields:
-        ``(inputs, targets)``, ``LongTensor [batch_size, T]`` with ``T = tgt_len`` except the last.
-    """
-    _positive(tgt_len=tgt_len, batch_size=batch_size)
-    arr = _as_numpy(tokens)
-    pairs = len(arr) - 1
-    if pairs < 1:
-        raise DataError(f"evaluation data needs at least 2 tokens, got {len(arr)}")
-    row_len = -(-pairs // batch_size)
-    starts = np.arange(batch_size, dtype=np.int64) * row_len
-    ends = np.minimum(starts + row_len, pairs)
-    for begin in range(0, row_len, tgt_len):
-        width = min(tgt_len, row_len - begin)
-        index = starts[:, None] + begin + np.arange(width, dtype=np.int64)
-        valid = index < ends[:, None]
-        safe = np.where(valid, index, 0)
-        inputs = np.where(valid, np.asarray(arr[safe], dtype=np.int64), 0)
-        targets = np.where(valid, np.asarray(arr[safe + 1], dtype=np.int64), IGNORE_INDEX)
-        yield torch.from_numpy(inputs), torch.from_numpy(targets)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.data.errors import DataError
-from pretrain.data.streams import IGNORE_INDEX, SegmentStreams, eval_segments, stream_id
+from pretrain.data.streams import SegmentStreams, stream_id
 
 # Tokens 0..N-1: every value names its own position, so a delivered token says exactly where it came from.
 N = 10_007
@@ -136,22 +136,3 @@ def test_memmap_and_tensor_inputs_work_like_arrays(tmp_path) -> None:
     b = SegmentStreams(torch.arange(1000), tgt_len=5, dp_size=1, dp_rank=0, micro_batches=1,
                        micro_batch_size=3).next_step()
     assert torch.equal(a[0][0], b[0][0]) and a[0][0].dtype == torch.long
-
-
-@pytest.mark.parametrize("n,tgt_len,batch_size", [(1000, 16, 3), (1001, 7, 10), (50, 100, 1), (37, 4, 8), (2, 3, 2)])
-def test_eval_segments_cover_every_token_exactly_once(n: int, tgt_len: int, batch_size: int) -> None:
-    tokens = np.arange(n) + 5  # distinct values, offset so that padding (0 / -100) cannot pass as data
-    segments = list(eval_segments(tokens, tgt_len=tgt_len, batch_size=batch_size))
-    widths = [inputs.shape[1] for inputs, _ in segments]
-    assert all(w == tgt_len for w in widths[:-1]) and 0 < widths[-1] <= tgt_len  # only the last is shorter
-    inputs = torch.cat([i for i, _ in segments], dim=1)
-    targets = torch.cat([t for _, t in segments], dim=1)
-    assert inputs.shape[0] == batch_size
-    valid = targets != IGNORE_INDEX
-    assert int(valid.sum()) == n - 1
-    assert sorted(targets[valid].tolist()) == list(range(6, n + 5))  # every token but the first, once
-    assert torch.equal(targets[valid], inputs[valid] + 1)
-    for row in range(batch_size):  # rows are contiguous and in order, padding only at their end
-        got = targets[row][valid[row]].tolist()
-        assert got == list(range(got[0], got[0] + len(got))) if got else True
-        assert valid[row].tolist() == sorted(valid[row].tolist(), reverse=True)
