@@ -31,13 +31,6 @@ _MASK64 = (1 << 64) - 1
 SPLIT_SEED_OFFSET = 2718
 
 
-def manual_seed(seed: int) -> None:
-    """Seed the replicated stream: call with the same ``seed`` on every rank of a tensor-parallel group
-    (different pipeline stages or data-parallel replicas may use different seeds). Split regions need no
-    seed of their own."""
-    torch.manual_seed(seed)
-
-
 def split_seed(key: int, tp_rank: int) -> int:
     """The seed of a split region: splitmix64 of (key, tp_rank), 63 bits."""
     z = (key + SPLIT_SEED_OFFSET + (tp_rank + 1) * 0x9E3779B97F4A7C15) & _MASK64

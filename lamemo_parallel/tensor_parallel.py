@@ -1,7 +1,7 @@
 """Tensor parallelism with megatron-core: the same LaMemo model, heads and vocabulary split across TP ranks.
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)   # after init_process_group
-    rng.manual_seed(seed)                              # the same seed on every rank of a TP group
+    torch.manual_seed(seed)                            # the same seed on every rank of a TP group
     model = TensorParallelLaMemoModel.from_full_state_dict(config, full_sd)   # or TensorParallelLaMemoModel(config)
     out = model(tokens, targets=targets, memory=memory)   # out.nll: [B, N], the same on every TP rank
     out.loss.backward() ... optimizer.step()           # no gradient sync across TP ranks is needed
@@ -258,10 +258,6 @@ class TensorParallelLaMemoModel(LaMemoModel):
         return vocab_parallel_cross_entropy(logits, targets)
 
     # ------------------------------------------------------------------ layouts
-    def _split_dims(self) -> dict[str, int | None]:
-        """State-dict name -> the dimension it is split along (None: replicated), from the sharding table."""
-        return {name: entry.split_dim for name, entry in self.sharding.items()}
-
     def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of tensors in the single-device layout (weights, gradients, optimizer moments)."""
         return {name: shard(self.sharding[name], tensor, self.tp_rank, self.tp_size) for name, tensor in full.items()}
