@@ -29,16 +29,24 @@ class ModelSection:
 
     variant: int = DEFAULT_VARIANT
     n_layer: int = 4
+    """Number of LaMemo (or Transformer-XL) layers."""
     d_model: int = 256
+    """d: the model width (embeddings, residual stream); even, for the sinusoidal positions."""
     n_head: int = 8
+    """Attention heads per layer."""
     d_head: int | None = None
     d_inner: int = 1024
+    """d_ff: the hidden width of each layer's feed-forward block."""
     pre_lnorm: bool = False
     dropout: float = 0.1
+    """Dropout on embeddings, residual branches and the final hidden states (training only)."""
     dropatt: float = 0.0
+    """Dropout on the attention probabilities (training only)."""
     clamp_len: int = -1
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of the weights."""
     vocab_size: int = 0
+    """Vocabulary size; 0 takes the tokenizer's size (a non-zero value is checked against the tokenizer)."""
 
 
 @dataclass
@@ -46,7 +54,9 @@ class DataSection:
     """Token files (prefixes of preprocessed .bin/.idx files) and the segment-recurrent batching."""
 
     train: str = ""
+    """Prefix of the preprocessed training token files (``<prefix>.bin`` / ``.idx`` / ``.meta.json``)."""
     valid: str = ""
+    """Prefix of the preprocessed validation token files (empty: no validation)."""
     tokenizer: str = ""
     """Directory of the tokenizer the data was preprocessed with; saved with every run and export."""
     tgt_len: int = 128
@@ -66,32 +76,47 @@ class DataSection:
     ``verify_max_gb`` together (size and index checks otherwise), ``checksum`` always, ``size`` never
     (docs/data.md, tools/verify_data.py)."""
     verify_max_gb: float = 4.0
+    """Largest total size of the token files (GB) that ``verify: auto`` still checksums."""
 
 
 @dataclass
 class OptimSection:
+    """The optimizer (Adam / AdamW) and its learning-rate schedule."""
+
     name: str = "adam"
     """adam or adamw (apex's fused kernels when importable on GPU, torch otherwise)."""
     lr: float = 2.5e-4
+    """Peak learning rate (after warm-up)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
     eps: float = 1e-8
+    """Adam's epsilon."""
     weight_decay: float = 0.0
+    """Weight decay (decoupled with adamw, L2 in the gradient with adam)."""
     warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many optimizer steps."""
     schedule: str = "cosine"
     """cosine (the paper's: from lr to min_lr over run.steps, after warm-up) or constant."""
     min_lr: float = 0.0
+    """The learning rate the cosine schedule ends at."""
     clip_grad: float = 0.25
     """Global gradient-norm clip (0 disables). The paper uses 0.25 on the true gradient."""
 
 
 @dataclass
 class ParallelSection:
+    """How the model is split over devices (tensor, pipeline, data parallel with ZeRO) and its precision."""
+
     tensor: int = 1
+    """Tensor-parallel ranks (megatron-core): heads and vocabulary split across them."""
     pipeline: int = 1
+    """Pipeline stages (DeepSpeed pipeline): layers split across them."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3): how optimizer state, gradients and weights are sharded over data-parallel ranks."""
     precision: str = "fp32"
     """fp32, bf16, or fp16 (GPU only, dynamic loss scaling). Z-bar stays float32 in every mode."""
     activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, more compute)."""
     attention_backend: str = "auto"
     """The attention's softmax part: auto (flex on CUDA, eager on CPU), eager (plain torch, the reference) or
     flex (torch's FlexAttention, fused; CUDA for training). See lamemo_parallel/attention.py."""
@@ -111,10 +136,16 @@ class ParallelSection:
 
 @dataclass
 class RunSection:
+    """The run: its directory, length, logging, evaluation, checkpoints, tracking and divergence guard."""
+
     dir: str = "runs/default"
+    """The run directory: checkpoints, logs, metrics.jsonl, the embedded MLflow store and the export."""
     steps: int = 100
+    """Optimizer steps of the whole run (also the length of the cosine schedule)."""
     seed: int = 1234
+    """Seed of the initialisation and of dropout."""
     log_interval: int = 10
+    """Log loss, learning rate and throughput every this many steps (console, metrics.jsonl, MLflow)."""
     eval_interval: int = 0
     """Evaluate on data.valid every this many steps (0: only at the end)."""
     eval_tokens: int = 0
@@ -126,6 +157,7 @@ class RunSection:
     save_interval: int = 0
     """Save a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 3
+    """How many of the newest complete checkpoints are kept; older ones are deleted."""
     exit_after: int = 0
     """Stop (after saving a checkpoint) once this process has run this many steps (0: run to run.steps);
     for time-sliced jobs and resume tests."""
@@ -148,6 +180,7 @@ class RunSection:
     """A step whose loss exceeds this factor times the median of the last ``spike_window`` accepted losses
     is skipped like a non-finite one (0 disables spike detection)."""
     spike_window: int = 50
+    """How many of the last accepted losses the spike test takes the median of."""
     memory_check: bool = True
     """Refuse at start-up a layout whose estimated memory per rank exceeds what the device has
     (pretrain/preflight.py documents the estimate)."""
