@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import BASELINE_VARIANT, variant_traits
-from .positions import lookahead_position_scores, relative_shift, step_tables
+from .positions import PositionEncodings, lookahead_position_scores, relative_shift, step_tables
 from .softmax import softmax_with_lse, statistics_dtype
 
 __all__ = ["ATTENTION_BACKENDS", "AttentionResult", "GlobalBiases", "PositionEncodings", "RelativeAttention",
@@ -36,20 +36,6 @@ class GlobalBiases:
     position: torch.Tensor           # v  (r_r_bias)
     future_position: torch.Tensor | None = None   # v+ (r_r_bias_future): VariantTraits.future_position_bias
     future_content: torch.Tensor | None = None    # u+ (r_w_bias_future): VariantTraits.future_content_bias
-
-
-@dataclass
-class PositionEncodings:
-    """Sinusoids of one step, shared by every layer (dropout already applied once), each [rows, d].
-
-    ``causal`` holds distances T-1, ..., 0 (row r = distance T-1-r). ``lookahead`` is the table the memory
-    queries score against, in the order of ``positions.lookahead_table_distances``: distances 1..M (variants
-    3 / 32), -1..-M (31), or M-1..0 followed by 1..M (33).
-    """
-
-    causal: torch.Tensor
-    lookahead: torch.Tensor | None
-    variant: int
 
 
 class AttentionResult(NamedTuple):

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .config import LaMemoConfig
-from .model import CheckpointMismatchError, LaMemoModel
+from .model import LaMemoModel
+from .model_files import CheckpointMismatchError
 
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # release name (inside a layer) -> our name; the packed projections are handled separately.

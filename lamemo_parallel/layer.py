@@ -1,10 +1,25 @@
-"""One decoder layer: relative attention, then the position-wise FFN on every row it produced."""
+"""One decoder layer: relative attention, then the position-wise FFN on every row it produced.
+
+``DecoderLayer.step`` is the one place that runs a layer on (hidden, that layer's memory) and returns (hidden,
+that layer's new memory): the single-device model loops over it, each pipeline stage runs it once per layer.
+"""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .attention import AttentionResult, RelativeAttention
+from .attention import AttentionResult, GlobalBiases, PositionEncodings, RelativeAttention
+from .memory import newest_rows
+
+
+class LayerStep(NamedTuple):
+    """What one layer step returns (a named tuple so that ZeRO-3's and checkpoint's hooks see the tensors)."""
+
+    hidden: torch.Tensor         # LaMemo: [B, M+N, d] (memory rows recomputed); XL: [B, N, d]
+    memory: tuple                # this layer's new memory, detached (see ``DecoderLayer.step``)
+    probs: dict | None = None    # attention weights, when asked for
 
 
 class PositionwiseFF(nn.Module):
@@ -45,3 +60,32 @@ class DecoderLayer(nn.Module):
         """LaMemo: z = [m; h] -> [m^l; h^l] (the FFN runs on memory rows too). XL: returns current rows only."""
         result = self.attn(z, **attention_inputs)
         return result._replace(output=self.ff(result.output))
+
+    def step(self, hidden: torch.Tensor, memory: tuple, *, positions: PositionEncodings, biases: GlobalBiases,
+             mem_len: int | None = None, return_probs: bool = False) -> LayerStep:
+        """One layer with its memory in and out (docs/method.md §4, §5).
+
+        LaMemo: ``hidden`` = [memory rows; current rows] of this layer's input, ``memory`` = (C-bar, Z-bar) of
+        its M memory rows; the new memory is the C-bar, Z-bar of every row it produced. Transformer-XL:
+        ``hidden`` = the current rows, ``memory`` = (the cached input of this layer,); the new memory is that
+        cache followed by this input. The new memory keeps its newest ``mem_len`` rows (None: all) and is
+        detached: the next segment reads it as a constant.
+        """
+        if self.attn.lookahead:
+            vectors, log_normalizers = memory
+            result = self(hidden, mem_len=vectors.shape[1], positions=positions, biases=biases,
+                          cached_vectors=vectors, cached_log_normalizers=log_normalizers, return_probs=return_probs)
+            new = (_newest(result.vectors, mem_len), _newest(result.log_normalizers, mem_len))
+        else:
+            (cached_input,) = memory
+            result = self(torch.cat([cached_input, hidden], dim=1), mem_len=cached_input.shape[1],
+                          positions=positions, biases=biases, return_probs=return_probs)
+            rows = cached_input.shape[1] + hidden.shape[1] if mem_len is None else mem_len
+            new = (newest_rows(cached_input, hidden, rows).detach(),)
+        return LayerStep(result.output, new, result.probs)
+
+
+def _newest(rows: torch.Tensor, mem_len: int | None) -> torch.Tensor:
+    """The newest ``mem_len`` rows (dim 1; all when None), detached."""
+    keep = rows.shape[1] if mem_len is None else min(mem_len, rows.shape[1])
+    return rows[:, rows.shape[1] - keep:].detach()

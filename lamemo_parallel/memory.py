@@ -79,6 +79,21 @@ class LaMemoMemory:
     def is_lookahead(self) -> bool:
         return bool(self.vectors)
 
+    def layer(self, index: int) -> tuple[torch.Tensor, ...]:
+        """What layer ``index`` reads (``DecoderLayer.step``): LaMemo (C-bar, Z-bar); XL (its cached input,)."""
+        if self.is_lookahead:
+            return self.vectors[index], self.log_normalizers[index]
+        return ((self.embeddings, *self.hidden)[index],)
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[torch.Tensor, ...]], embeddings: torch.Tensor | None = None,
+                    ) -> "LaMemoMemory":
+        """Inverse of ``layer``: every layer's memory, plus the embedding FIFO for LaMemo (for XL the cached
+        input of layer 0 is the embeddings)."""
+        if embeddings is not None:
+            return cls(embeddings=embeddings, vectors=[v for v, _ in layers], log_normalizers=[z for _, z in layers])
+        return cls(embeddings=layers[0][0], hidden=[h for (h,) in layers[1:]])
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor view (the on-disk layout)."""
         out = {"embeddings": self.embeddings}
@@ -159,6 +174,16 @@ class LaMemoMemory:
                    log_normalizers=series("log_normalizers"), hidden=series("hidden"))
 
     # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain CPU tensors by name (``tensors()``), loadable with ``torch.load(weights_only=True)``."""
+        return {name: t.detach().cpu() for name, t in self.tensors().items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device=None) -> "LaMemoMemory":
+        """Inverse of ``state_dict``, on ``device``."""
+        memory = cls.from_tensors(state)
+        return memory.to(device=device) if device is not None else memory
+
     def save(self, path: str | Path) -> None:
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors().items()}
         save_file(tensors, str(path), metadata={"format": _FORMAT})

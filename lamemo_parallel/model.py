@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,34 +22,9 @@ from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
 from .linear import PlainLinears
 from .memory import LaMemoMemory, newest_rows
-from .positions import clamp_distances, inverse_frequencies, lookahead_table_distances, sinusoid
+from .model_files import check_state_dict, load_model_dir, save_model_dir
+from .positions import inverse_frequencies, position_encodings
 from .sharding import sharding_table
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-
-
-class CheckpointMismatchError(ValueError):
-    """A state dict whose tensors do not match the model (missing, unexpected or mis-shaped)."""
-
-
-def check_state_dict(state_dict: dict[str, torch.Tensor], expected_shapes: dict[str, tuple]) -> None:
-    """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped tensor."""
-    missing = sorted(set(expected_shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected_shapes))
-    misshaped = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected_shapes[k])})"
-                 for k in sorted(set(expected_shapes) & set(state_dict))
-                 if tuple(state_dict[k].shape) != tuple(expected_shapes[k])]
-    problems = []
-    if missing:
-        problems.append("missing tensors: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected tensors: " + ", ".join(unexpected))
-    if misshaped:
-        problems.append("mis-shaped tensors: " + ", ".join(misshaped))
-    if problems:
-        raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
-
 
 class LaMemoOutput(NamedTuple):
     """What a forward call returns (a named tuple so that ZeRO-3's backward hooks see the tensors)."""
@@ -172,23 +146,8 @@ class LaMemoModel(nn.Module):
             future_content=None if self.future_content_bias is None else shard(self.future_content_bias))
 
     def position_encodings(self, mem_len: int, seg_len: int, dtype) -> PositionEncodings:
-        """Sinusoids for the causal distances T-1..0 and the look-ahead table, with dropout applied once
-        to all of them together (one mask shared by every layer)."""
-        c = self.config
-        T = mem_len + seg_len
-        device = self.inv_freq.device
-        distances = [torch.arange(T - 1, -1, -1.0, device=device)]
-        n_ahead = 0
-        if c.uses_lookahead and mem_len > 0:
-            if c.full_look_ahead and mem_len < seg_len:
-                raise ConfigError(f"variant {c.variant} (full look-ahead) needs mem_len >= tgt_len once memory is "
-                                  f"non-empty; got M={mem_len} < N={seg_len}")
-            ahead = lookahead_table_distances(mem_len, c.variant, device=device)
-            distances.append(ahead)
-            n_ahead = ahead.numel()
-        table = sinusoid(clamp_distances(torch.cat(distances), c.clamp_len), self.inv_freq).to(dtype)
-        table = self.drop(table)
-        return PositionEncodings(causal=table[:T], lookahead=table[T:] if n_ahead else None, variant=c.variant)
+        """This step's position tables (``positions.position_encodings``), with the embedding dropout."""
+        return position_encodings(self.config, mem_len, seg_len, self.inv_freq, dtype, self.drop)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
@@ -213,10 +172,7 @@ class LaMemoModel(nn.Module):
         biases = self.global_biases()
         attentions = [] if return_attention else None
 
-        if c.uses_lookahead:
-            hidden, new_memory = self._forward_lookahead(emb, memory, M, positions, biases, attentions, mem_len)
-        else:
-            hidden, new_memory = self._forward_recurrent(emb, memory, M, positions, biases, attentions, mem_len)
+        hidden, new_memory = self._layers(emb, memory, positions, biases, attentions, mem_len)
         hidden = self.drop(hidden)
         new_memory = new_memory.detach().compact() if mem_len > 0 else self.empty_memory(B)
 
@@ -227,63 +183,37 @@ class LaMemoModel(nn.Module):
         return LaMemoOutput(nll=nll, memory=new_memory, logits=logits,
                             hidden=hidden if return_hidden else None, attentions=attentions)
 
-    def _run_layer(self, layer, z, **inputs):
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, z, use_reentrant=False, **inputs)
-        return layer(z, **inputs)
-
-    def _forward_lookahead(self, emb, memory, M, positions, biases, attentions, mem_len):
-        """LaMemo: memory rows are recomputed at every layer from the embedding FIFO (docs/method.md §4)."""
-        z = torch.cat([memory.embeddings, emb], dim=1)
-        vectors, lses = [], []
+    def _layers(self, emb, memory, positions, biases, attentions, mem_len):
+        """The layer loop: LaMemo recomputes the memory rows at every layer from the embedding FIFO (docs/method.md
+        §4); Transformer-XL's layer l attends to the cached input of layer l (§5). ``DecoderLayer.step`` says how."""
+        lookahead, M = self.config.uses_lookahead, memory.length
+        hidden = torch.cat([memory.embeddings, emb], dim=1) if lookahead else emb
+        layer_memories = []
         for i, layer in enumerate(self.layers):
-            result = self._run_layer(layer, z, mem_len=M, positions=positions, biases=biases,
-                           cached_vectors=memory.vectors[i], cached_log_normalizers=memory.log_normalizers[i],
-                           return_probs=attentions is not None)
-            z = result.output
-            keep = result.vectors.shape[1] - min(mem_len, result.vectors.shape[1])
-            vectors.append(result.vectors[:, keep:])
-            lses.append(result.log_normalizers[:, keep:])
+            inputs = dict(positions=positions, biases=biases, mem_len=mem_len, return_probs=attentions is not None)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                result = checkpoint(layer.step, hidden, memory.layer(i), use_reentrant=False, **inputs)
+            else:
+                result = layer.step(hidden, memory.layer(i), **inputs)
+            hidden = result.hidden
+            layer_memories.append(result.memory)
             if attentions is not None:
                 attentions.append(result.probs)
-        new_memory = LaMemoMemory(embeddings=newest_rows(memory.embeddings, emb, mem_len),
-                                  vectors=vectors, log_normalizers=lses)
-        return z[:, M:], new_memory    # top-layer memory rows are discarded
-
-    def _forward_recurrent(self, emb, memory, M, positions, biases, attentions, mem_len):
-        """Transformer-XL: layer l attends to the cached input of layer l (docs/method.md §5, variant 0)."""
-        levels = [memory.embeddings, *memory.hidden]
-        h = emb
-        inputs = []
-        for i, layer in enumerate(self.layers):
-            inputs.append(h)
-            result = self._run_layer(layer, torch.cat([levels[i], h], dim=1), mem_len=M, positions=positions, biases=biases,
-                           return_probs=attentions is not None)
-            h = result.output
-            if attentions is not None:
-                attentions.append(result.probs)
-        stacked = [newest_rows(old, new, mem_len) for old, new in zip(levels, inputs)]
-        return h, LaMemoMemory(embeddings=stacked[0], hidden=stacked[1:])
+        if not lookahead:
+            return hidden, LaMemoMemory.from_layers(layer_memories)
+        fifo = newest_rows(memory.embeddings, emb, mem_len)
+        return hidden[:, M:], LaMemoMemory.from_layers(layer_memories, fifo)   # top-layer memory rows discarded
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (the embedding/output tie is stored once)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.config.save(path / CONFIG_NAME)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "lamemo-v1"})
-        return path
+        """Write the model directory (``model_files``: ``config.json`` and ``model.safetensors``)."""
+        return save_model_dir(path, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None) -> "LaMemoModel":
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}")
-        config = LaMemoConfig.load(path / CONFIG_NAME)
+        config, weights = load_model_dir(path)
         model = cls(config, initialize=False)
-        model.load_weights(load_file(str(path / WEIGHTS_NAME), device="cpu"))
+        model.load_weights(weights)
         model.eval()
         return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
 

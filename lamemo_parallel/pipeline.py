@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -72,8 +71,7 @@ from .config import ConfigError, LaMemoConfig
 from .layer import DecoderLayer
 from .linear import PlainLinears
 from .memory import LaMemoMemory
-from .model import LaMemoModel
-from .positions import inverse_frequencies
+from .positions import inverse_frequencies, position_encodings
 from .init import draw_init_seed, initialise_parameters
 from .sharding import BIAS_NAMES, bias_names, shard, sharding_table, stage_bounds, stage_plan
 
@@ -250,7 +248,7 @@ class StageRuntime:
         return {name: tensors[name] for name in self.memory.names}
 
     def _positions(self, M: int, N: int, dtype, device, slot: int, training: bool) -> PositionEncodings:
-        """``LaMemoModel.position_encodings`` (one table for all layers), with a dropout mask every stage of
+        """``positions.position_encodings`` (one table for all layers), with a dropout mask every stage of
         the pipeline redraws identically."""
         if self.inv_freq.device != torch.device(device):
             self.inv_freq = self.inv_freq.to(device)
@@ -265,8 +263,7 @@ class StageRuntime:
                 torch.manual_seed(seed)
                 return F.dropout(table, p, training=True)
 
-        source = SimpleNamespace(config=self.config, inv_freq=self.inv_freq, drop=shared_dropout)
-        return LaMemoModel.position_encodings(source, M, N, dtype)
+        return position_encodings(self.config, M, N, self.inv_freq, dtype, shared_dropout)
 
 
 # ---------------------------------------------------------------------------------------------- stage modules
@@ -345,21 +342,11 @@ class DecoderLayerPipe(nn.Module):
         biases = GlobalBiases(content=carry[CONTENT], position=carry[POSITION],
                               future_position=carry[FUTURE_POSITION], future_content=carry[FUTURE_CONTENT])
         positions = PositionEncodings(causal=carry[POS_CAUSAL], lookahead=carry[POS_AHEAD], variant=self.variant)
-        carry = list(carry)
-        if self.lookahead:
-            slot = FIRST_MEMORY + 2 * self.position
-            vectors, lse = carry[slot], carry[slot + 1]
-            result = self.layer(x, mem_len=vectors.shape[1], positions=positions, biases=biases,
-                                cached_vectors=vectors, cached_log_normalizers=lse)
-            carry[slot], carry[slot + 1] = result.vectors.detach(), result.log_normalizers.detach()
-        else:
-            slot = FIRST_MEMORY + self.position
-            level = carry[slot]
-            z = torch.cat([level, x], dim=1)
-            result = self.layer(z, mem_len=level.shape[1], positions=positions, biases=biases)
-            carry[slot] = z.detach()          # XL caches the input of the layer
-        carry[ACT] = result.output
-        return tuple(carry)
+        width = 2 if self.lookahead else 1      # memory tensors per layer: (C-bar, Z-bar) or (cached input,)
+        first = FIRST_MEMORY + width * self.position
+        # The store keeps the newest mem_len rows on commit (StageMemory.commit), so the step keeps them all.
+        result = self.layer.step(x, carry[first:first + width], positions=positions, biases=biases)
+        return (result.hidden, *carry[ACT + 1:first], *result.memory, *carry[first + width:])
 
 
 class OutputLayerPipe(nn.Module):

@@ -11,7 +11,40 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import variant_traits
+from .config import ConfigError, LaMemoConfig, variant_traits
+
+
+@dataclass
+class PositionEncodings:
+    """Sinusoids of one step, shared by every layer (dropout already applied once), each [rows, d].
+
+    ``causal`` holds distances T-1, ..., 0 (row r = distance T-1-r). ``lookahead`` is the table the memory
+    queries score against, in the order of ``positions.lookahead_table_distances``: distances 1..M (variants
+    3 / 32), -1..-M (31), or M-1..0 followed by 1..M (33).
+    """
+
+    causal: torch.Tensor
+    lookahead: torch.Tensor | None
+    variant: int
+
+
+def position_encodings(config: LaMemoConfig, mem_len: int, seg_len: int, inv_freq: torch.Tensor, dtype,
+                       dropout) -> PositionEncodings:
+    """The sinusoids of one step: causal distances T-1..0 and the look-ahead table, with ``dropout`` (a
+    function of the whole table) applied once to all of them together: one mask shared by every layer."""
+    T = mem_len + seg_len
+    device = inv_freq.device
+    distances = [torch.arange(T - 1, -1, -1.0, device=device)]
+    n_ahead = 0
+    if config.uses_lookahead and mem_len > 0:
+        if config.full_look_ahead and mem_len < seg_len:
+            raise ConfigError(f"variant {config.variant} (full look-ahead) needs mem_len >= tgt_len once memory "
+                              f"is non-empty; got M={mem_len} < N={seg_len}")
+        ahead = lookahead_table_distances(mem_len, config.variant, device=device)
+        distances.append(ahead)
+        n_ahead = ahead.numel()
+    table = dropout(sinusoid(clamp_distances(torch.cat(distances), config.clamp_len), inv_freq).to(dtype))
+    return PositionEncodings(causal=table[:T], lookahead=table[T:] if n_ahead else None, variant=config.variant)
 
 
 def inverse_frequencies(d_model: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ from torch import nn
 from .attention import GlobalBiases, statistics_dtype
 from .config import ConfigError, LaMemoConfig
 from .memory import LaMemoMemory
-from .model import CONFIG_NAME, WEIGHTS_NAME, LaMemoModel, check_state_dict
+from .model import LaMemoModel
+from .model_files import CONFIG_NAME, WEIGHTS_NAME, check_state_dict
 from .rng import SplitDropout
 from .sharding import VOCAB_PARALLEL, merge, padded_vocab_size, shard, sharding_table  # noqa: F401 (re-exported)
 

@@ -51,7 +51,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse to write over a file or over an existing model unless asked to."""
-    from lamemo_parallel.model import WEIGHTS_NAME
+    from lamemo_parallel.model_files import WEIGHTS_NAME
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is a file; the export writes a directory")
     if (out / WEIGHTS_NAME).exists() and not overwrite:
@@ -87,7 +87,7 @@ def verify_export(out: Path, reader: ShardReader) -> None:
     and nothing else), so ``LaMemoModel.from_pretrained`` will accept it."""
     from safetensors import safe_open
 
-    from lamemo_parallel.model import WEIGHTS_NAME
+    from lamemo_parallel.model_files import WEIGHTS_NAME
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
         written = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     expected = {name: list(e.shape) for name, e in reader.table.items()}
@@ -99,7 +99,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                       overwrite: bool = False) -> ExportResult:
     """Verify the checkpoint (sizes, sha256, pickle safety), then write config.json, model.safetensors (from
     the fp32 masters, cast to ``dtype``), export.json and tokenizer/ to ``out``."""
-    from lamemo_parallel.model import CONFIG_NAME, WEIGHTS_NAME
+    from lamemo_parallel.model_files import CONFIG_NAME, WEIGHTS_NAME
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(checkpoint)

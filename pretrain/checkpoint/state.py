@@ -32,8 +32,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def memory_to_state(memory: LaMemoMemory | None) -> dict | None:
-    return None if memory is None else {k: v.detach().cpu() for k, v in memory.tensors().items()}
+    """One micro-batch slot's memory (None: a slot not run yet), as ``LaMemoMemory.state_dict``."""
+    return None if memory is None else memory.state_dict()
 
 
 def memory_from_state(state: dict | None, device) -> LaMemoMemory | None:
-    return None if state is None else LaMemoMemory.from_tensors(state).to(device=device)
+    return None if state is None else LaMemoMemory.from_state_dict(state, device)

@@ -14,7 +14,7 @@ import torch
 from lamemo_parallel import LaMemoModel
 from pretrain.cli_args import (OneLineParser, clamp_len, device, non_negative_float, non_negative_int, positive_int,
                                probability)
-from pretrain.sampling import generate
+from lamemo_parallel.generation import generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from lamemo_parallel import LaMemoConfig, LaMemoModel
 from lamemo_parallel.positions import (lookahead_distances, lookahead_position_scores, lookahead_table_row,
                                        lookahead_window, step_tables)
 from lamemo_parallel.softmax import softmax_with_lse
-from pretrain.sampling import generate
+from lamemo_parallel.generation import generate
 from spec_reference import SpecModel
 from test_model_properties import run_segments
 

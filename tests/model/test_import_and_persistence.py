@@ -119,3 +119,19 @@ def test_from_pretrained_names_bad_tensors(tmp_path):
         LaMemoModel.from_pretrained(tmp_path)
     message = str(err.value)
     assert "output_bias" in message and "surprise" in message and "layers.0.attn.q_proj.weight" in message
+
+
+@pytest.mark.parametrize("variant", [0, 3])
+def test_memory_state_dict_round_trip_continues_identically(variant, tmp_path):
+    """LaMemoMemory.state_dict -> torch.save / load(weights_only) -> from_state_dict gives the same next segment."""
+    torch.manual_seed(0)
+    model = LaMemoModel(LaMemoConfig(vocab_size=17, n_layer=2, d_model=16, n_head=2, d_inner=32, variant=variant))
+    tokens = torch.randint(0, 17, (2, 12))
+    memory = model(tokens[:, :6], targets=tokens[:, 1:7]).memory
+    torch.save(memory.state_dict(), tmp_path / "memory.pt")
+    loaded = type(memory).from_state_dict(torch.load(tmp_path / "memory.pt", weights_only=True), device="cpu")
+    assert sorted(loaded.tensors()) == sorted(memory.tensors())
+    for name, tensor in memory.tensors().items():
+        assert torch.equal(loaded.tensors()[name], tensor), name
+    expected = model(tokens[:, 6:11], targets=tokens[:, 7:12], memory=memory).nll
+    assert torch.equal(model(tokens[:, 6:11], targets=tokens[:, 7:12], memory=loaded).nll, expected)
