@@ -77,24 +77,32 @@ class LaMemoConfig:
     """
 
     vocab_size: int
+    """Vocabulary size (rows of the embedding and the output layer)."""
     n_layer: int = 4
+    """Number of LaMemo (or Transformer-XL) layers."""
     d_model: int = 256
+    """d: the model width (embeddings, residual stream); even, for the sinusoidal positions."""
     n_head: int = 8
+    """Attention heads per layer."""
     d_head: int | None = None
     """Width of one head; defaults to d_model // n_head."""
     d_inner: int = 1024
+    """d_ff: the hidden width of each layer's feed-forward block."""
     variant: int = DEFAULT_VARIANT
     """The release's attn_type: 0 (Transformer-XL), 3 (LaMemo), 31, 32, 33 (ablations)."""
     pre_lnorm: bool = False
     """Pre-LayerNorm blocks; the release's default (and ours) is post-LN."""
     dropout: float = 0.0
+    """Dropout on embeddings, residual branches and the final hidden states (training only)."""
     dropatt: float = 0.0
+    """Dropout on the attention probabilities (training only)."""
     clamp_len: int = -1
     """Clamp every relative distance (future ones too) to at most this value; <= 0 disables."""
     tgt_len: int = 128
     mem_len: int | None = None
     """Default memory length; None means 'equal to the segment length of the call' (the paper's N = M)."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of the weights."""
     layer_norm_eps: float = 1e-5
     extra: dict = field(default_factory=dict)
     """Free-form metadata (e.g. where a checkpoint came from); not used by the model."""

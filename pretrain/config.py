@@ -16,37 +16,42 @@ from pathlib import Path
 
 import yaml
 
-from lamemo_parallel.config import DEFAULT_VARIANT, check_variant, variant_traits
+from lamemo_parallel.config import LaMemoConfig, check_variant, variant_traits
 
 
 class TrainConfigError(ValueError):
     """A configuration problem, reported before any compute."""
 
 
-@dataclass
-class ModelSection:
-    """Architecture (see lamemo_parallel.LaMemoConfig). ``vocab_size: 0`` takes the tokenizer's size."""
+# The model section is LaMemoConfig's fields, minus those the trainer sets elsewhere, with the training
+# defaults that differ from the model library's stated once here.
+MODEL_KEYS_ELSEWHERE = ("tgt_len", "mem_len", "layer_norm_eps", "extra")
+"""LaMemoConfig fields that are not ``model.*`` keys: the segment and memory lengths are ``data.tgt_len`` /
+``data.mem_len``; ``layer_norm_eps`` and ``extra`` keep the model library's values."""
+MODEL_TRAINING_DEFAULTS = {
+    "dropout": (0.1, "Dropout on embeddings, residual branches and the final hidden states (training only; "
+                     "the model library's default is 0)."),
+    "vocab_size": (0, "Vocabulary size; 0 takes the tokenizer's size (a non-zero value is checked against the "
+                      "tokenizer)."),
+}
+"""``model.*`` key -> (training default, description) where the trainer's default differs from LaMemoConfig's."""
 
-    variant: int = DEFAULT_VARIANT
-    n_layer: int = 4
-    """Number of LaMemo (or Transformer-XL) layers."""
-    d_model: int = 256
-    """d: the model width (embeddings, residual stream); even, for the sinusoidal positions."""
-    n_head: int = 8
-    """Attention heads per layer."""
-    d_head: int | None = None
-    d_inner: int = 1024
-    """d_ff: the hidden width of each layer's feed-forward block."""
-    pre_lnorm: bool = False
-    dropout: float = 0.1
-    """Dropout on embeddings, residual branches and the final hidden states (training only)."""
-    dropatt: float = 0.0
-    """Dropout on the attention probabilities (training only)."""
-    clamp_len: int = -1
-    init_std: float = 0.02
-    """Standard deviation of the normal initialisation of the weights."""
-    vocab_size: int = 0
-    """Vocabulary size; 0 takes the tokenizer's size (a non-zero value is checked against the tokenizer)."""
+
+def _model_section() -> type:
+    hints = typing.get_type_hints(LaMemoConfig)
+    specs = []
+    for f in dataclasses.fields(LaMemoConfig):
+        if f.name in MODEL_KEYS_ELSEWHERE:
+            continue
+        default, doc = MODEL_TRAINING_DEFAULTS.get(f.name, (f.default, None))
+        specs.append((f.name, hints[f.name], field(default=default, metadata={"doc": doc} if doc else {})))
+    cls = dataclasses.make_dataclass("ModelSection", specs, namespace={
+        "__doc__": "Architecture (see lamemo_parallel.LaMemoConfig). ``vocab_size: 0`` takes the tokenizer's size."})
+    cls.__module__ = __name__
+    return cls
+
+
+ModelSection = _model_section()
 
 
 @dataclass

@@ -4,8 +4,8 @@
     python -m pretrain.cli.config_docs --check    # exit 1 when docs/config.md is out of date
 
 Every key of every section of :class:`pretrain.config.TrainConfig` is listed with its type, its default and
-its description: the string literal right after the field in the section's class body (a model key without
-one takes the description of the same field of ``lamemo_parallel.LaMemoConfig``). A field without a
+its description: the field's ``metadata["doc"]``, else the string literal right after the field in the
+section's class body, else (model keys) that of the same field of ``lamemo_parallel.LaMemoConfig``. A field without a
 description anywhere is an error, so a new key cannot go undocumented (tests/tools/test_config_docs.py).
 """
 from __future__ import annotations
@@ -24,7 +24,11 @@ REGENERATE = "python -m pretrain.cli.config_docs"
 
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> the string literal that follows its annotation in ``cls``'s body (attribute docstring)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):          # built, not written (pretrain.config.ModelSection): no class body
+        return {}
+    body = ast.parse(textwrap.dedent(source)).body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
@@ -65,7 +69,7 @@ def render() -> str:
         lines += [f"## `{section.name}`", ""] + ([summary, ""] if summary else [])
         lines += ["| key | type | default | description |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
-            text = docs.get(f.name)
+            text = f.metadata.get("doc") or docs.get(f.name)
             if not text:
                 missing.append(f"{section.name}.{f.name}")
                 text = ""
