@@ -91,7 +91,7 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
     from pretrain.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed
-    from pretrain.engine import build_engine
+    from pretrain.engines import build_engine
     from pretrain.layout import resolve_layout
     from pretrain.data.streams import SegmentStreams
     from pretrain.preflight import check_data
@@ -124,7 +124,7 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
             with PeakSampler() as s:
                 load_checkpoint(ckpt, engine=engine, streams=streams, layout=layout, log=lambda m: None)
             results.append({"seconds": s.seconds, "peak_above_start": s.peak - s.start,
-                            "params_on_rank": sum(p.numel() for p in engine.engine.module.parameters())})
+                            "params_on_rank": sum(p.numel() for p in engine.module.parameters())})
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

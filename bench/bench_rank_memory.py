@@ -13,7 +13,7 @@ tiny run's, as a fraction of the big model's weights + gradients + Adam moments 
 Issue 10's acceptance: the worst rank's overall peak (max over phases) minus the tiny run's <= 0.40 x that.
 
 The worker mode (``--worker OUT``, one process per rank under torchrun) wraps the trainer's phase functions
-(``pretrain.engine.build_engine``, ``Engine.train_step``, ``pretrain.train.evaluate_validation``,
+(``pretrain.engines.build_engine``, ``PlainEngine.train_step``, ``pretrain.train.evaluate_validation``,
 ``pretrain.checkpoint.save_checkpoint``, ``pretrain.train.export_final``) and runs ``pretrain.train.main``.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ class PhaseMeter:
 def worker(out: Path, train_args: list[str]) -> int:
     meter = PhaseMeter()
     import pretrain.checkpoint as checkpoint
-    import pretrain.engine as engine_module
+    import pretrain.engines as engine_module
     import pretrain.train as train
 
     build = engine_module.build_engine

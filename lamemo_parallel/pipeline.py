@@ -40,7 +40,7 @@ stages' memories (heads gathered) is the single-device memory.
 
 Shapes: the memory length M is the same for every slot; it grows 0, N, 2N, .. up to mem_len over the first
 steps and is constant after that. The trainer calls DeepSpeed's ``reset_activation_shape()`` on the steps
-where the inter-stage shape changes (see pretrain/pipeline_engine.py), so steady-state steps use DeepSpeed's
+where the inter-stage shape changes (see pretrain/engines/pipeline.py), so steady-state steps use DeepSpeed's
 static-shape path and the first segments are exactly the single-device model's (no padded, masked rows).
 
 Tied parameters: the input embedding (first stage) and the output layer (last stage) share one weight, and

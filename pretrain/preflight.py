@@ -123,7 +123,7 @@ def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
     embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
     the model, even on the meta device, costs seconds of imports in every process of every launch."""
     from lamemo_parallel.sharding import sharding_table
-    from .engine import model_config
+    from .engines import model_config
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
     table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
     return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)

@@ -246,7 +246,7 @@ def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run
     stop = StopSignal()
 
     from .divergence import DivergenceError, prune_checkpoints, quarantine_checkpoints
-    from .engine import build_engine
+    from .engines import build_engine
     from .resume_settings import apply_changed_settings
     from .run_lock import rewind_metrics
     from .throughput import ThroughputMeter, format_console_line, resolve_peak_tflops
@@ -254,7 +254,7 @@ def _run(config: TrainConfig, device, rank: int, world: int, layout: Layout, run
     start_step, run_id = 0, None
     try:
         engine = build_engine(config, layout, config.model.vocab_size, device)
-        log(f"model: {sum(p.numel() for p in engine.model.parameters()):,} parameters on this rank")
+        log(f"model: {sum(p.numel() for p in engine.module.parameters()):,} parameters on this rank")
         if resume_from is not None:
             meta = load_checkpoint(resume_from, engine=engine, streams=streams, layout=layout, log=log)
             start_step = meta["step"]

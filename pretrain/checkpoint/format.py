@@ -21,14 +21,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from .errors import CheckpointError
+
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
 TRAINER_META = "trainer.json"
 FORMAT_VERSION = 2
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (incomplete, truncated, corrupted, unsafe, or made for another model)."""
 
 
 def step_tag(step: int) -> str:

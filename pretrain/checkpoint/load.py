@@ -23,9 +23,8 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} was made for another model (differs in: {', '.join(changed)})")
     saved, ours = marker.get("layout", {}), layout_record(engine.config, layout)
     if saved == ours:
-        safe_load.install(engine.engine)
-        engine.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                      load_lr_scheduler_states=True)
+        safe_load.install(engine)
+        engine.load_shards(ckpt.parent, ckpt.name)
         state = safe_load.safe_load(rank_state_path(ckpt, dist.get_rank()))
         engine.load_memory_state(state["memory"])
         streams.load_state_dict(state["streams"])

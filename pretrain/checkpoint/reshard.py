@@ -18,7 +18,7 @@ from .shards import ShardReader
 
 def _torch_optimizer(engine):
     """The torch optimizer that holds per-parameter state (ZeRO 0, fp32), or None under a DeepSpeed wrapper."""
-    opt = engine.engine.optimizer
+    opt = engine.optimizer
     return opt if isinstance(opt, torch.optim.Optimizer) else None
 
 
@@ -26,7 +26,7 @@ def _ensure_zero_optimizer_state(engine, step: int) -> None:
     """ZeRO-1/2 (and DeepSpeed's BF16 optimizer) create Adam's state lazily at the first step; a resharded load
     needs it now: allocate it for the flat fp32 partitions and link every parameter's fragment to it (what
     DeepSpeed does after a step)."""
-    zero = engine.engine.optimizer
+    zero = engine.optimizer
     flats = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_groups_flat_partition",
                                                                              None)
     if flats is None:
@@ -64,9 +64,9 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
         raise CheckpointError(f"resuming {ckpt} on another layout into ZeRO stage 3 is not supported: resume with "
                               f"the checkpoint's layout {meta['layout']} or with ZeRO stage 0-2")
     reader = ShardReader(ckpt, meta)
-    module = engine.engine.module
+    module = engine.module
     device = next(module.parameters()).device
-    tp_rank, tp_size = int(getattr(module, "tp_rank", 0) or 0), engine.layout.tensor
+    tp_rank, tp_size = engine.tp_rank, engine.layout.tensor
     table = _target_table(engine)
     params = single_device_parameters(module)
     step = int(meta["step"])
@@ -95,7 +95,7 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
                     state = opt.state.setdefault(hp, {})
                     state[key] = moment.to(hp.dtype).clone()
                     state["step"] = torch.tensor(float(step))
-        inner = getattr(engine.engine.optimizer, "optimizer", None)
+        inner = getattr(engine.optimizer, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):     # DeepSpeed's wrappers keep the step count per group
             for state in inner.state.values():
                 if "step" in state:
@@ -103,14 +103,14 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
     scheduler = engine.scheduler
     scheduler.last_epoch = step - 1
     scheduler.step()
-    engine.engine.global_steps = step
+    engine.set_step(step)
     engine.reset_memory()
 
 
 def _fp32_copy(engine, param):
     """DeepSpeed's unfused mixed-precision optimizer (bf16, ZeRO 0): (the fp32 master of ``param``, the torch
     optimizer that holds its Adam state)."""
-    opt = engine.engine.optimizer
+    opt = engine.optimizer
     for lg, hg in zip(opt.fp16_groups, opt.fp32_groups):
         for lp, hp in zip(lg, hg):
             if lp is param:

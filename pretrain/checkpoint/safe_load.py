@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CheckpointError
+from .errors import CheckpointError
 
 # DeepSpeed's records in its shard files (DeepSpeed 0.19): module path -> class name.
 DEEPSPEED_RECORDS = (
@@ -132,10 +132,6 @@ def _safe_engine_class():
     return SafeCheckpointEngine
 
 
-def install(ds_engine):
-    """Put the safe checkpoint engine into a DeepSpeed engine (idempotent); returns it."""
-    cls = _safe_engine_class()
-    current = getattr(ds_engine, "checkpoint_engine", None)
-    if not isinstance(current, cls):
-        ds_engine.checkpoint_engine = cls(None)
-    return ds_engine.checkpoint_engine
+def install(engine):
+    """Put the safe checkpoint engine into a training engine's DeepSpeed engine (idempotent); returns it."""
+    return engine.install_checkpoint_engine(_safe_engine_class())

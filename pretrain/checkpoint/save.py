@@ -46,9 +46,8 @@ def layout_record(config, layout) -> dict:
 
 
 def _coordinates(engine) -> dict:
-    module = engine.engine.module
-    return {"rank": dist.get_rank(), "tp_rank": int(getattr(module, "tp_rank", 0) or 0),
-            "stage": int(getattr(engine, "stage", 0)), "dp_rank": int(engine.dp_rank)}
+    return {"rank": dist.get_rank(), "tp_rank": engine.tp_rank, "stage": int(engine.stage),
+            "dp_rank": int(engine.dp_rank)}
 
 
 def _agree(failure: str | None) -> str | None:
@@ -59,8 +58,7 @@ def _agree(failure: str | None) -> str | None:
 
 def _write_own_files(ckpt: Path, engine, streams, config, step, layout, tracker_run_id) -> None:
     rank = dist.get_rank()
-    ds = engine.engine
-    pieces = rank_pieces(ds, str(ckpt.parent), str(ckpt))
+    pieces = rank_pieces(engine, str(ckpt.parent), str(ckpt))
     pieces = [p for p in pieces if all(loc is None or (ckpt / loc[0]).is_file()
                                        for loc in (p["master"], p["exp_avg"], p["exp_avg_sq"]))]
     coords = _coordinates(engine)
@@ -108,7 +106,7 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
     rank = dist.get_rank()
     root = checkpoint_root(config.run.dir)
     ckpt = root / step_tag(step)
-    ds_writer = safe_load.install(engine.engine)
+    ds_writer = safe_load.install(engine)
     ds_writer.failures.clear()
     failure = None
     try:
@@ -119,7 +117,7 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
     except OSError as err:
         failure = safe_load.write_failure(root, err)
     if _agree(failure) is None:
-        engine.engine.save_checkpoint(str(root), tag=ckpt.name, save_latest=False)
+        engine.save_shards(root, ckpt.name)
         failure = ds_writer.failures[0] if ds_writer.failures else None
         if failure is None:
             try:

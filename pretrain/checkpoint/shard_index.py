@@ -45,10 +45,10 @@ def _piece(name, param, start, numel, master, moments) -> dict:
             "master": master, **{key: moments.get(key) for key in MOMENTS}}
 
 
-def rank_pieces(ds_engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
+def rank_pieces(engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
     """This rank's pieces (see the module docstring). ``ckpt_dir`` is the checkpoint root DeepSpeed was given,
     ``tag_dir`` the checkpoint directory; file names are recorded relative to it."""
-    module, opt = ds_engine.module, ds_engine.optimizer
+    module, opt = engine.module, engine.optimizer
     names = {id(p): n for n, p in single_device_parameters(module).items()}
     rel = lambda path: os.path.relpath(path, tag_dir)       # noqa: E731
     tag = os.path.basename(tag_dir)
@@ -56,7 +56,7 @@ def rank_pieces(ds_engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
     bit16 = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
     if bit16 is not None and (hasattr(opt, "single_partition_of_fp32_groups")
                               or hasattr(opt, "fp32_groups_flat_partition")):          # ZeRO 1/2, bf16 ZeRO
-        file = rel(ds_engine._get_zero_ckpt_name(ckpt_dir, tag))
+        file = rel(engine.shard_file(ckpt_dir, tag, "zero"))
         for g, group in enumerate(bit16):
             for lp in group:
                 mapping = getattr(lp, "_hp_mapping", None)
@@ -71,7 +71,7 @@ def rank_pieces(ds_engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
                                      moments))
     elif hasattr(opt, "fp32_partitioned_groups_flat"):                                     # ZeRO 3
         import torch.distributed as dist
-        file = rel(ds_engine._get_zero_ckpt_name(ckpt_dir, tag))
+        file = rel(engine.shard_file(ckpt_dir, tag, "zero"))
         dp_rank = dist.get_rank(group=opt.dp_process_group)
         for g, group in enumerate(opt.fp16_groups):
             offset = 0
@@ -85,9 +85,9 @@ def rank_pieces(ds_engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
                     pieces.append(_piece(names[id(p)], p, start, numel,
                                          [file, ["optimizer_state_dict", "fp32_flat_groups", g], offset], moments))
                 offset += part
-    elif ds_engine.save_non_zero_checkpoint:                                              # ZeRO 0
-        model_file = rel(ds_engine._get_ckpt_name(ckpt_dir, tag))
-        weights = _module_weight_locations(ds_engine, ckpt_dir, tag_dir, model_file)
+    elif engine.writes_model_file:                                                        # ZeRO 0
+        model_file = rel(engine.shard_file(ckpt_dir, tag, "model"))
+        weights = _module_weight_locations(module, tag_dir, model_file)
         torch_opt = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
         index = {id(p): i for i, p in enumerate(p for g in torch_opt.param_groups for p in g["params"])}
         if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):                 # bf16 masters
@@ -108,9 +108,8 @@ def rank_pieces(ds_engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
     return pieces
 
 
-def _module_weight_locations(ds_engine, ckpt_dir, tag_dir, model_file) -> dict[int, list]:
+def _module_weight_locations(module, tag_dir, model_file) -> dict[int, list]:
     """id(param) -> [file, key, 0] of the module weights DeepSpeed writes (ZeRO 0)."""
-    module = ds_engine.module
     if not hasattr(module, "forward_funcs"):
         return {id(p): [model_file, ["module", n], 0] for n, p in module.named_parameters()}
     out = {}

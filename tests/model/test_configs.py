@@ -4,7 +4,7 @@ import torch
 
 from lamemo_parallel import LaMemoModel
 from pretrain.config import load_config
-from pretrain.engine import model_config
+from pretrain.engines import model_config
 from pretrain.layout import resolve_layout
 
 from helpers import ROOT

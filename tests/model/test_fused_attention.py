@@ -114,7 +114,7 @@ def test_gpu_check_script_runs_on_cpu_with_a_tiny_model(tmp_path, root):
 # ---------------------------------------------------------------------------------------------- trainer keys
 def test_attention_backend_and_overlap_config_keys(root):
     from pretrain.config import TrainConfigError, load_config
-    from pretrain.engine import attention_backend, deepspeed_config
+    from pretrain.engines import attention_backend, deepspeed_config
     from pretrain.layout import Layout
 
     layout = Layout(world_size=2, tensor=1, pipeline=1, data=2)

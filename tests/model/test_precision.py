@@ -11,7 +11,7 @@ from helpers import ROOT, free_port
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
 from pretrain.config import load_config
-from pretrain.engine import deepspeed_config
+from pretrain.engines import deepspeed_config
 from pretrain.layout import Layout
 
 
@@ -42,7 +42,7 @@ def _worker(rank, world, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pretrain.engine import Engine
+    from pretrain.engines import PlainEngine
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
@@ -51,15 +51,15 @@ def _worker(rank, world, port, out):
                 "parallel.precision=bf16", f"parallel.zero_stage={zero}", "model.n_layer=1", "model.d_model=16",
                 "model.n_head=2", "model.d_inner=16", "data.micro_batches=2", "data.micro_batch_size=1",
                 "data.tgt_len=4", "data.mem_len=4", "model.vocab_size=31"])
-            engine = Engine(config, Layout(world_size=world, tensor=1, pipeline=1, data=world), 31, torch.device("cpu"))
-            opt = engine.engine.optimizer
+            engine = PlainEngine(config, Layout(world_size=world, tensor=1, pipeline=1, data=world), 31, torch.device("cpu"))
+            opt = engine.optimizer
             tokens = torch.randint(0, 31, (2, 1, 5), generator=torch.Generator().manual_seed(rank))
             result = engine.train_step([(t[:, :-1], t[:, 1:]) for t in tokens])
             results[zero] = {
                 "optimizer": type(opt).__name__,
                 "grad_accum": getattr(opt, "grad_acc_dtype", getattr(opt, "gradient_accumulation_dtype", None)),
-                "communication": engine.engine.communication_data_type,
-                "param_dtype": next(engine.engine.module.parameters()).dtype,
+                "communication": engine._deepspeed.communication_data_type,
+                "param_dtype": next(engine.module.parameters()).dtype,
                 "loss": result.loss,
             }
         torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -1,11 +1,9 @@
 """The pipeline-parallel engine (parallel.pipeline > 1): DeepSpeed's pipe engine over ``LaMemoPipelineModule``.
 
-Same interface as ``pretrain.engine.Engine``: ``train_step(micro_batches) -> StepResult``,
-``evaluate(streams)``, ``engine`` (DeepSpeed's), plus ``memory_state()`` /
-``load_memory_state()`` for checkpoints. One optimizer step is one ``engine.train_batch`` over the step's
-micro-batches (1F1B schedule, gradient_accumulation_steps = micro_batches), with tensor parallelism inside the
-stages (megatron-core) and data parallelism across pipelines; ZeRO-1 is allowed, ZeRO-2/3 are refused by
-``pretrain.layout``.
+The contract of ``pretrain.engines.base.TrainingEngine``, as the plain engine. One optimizer step is one
+``train_batch`` of DeepSpeed's pipe engine over the step's micro-batches (1F1B schedule,
+gradient_accumulation_steps = micro_batches), with tensor parallelism inside the stages (megatron-core) and
+data parallelism across pipelines; ZeRO-1 is allowed, ZeRO-2/3 are refused by ``pretrain.layout``.
 
 Process groups: megatron-core's (``parallel_state.initialize_model_parallel``, order tp-cp-ep-dp-pp, tensor
 fastest) and DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model; the last varies fastest)
@@ -33,12 +31,12 @@ import torch.distributed as dist
 
 from lamemo_parallel import LaMemoMemory
 
-from . import divergence
-from .config import TrainConfig
-from .engine import StepResult, _quiet_deepspeed, deepspeed_config, model_config
-from .evaluation import EvalResult, segments
-from .layout import Layout, split_layers
-from .optim import build_optimizer, build_scheduler
+from .. import divergence
+from ..config import TrainConfig
+from ..evaluation import EvalResult, segments
+from ..layout import Layout, split_layers
+from ..optim import build_optimizer, build_scheduler
+from .base import EngineBase, StepResult, _quiet_deepspeed, deepspeed_config, model_config
 
 DUMP_MEMORY_ENV = "LAMEMO_DUMP_MEMORY"
 
@@ -57,7 +55,7 @@ def check_groups_agree(grid) -> None:
                            f"differently ({'; '.join(wrong)})")
 
 
-class PipelineEngine:
+class PipelineEngine(EngineBase):
     """Owns the DeepSpeed pipeline engine and this stage's memory store; ``train_step`` runs one step."""
 
     def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
@@ -93,7 +91,7 @@ class PipelineEngine:
         if self._clip_here:
             ds_config["gradient_clipping"] = 0.0
             optimizer.register_step_pre_hook(lambda *_: self._clip_gradients())
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self._deepspeed, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
         self.guard = divergence.install(optimizer, config, device)   # skips bad steps (pretrain/divergence.py)
@@ -128,14 +126,14 @@ class PipelineEngine:
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         self._fit_activation_shape(micro_batches[0][0])
-        self.runtime.begin_step(self.engine.global_steps)
+        self.runtime.begin_step(self._deepspeed.global_steps)
         self._grad_norm = None
         batches = [(x.to(self.device), y.to(self.device)) for x, y in micro_batches]
         # The optimizer-step instruction consults the guard; the last stage holds the summed micro-batch losses.
-        self.guard.arm(lambda: (self.engine.total_loss / len(batches)) if self.engine.is_last_stage() else None)
-        loss = self.engine.train_batch(data_iter=iter(batches))
+        self.guard.arm(lambda: (self._deepspeed.total_loss / len(batches)) if self._deepspeed.is_last_stage() else None)
+        loss = self._deepspeed.train_batch(data_iter=iter(batches))
         self.runtime.end_step()
-        grad_norm = self._grad_norm if self._clip_here else self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm if self._clip_here else self._deepspeed.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         tokens = sum(x.numel() for x, _ in micro_batches) * self.layout.data
         if os.environ.get(DUMP_MEMORY_ENV):
@@ -151,7 +149,7 @@ class PipelineEngine:
         rows = (M + inputs.shape[1]) if self.model_config.uses_lookahead else inputs.shape[1]
         if rows != self._activation_rows:
             if self._activation_rows is not None:
-                self.engine.reset_activation_shape()
+                self._deepspeed.reset_activation_shape()
             self._activation_rows = rows
 
     def _clip_gradients(self) -> None:
@@ -182,21 +180,21 @@ class PipelineEngine:
         evaluation memory of its own (``StageRuntime.evaluation``). Every rank of the pipeline returns the
         same sums."""
         nll_sum, count, rows = 0.0, 0, None
-        self.engine.reset_activation_shape()
+        self._deepspeed.reset_activation_shape()
         with self.runtime.evaluation(mem_len):
             for inputs, targets in segments(streams, tgt_len):
                 M = self.runtime.memory_length()
                 shape = (inputs.shape[0], M + inputs.shape[1] if self.model_config.uses_lookahead else inputs.shape[1])
                 if rows is not None and shape != rows:
-                    self.engine.reset_activation_shape()
+                    self._deepspeed.reset_activation_shape()
                 rows = shape
                 self.runtime.begin_step(0)
-                loss = self.engine.eval_batch(iter([(inputs.to(self.device), targets.to(self.device))]),
+                loss = self._deepspeed.eval_batch(iter([(inputs.to(self.device), targets.to(self.device))]),
                                               num_micro_batches=1, reduce_output="avg", bcast_loss=True)
                 self.runtime.end_step()
                 nll_sum += float(loss) * targets.numel()      # the loss is the segment's mean token nll
                 count += targets.numel()
-        self.engine.reset_activation_shape()                  # training shapes are negotiated afresh
+        self._deepspeed.reset_activation_shape()                  # training shapes are negotiated afresh
         return EvalResult(nll_sum=nll_sum, n_tokens=count)
 
     # ------------------------------------------------------------------ memory

@@ -1,112 +1,26 @@
-"""The training engine: the model (plain or tensor-parallel), DeepSpeed (data parallel, ZeRO, precision,
-gradient accumulation and clipping) and one optimizer step over the micro-batches with memory carried per
-micro-batch slot."""
+"""The plain engine (no pipelining): the model (single-device or tensor-parallel) inside DeepSpeed (data
+parallel, ZeRO, precision, gradient accumulation and clipping) and one optimizer step over the micro-batches
+with memory carried per micro-batch slot."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel, LaMemoMemory
+from lamemo_parallel import LaMemoModel, LaMemoMemory
 from lamemo_parallel.init import draw_init_seed, initialise_parameters
 from lamemo_parallel.sharding import sharding_table
 
-from . import divergence
-from .config import TrainConfig
-from .evaluation import EvalResult, evaluate_streams
-from .layout import Layout
-from .optim import build_optimizer, build_scheduler
+from .. import divergence
+from ..config import TrainConfig
+from ..evaluation import EvalResult, evaluate_streams
+from ..layout import Layout
+from ..optim import build_optimizer, build_scheduler
+from .base import EngineBase, StepResult, _quiet_deepspeed, attention_backend, deepspeed_config, model_config
 
 
-def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
-    m, d = config.model, config.data
-    return LaMemoConfig(vocab_size=vocab_size, n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head,
-                        d_head=m.d_head, d_inner=m.d_inner, variant=m.variant, pre_lnorm=m.pre_lnorm,
-                        dropout=m.dropout, dropatt=m.dropatt, clamp_len=m.clamp_len, tgt_len=d.tgt_len,
-                        mem_len=d.mem_len, init_std=m.init_std)
-
-
-def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
-    d, p = config.data, config.parallel
-    precision = precision_config(p.precision, p.zero_stage)
-    return {
-        "train_micro_batch_size_per_gpu": d.micro_batch_size,
-        "gradient_accumulation_steps": d.micro_batches,
-        "train_batch_size": d.micro_batch_size * d.micro_batches * layout.data,
-        # DeepSpeed's default clip is 1.0: always set it explicitly (0 disables).
-        "gradient_clipping": config.optim.clip_grad,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2 ** 31,
-        "wall_clock_breakdown": False,
-        **precision,
-        "zero_optimization": zero_config(p, precision.get("zero_optimization", {}).get("stage", p.zero_stage),
-                                         on_gpu=runs_on_gpu(config)),
-    }
-
-
-def runs_on_gpu(config: TrainConfig) -> bool:
-    return config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
-
-
-def zero_config(p, stage: int, *, on_gpu: bool) -> dict:
-    """ZeRO's keys: the stage and, on GPUs from stage 1 on, communication overlapped with compute (gradients
-    reduced bucket by bucket on a side stream while the backward pass still runs, ZeRO-3 parameters prefetched
-    during compute). CPU runs keep DeepSpeed's defaults (no side streams to overlap on)."""
-    out = {"stage": stage}
-    if stage >= 1 and on_gpu:
-        out.update(overlap_comm=p.overlap_comm, contiguous_gradients=True,
-                   reduce_bucket_size=p.reduce_bucket_size, allgather_bucket_size=p.allgather_bucket_size)
-    return out
-
-
-def attention_backend(name: str, device: torch.device) -> str:
-    """``auto``: the fused FlexAttention on CUDA, eager attention elsewhere (FlexAttention has no CPU backward)."""
-    if name == "auto":
-        return "flex" if device.type == "cuda" else "eager"
-    return name
-
-
-def precision_config(precision: str, zero_stage: int) -> dict:
-    """DeepSpeed's precision keys. Under bf16 the weights and activations are bf16, but gradients are
-    accumulated over micro-batches (``data_types.grad_accum_dtype``) and all-reduced
-    (``communication_data_type``) in fp32, and the optimizer steps fp32 master weights: a bf16 sum of many
-    micro-batch gradients, or of many data-parallel ranks', loses the small ones. DeepSpeed 0.19 supports fp32
-    accumulation of bf16 gradients only in its ZeRO optimizers (stage 1: ``BF16_Optimizer``; stages 2 / 3), so
-    bf16 with ``zero_stage`` 0 runs as stage 1 (with one data-parallel rank that partitions nothing). fp16
-    (GPU) keeps DeepSpeed's dynamic loss scaling. Z-bar is float32 in every mode (the model does it)."""
-    out = {"bf16": {"enabled": precision == "bf16"},
-           "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                    "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
-    if precision == "bf16":
-        out["data_types"] = {"grad_accum_dtype": "fp32"}
-        out["communication_data_type"] = "fp32"
-        if zero_stage == 0:
-            out["zero_optimization"] = {"stage": 1}
-    return out
-
-
-def _quiet_deepspeed() -> None:
-    import logging
-
-    import deepspeed.ops
-    # DeepSpeed builds its shm_comm C++ op on every init (~45 s on CPU) unless told it is incompatible.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from deepspeed.utils import logger
-    logger.setLevel(logging.WARNING)
-
-
-@dataclass
-class StepResult:
-    loss: float          # mean token nll over the global batch (nats)
-    lr: float            # learning rate used by this step
-    grad_norm: float
-    tokens: int          # tokens processed by the whole job in this step
-    seconds: float
-
-
-class Engine:
+class PlainEngine(EngineBase):
     """Owns the DeepSpeed engine and the per-slot memory; ``train_step`` runs one optimizer step."""
 
     def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
@@ -135,7 +49,7 @@ class Engine:
         if config.parallel.zero_stage == 3:
             # The tied output layer reads the embedding weight outside the embedding module's forward.
             deepspeed.zero.register_external_parameter(self.model, self.model.embedding.weight)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self._deepspeed, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(config, layout), mpu=self._mpu(), dist_init_required=False)
         self.guard = divergence.install(optimizer, config, device)   # skips bad steps (pretrain/divergence.py)
@@ -182,7 +96,7 @@ class Engine:
     def _mpu(self):
         if self.layout.tensor == 1:
             return None
-        from .megatron_mpu import MegatronMPU
+        from ..megatron_mpu import MegatronMPU
         return MegatronMPU()
 
     # ------------------------------------------------------------------ training
@@ -190,17 +104,17 @@ class Engine:
         """One optimizer step: forward/backward of every micro-batch (memory carried per slot), then step."""
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
-        self.engine.train()
+        self._deepspeed.train()
         losses = []
         for slot, (inputs, targets) in enumerate(micro_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            out = self.engine(inputs, targets=targets, memory=self.memories[slot])
+            out = self._deepspeed(inputs, targets=targets, memory=self.memories[slot])
             loss = out.nll.float().mean()
-            self.engine.backward(loss)
+            self._deepspeed.backward(loss)
             if slot == len(micro_batches) - 1:
                 grad_norm = self._grad_norm_before_step()
                 self.guard.arm(lambda: torch.stack([*losses, loss.detach()]).mean())
-            self.engine.step()
+            self._deepspeed.step()
             self.memories[slot] = out.memory
             losses.append(loss.detach())
         loss = torch.stack(losses).mean()
@@ -208,7 +122,7 @@ class Engine:
             dist.all_reduce(loss, group=self.dp_group)
             loss /= self.layout.data
         if grad_norm is None:      # ZeRO / mixed-precision optimizers compute it during their step
-            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = self._deepspeed.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         tokens = sum(x.numel() for x, _ in micro_batches) * self.layout.data
         return StepResult(loss=loss.item(), lr=lr, grad_norm=grad_norm, tokens=tokens,
@@ -222,17 +136,17 @@ class Engine:
         if p.zero_stage > 0 or p.precision != "fp32":
             return None
         from deepspeed.runtime.utils import get_flattened_grad_norm
-        params = [q for q in self.engine.module.parameters() if q.grad is not None]
-        return float(get_flattened_grad_norm(params, mpu=self.engine.mpu))
+        params = [q for q in self._deepspeed.module.parameters() if q.grad is not None]
+        return float(get_flattened_grad_norm(params, mpu=self._deepspeed.mpu))
 
     # ------------------------------------------------------------------ checkpoint hooks
     def memory_state(self) -> list[dict | None]:
         """This rank's memory per micro-batch slot, as plain tensors (for the per-rank checkpoint file)."""
-        from .checkpoint import memory_to_state
+        from ..checkpoint import memory_to_state
         return [memory_to_state(m) for m in self.memories]
 
     def load_memory_state(self, state: list[dict | None]) -> None:
-        from .checkpoint import memory_from_state
+        from ..checkpoint import memory_from_state
         if len(state) != len(self.memories):
             raise ValueError(f"checkpoint holds memory for {len(state)} micro-batch slots, this run has "
                              f"{len(self.memories)}")
@@ -244,14 +158,5 @@ class Engine:
     def evaluate(self, streams: torch.Tensor, *, tgt_len: int, mem_len: int) -> EvalResult:
         """Score this data-parallel rank's evaluation ``streams`` [E, L + 1] with the parallel model itself
         (tensor-parallel collectives, ZeRO-3 gathers), the memory carried per stream apart from training's."""
-        return evaluate_streams(self.engine.module, streams.to(self.device), tgt_len=tgt_len, mem_len=mem_len)
+        return evaluate_streams(self._deepspeed.module, streams.to(self.device), tgt_len=tgt_len, mem_len=mem_len)
 
-
-def build_engine(config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
-    """The engine for this layout: DeepSpeed's pipeline engine when pipelining, the plain one otherwise."""
-    from .host_memory import release_freed_memory
-    release_freed_memory()            # before any weight is allocated (see pretrain/host_memory.py)
-    if layout.pipeline > 1:
-        from .pipeline_engine import PipelineEngine
-        return PipelineEngine(config, layout, vocab_size, device)
-    return Engine(config, layout, vocab_size, device)
