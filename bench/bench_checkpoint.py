@@ -95,7 +95,7 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
     from pretrain.layout import resolve_layout
     from pretrain.data.streams import SegmentStreams
     from pretrain.preflight import check_data
-    from pretrain.train import init_model_parallel
+    from pretrain.startup import init_model_parallel
     config = load_config(ROOT / "configs" / "tiny-cpu.yaml", config_overrides)
     device = torch.device("cpu")
     rank, world = init_distributed(device)

@@ -13,8 +13,8 @@ tiny run's, as a fraction of the big model's weights + gradients + Adam moments 
 Issue 10's acceptance: the worst rank's overall peak (max over phases) minus the tiny run's <= 0.40 x that.
 
 The worker mode (``--worker OUT``, one process per rank under torchrun) wraps the trainer's phase functions
-(``pretrain.engines.build_engine``, ``PlainEngine.train_step``, ``pretrain.train.evaluate_validation``,
-``pretrain.checkpoint.save_checkpoint``, ``pretrain.train.export_final``) and runs ``pretrain.train.main``.
+(``pretrain.engines.build_engine``, ``PlainEngine.train_step``, ``pretrain.trainer.evaluate_validation``,
+``pretrain.checkpoint.save_checkpoint``, ``pretrain.trainer.export_final``) and runs ``pretrain.train.main``.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def worker(out: Path, train_args: list[str]) -> int:
     import pretrain.checkpoint as checkpoint
     import pretrain.engines as engine_module
     import pretrain.train as train
+    import pretrain.trainer as trainer
 
     build = engine_module.build_engine
 
@@ -87,9 +88,9 @@ def worker(out: Path, train_args: list[str]) -> int:
         return engine
 
     engine_module.build_engine = meter.wrap(build_engine, "init", after="train")
-    train.evaluate_validation = meter.wrap(train.evaluate_validation, "eval")
+    trainer.evaluate_validation = meter.wrap(trainer.evaluate_validation, "eval")
     checkpoint.save_checkpoint = meter.wrap(checkpoint.save_checkpoint, "save")
-    train.export_final = meter.wrap(train.export_final, "save")
+    trainer.export_final = meter.wrap(trainer.export_final, "save")
     code = train.main(train_args)
     meter.switch("after-save")
     rank = int(os.environ.get("RANK", "0"))

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import TrainConfigError, load_config
     from .data.errors import DataError
-    from .train import run
+    from .trainer import run
     workdir = Path(args.workdir)
     data_dir = workdir / "demo-data"
     try:

@@ -10,7 +10,7 @@ ranks, tied copies summed) and not yet applied. The engines arm the guard with t
 loss (:meth:`StepGuard.arm`); one all-reduce over the whole job gives every rank the same loss and "any
 non-finite gradient anywhere" flag, and a second one agrees on the verdict, so every rank skips or steps together.
 
-After a skip the caller (pretrain/train.py) logs the step; checkpoints are written with one extra kept until the
+After a skip the caller (pretrain/trainer.py) logs the step; checkpoints are written with one extra kept until the
 next accepted step confirms them (a spike shows the damage of the update *before* it), and on a divergence stop
 the unconfirmed ones are moved to ``checkpoints/diverged/`` so the newest checkpoint left predates the trouble.
 """

@@ -4,7 +4,7 @@ Plain torchrun answers SIGTERM by signalling its workers, giving them ``--shutdo
 default) and then raising, so the job exits 1 with a traceback even when every trainer saved a checkpoint and
 exited 0 (and a save that takes longer than the timeout is killed half-way). This launcher is torchrun with one
 change: the first SIGTERM (or SIGUSR1) is forwarded to the trainers and the agent keeps waiting for them; the
-trainers save at the step they agree on and exit 0 (pretrain/train.py, StopSignal), so the job exits 0. A second
+trainers save at the step they agree on and exit 0 (pretrain/run_errors.py, StopSignal), so the job exits 0. A second
 SIGTERM, or SIGINT, falls back to torchrun's own shutdown. A trainer that fails ends the job with its exit code
 and one line instead of torchrun's traceback (the trainer's own ``error:`` line says what happened). Every argument
 is torchrun's.

@@ -1,0 +1,282 @@
+"""One training run on this rank, top-down: ``run`` sets up the process and hands over to ``Trainer``, whose
+``run`` is set up, then per step: train, maybe evaluate, log, maybe save, stop when asked; then finish
+(final evaluation and export).
+
+Every optimizer step appends one JSON object to ``<run.dir>/metrics.jsonl`` (through the tracker).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lamemo_parallel.config import variant_traits
+from lamemo_parallel.flops import StepShape
+
+from .checkpoint import CheckpointError
+from .config import TrainConfig
+from .distributed import init_distributed
+from .layout import Layout, resolve_layout
+from .run_errors import RunFailed, StopSignal, failure, newest_checkpoint_note
+from .startup import (USER_ERRORS, checked, claim_run_dir, init_model_parallel, log, resolve_device,
+                      set_cpu_threads)
+
+
+def run(config: TrainConfig) -> Path:
+    """The whole run on this rank (every rank calls it): process set-up, the run directory's lock, training."""
+    from .deepspeed_import import import_deepspeed
+    from .run_lock import RunLock
+    import_deepspeed(tracking=config.run.mlflow)
+    device = resolve_device(config)
+    set_cpu_threads(device)
+    rank, world = init_distributed(device)
+    layout = resolve_layout(config, world, cuda=device.type == "cuda")
+    run_dir = Path(config.run.dir)
+    lock = RunLock(run_dir)          # held by global rank 0 for the trainer's life (pretrain/run_lock.py)
+    try:
+        checked(lambda: claim_run_dir(config, run_dir, lock) if rank == 0 else None)
+        return Trainer(config, device, rank, world, layout, run_dir).run()
+    finally:
+        lock.release()
+
+
+def evaluate_validation(engine, config: TrainConfig) -> dict | None:
+    """Validation loss of the current weights with streaming memory, through the parallel model: every stage
+    and TP rank takes part, each data-parallel rank scores its own ``run.eval_batch_size`` streams (the
+    single-device evaluation with batch size eval_batch_size x DP), and the sums are all-reduced over the
+    data-parallel group. The result is the same on every rank."""
+    if not config.data.valid:
+        return None
+    from .data.indexed import load_tokens
+    from .evaluation import EvalResult, rank_streams
+    tokens = torch.from_numpy(load_tokens(config.data.valid).astype("int64"))
+    if config.run.eval_tokens:
+        tokens = tokens[:config.run.eval_tokens + 1]
+    mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
+    dp_size = engine.layout.data
+    streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
+    local = engine.evaluate(streams, tgt_len=config.data.tgt_len, mem_len=mem_len)
+    sums = torch.tensor([local.nll_sum, float(local.n_tokens)], dtype=torch.float64, device=engine.device)
+    if dp_size > 1:
+        dist.all_reduce(sums, group=engine.dp_group)
+    r = EvalResult(nll_sum=sums[0].item(), n_tokens=int(sums[1].item()))
+    return {"eval_loss": r.loss, "eval_ppl": r.perplexity, "eval_bits_per_token": r.bits_per_token,
+            "eval_tokens": r.n_tokens}
+
+
+def export_final(run_dir: Path) -> Path:
+    """``run_dir/final``: the newest checkpoint (the last step's, saved just before) exported offline from its
+    shards by rank 0, as ``tools/export_checkpoint.py`` does. The other ranks do not wait for it (no
+    barrier to time out on a long export)."""
+    from .checkpoint.export import export_checkpoint
+    out = run_dir / "final"
+    if dist.get_rank() == 0:
+        export_checkpoint(run_dir, out, overwrite=True)
+    return out
+
+
+class Trainer:
+    """The training loop of one rank. ``run`` is the whole story; each method below is one part of it."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, rank: int, world: int, layout: Layout,
+                 run_dir: Path):
+        self.config, self.device, self.rank, self.world, self.layout = config, device, rank, world, layout
+        self.run_dir = run_dir
+        self.start_step = 0
+        self.unconfirmed = False   # the newest checkpoint's update has not yet been followed by an accepted step
+
+    def run(self) -> Path:
+        from .divergence import DivergenceError
+        self.set_up()
+        status, step = "FINISHED", self.start_step
+        try:
+            for step in range(self.start_step + 1, self.config.run.steps + 1):
+                if self.step(step):
+                    status = "KILLED"
+                    return self.run_dir
+            self.finish()
+        except DivergenceError as err:
+            status = "FAILED"
+            raise self.diverged(err, step) from None
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        except CheckpointError as err:      # a failed save, agreed by every rank; its message names what is left
+            status = "FAILED"
+            raise RunFailed(f"at step {step}: {err}", every_rank=False) from None
+        except Exception as err:
+            status = "FAILED"
+            raise failure(err, f"training failed at step {step}", self.rank, self.run_dir) from err
+        finally:
+            self.tracker.finish(status)
+        return self.run_dir
+
+    # ------------------------------------------------------------------ set up
+    def set_up(self) -> None:
+        """Data, resume point, engine (and the checkpoint loaded into it), metrics, tracking, throughput."""
+        self.check_inputs()
+        self.build_engine()
+        if self.rank == 0:
+            from .run_lock import rewind_metrics
+            rewound = rewind_metrics(self.run_dir, self.start_step)
+            if rewound:
+                log(f"metrics.jsonl: {rewound} record(s) past step {self.start_step} (trained again now) moved "
+                    f"to metrics.rewound.jsonl")
+        self.start_tracking()
+        self.meter = self.throughput_meter()
+        self.guard = self.engine.guard.guard
+
+    def check_inputs(self) -> None:
+        """Every rank agrees the data, the memory estimate and the resume point are usable before building."""
+        from .checkpoint import find_resume_checkpoint
+        from .data.streams import SegmentStreams
+        from .preflight import check_data, check_memory
+        config, layout, d = self.config, self.layout, self.config.data
+        dp_rank = init_model_parallel(layout)
+        data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
+        self.streams = checked(SegmentStreams, data.train, tgt_len=d.tgt_len, dp_size=layout.data,
+                               dp_rank=dp_rank, micro_batches=d.micro_batches,
+                               micro_batch_size=d.micro_batch_size, roll_seed=d.roll_seed)
+        estimate = checked(check_memory, config, layout, self.device)
+        log(f"layout: {layout.describe()}; {config.model.n_layer} layers, d_model {config.model.d_model}, "
+            f"variant {config.model.variant}; {self.streams.steps_per_epoch} steps per epoch; memory estimate "
+            f"{estimate.describe()}")
+        self.resume_from = checked(find_resume_checkpoint, self.run_dir, config.run.resume, log=log)
+        checked(lambda: config.save(self.run_dir / "config.yaml") if self.rank == 0 else None)
+        self.stop = StopSignal()
+
+    def build_engine(self) -> None:
+        """The engine for the layout; on resume, the checkpoint loaded into it and changed settings applied."""
+        from .checkpoint import load_checkpoint
+        from .engines import build_engine
+        from .resume_settings import apply_changed_settings
+        config = self.config
+        try:
+            self.engine = build_engine(config, self.layout, config.model.vocab_size, self.device)
+            log(f"model: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters on this rank")
+            if self.resume_from is not None:
+                meta = load_checkpoint(self.resume_from, engine=self.engine, streams=self.streams,
+                                       layout=self.layout, log=log)
+                self.start_step = meta["step"]
+                checked(apply_changed_settings, self.resume_from, config, self.engine, log=log)
+                log(f"resumed from {self.resume_from} at step {self.start_step}")
+        except USER_ERRORS:
+            raise
+        except Exception as err:
+            raise failure(err, "start-up failed", self.rank, self.run_dir) from err
+
+    def start_tracking(self) -> None:
+        from .tracking import Tracker
+        config, run_dir = self.config, self.run_dir
+        self.tracker = Tracker(run_dir, run_name=run_dir.name, enabled=self.rank == 0, mlflow=config.run.mlflow,
+                               connect_timeout_s=config.run.mlflow_connect_timeout_s)
+        self.run_id = checked(self.tracker.start, config.flat(), resume=self.resume_from is not None)
+        if self.rank == 0 and self.resume_from is None:
+            self.tracker.log_artifact(run_dir / "config.yaml")
+            self.tracker.log_artifacts(config.data.tokenizer, "tokenizer")
+
+    def throughput_meter(self):
+        from .throughput import ThroughputMeter, resolve_peak_tflops
+        m, d, config = self.config.model, self.config.data, self.config
+        return ThroughputMeter(
+            StepShape(m.n_layer, m.d_model, m.d_inner, m.vocab_size, d.tgt_len, d.mem_len,
+                      lookahead=variant_traits(m.variant).looks_ahead),
+            micro_batch_size=d.micro_batch_size, forward_calls_per_step=self.layout.data * d.micro_batches,
+            n_devices=self.world, peak_tflops=resolve_peak_tflops(config.run.peak_tflops or None, self.device,
+                                                                  config.parallel.precision),
+            recompute=config.parallel.activation_checkpointing, warmup_steps=2, device=self.device)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> bool:
+        """Train one optimizer step and do what follows it; True when the run stops here (checkpoint saved)."""
+        from .throughput import format_console_line
+        config, guard = self.config, self.guard
+        self.meter.begin()
+        result = self.engine.train_step(self.streams.next_step())
+        self.meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
+        verdict = self.engine.guard.last
+        skipped = verdict is not None and verdict.skipped
+        metrics = {"loss": result.loss, "ppl": math.exp(result.loss) if result.loss < 100 else float("inf"),
+                   "lr": result.lr, "grad_norm": result.grad_norm, **self.meter.interval_metrics(),
+                   "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds}
+        if skipped or guard.skipped_total:
+            metrics["skipped_steps"] = guard.skipped_total + (1 if skipped else 0)
+        if skipped:
+            log(f"warning: step {step} skipped ({verdict.reason}); weights unchanged "
+                f"[{guard.consecutive + 1} in a row, run.max_bad_steps={guard.max_bad_steps}]")
+        if not skipped:
+            metrics.update(self.maybe_evaluate(step))
+        self.tracker.log_metrics(step, metrics)
+        if verdict is not None:
+            guard.record(step, verdict)        # raises DivergenceError after max_bad_steps in a row
+        if not skipped:
+            self.confirm()
+        if step % config.run.log_interval == 0 or step == self.start_step + 1 or step == config.run.steps:
+            log(format_console_line(step, metrics, total_steps=config.run.steps))
+        stopping = self.should_stop(step)
+        self.maybe_save(step, stopping=stopping, skipped=skipped)
+        if stopping:
+            log(f"stopping at step {step}" + (f" on signal {self.stop.received}" if self.stop.received else "")
+                + ": checkpoint saved, exiting cleanly")
+        return stopping
+
+    def maybe_evaluate(self, step: int) -> dict:
+        """Validation metrics every run.eval_interval steps (the last step's come from ``finish``)."""
+        every = self.config.run.eval_interval
+        if every and step % every == 0 and step < self.config.run.steps:
+            return evaluate_validation(self.engine, self.config) or {}
+        return {}
+
+    def should_stop(self, step: int) -> bool:
+        """Collective: a stop signal on any rank, or run.exit_after steps run in this process."""
+        exit_after = self.config.run.exit_after
+        return bool(self.stop.agreed() or (exit_after and step - self.start_step >= exit_after))
+
+    def maybe_save(self, step: int, *, stopping: bool, skipped: bool) -> None:
+        """A checkpoint when stopping, every run.save_interval accepted steps, and after the last step (before
+        the final evaluation and export). One extra is kept until the next accepted step confirms the newest
+        (pretrain/divergence.py)."""
+        from .checkpoint import save_checkpoint
+        config = self.config
+        interval = config.run.save_interval and step % config.run.save_interval == 0
+        if stopping or (interval and not skipped) or step == config.run.steps:
+            save_checkpoint(engine=self.engine, streams=self.streams, config=config, step=step,
+                            layout=self.layout, tracker_run_id=self.run_id,
+                            keep=config.run.keep_checkpoints + 1, log=log)
+            self.unconfirmed = True
+
+    def confirm(self) -> None:
+        """An accepted step confirms the newest checkpoint: the extra one kept for it can go."""
+        from .divergence import prune_checkpoints
+        if self.unconfirmed and self.rank == 0:
+            prune_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
+        self.unconfirmed = False
+
+    # ------------------------------------------------------------------ end
+    def finish(self) -> None:
+        """After the last step: the final validation, the last confirmation, the export."""
+        final_eval = evaluate_validation(self.engine, self.config)
+        if final_eval:
+            self.tracker.log_metrics(self.config.run.steps, final_eval)
+            log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")
+        self.confirm()
+        out = export_final(self.run_dir)
+        log(f"exported {out}")
+
+    def diverged(self, err: BaseException, step: int) -> RunFailed:
+        """Divergence (exit code 3): checkpoints written since the trouble began are quarantined, nothing is
+        exported, the tracker is tagged."""
+        from .divergence import quarantine_checkpoints
+        note = ""
+        if self.rank == 0 and self.guard.first_bad_step is not None:
+            moved = quarantine_checkpoints(self.run_dir, self.guard.first_bad_step - 1)
+            if moved:
+                note = (f"; checkpoints written since the trouble began moved to "
+                        f"{moved[0].parent} ({', '.join(p.name for p in moved)})")
+        if dist.is_initialized():
+            dist.barrier()
+        self.tracker.set_tags({"lamemo.diverged_at_step": step, "lamemo.divergence": str(err)[:4000]})
+        return RunFailed(f"{err}; nothing exported{note}; {newest_checkpoint_note(self.run_dir)}", exit_code=3,
+                         every_rank=False)
