@@ -43,7 +43,7 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                            copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy)
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import nn
 
 from .attention import GlobalBiases, statistics_dtype
@@ -315,17 +315,9 @@ class TensorParallelLaMemoModel(LaMemoModel):
                             hidden=list(memory.hidden))
 
     # ------------------------------------------------------------------ persistence (single-device format)
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Collective: gather the full weights; TP rank 0 writes the single-device model directory."""
-        tensors = {name: t.contiguous().cpu() for name, t in self.full_state_dict().items()}
-        path = Path(path)
-        if self.tp_rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            self.config.save(path / CONFIG_NAME)
-            save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "lamemo-v1"})
-        dist.barrier(group=self.tp_group)       # the directory is complete when any rank returns
-        return path
-
+    # There is deliberately no save_pretrained: writing the single-device format from a live TP model would
+    # gather the whole model onto one rank. Trained models are exported offline from the checkpoint's shards
+    # (pretrain/export.py, tensor by tensor through the sharding table).
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None,
                         tp_group=None) -> "TensorParallelLaMemoModel":
@@ -333,7 +325,13 @@ class TensorParallelLaMemoModel(LaMemoModel):
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
                                     f"{WEIGHTS_NAME}")
-        model = cls.from_full_state_dict(LaMemoConfig.load(path / CONFIG_NAME),
-                                         load_file(str(path / WEIGHTS_NAME), device="cpu"), tp_group=tp_group)
+        model = cls(LaMemoConfig.load(path / CONFIG_NAME), initialize=False, tp_group=tp_group)
+        # one full tensor at a time: read it, keep this rank's slice (the whole model is never in memory)
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt", device="cpu") as weights:
+            names = list(weights.keys())
+            check_state_dict({n: torch.empty(weights.get_slice(n).get_shape(), device="meta") for n in names},
+                             {name: entry.shape for name, entry in model.sharding.items()})
+            model.load_state_dict({n: model.to_local_layout({n: weights.get_tensor(n)})[n].clone() for n in names},
+                                  strict=True)
         model.eval()
         return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model

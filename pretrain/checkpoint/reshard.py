@@ -3,7 +3,8 @@
 Every rank reads, one parameter at a time, the fp32 master weights and Adam moments of the parameters it holds
 from the checkpoint's shards (``ShardReader``: memory-mapped, merged in memory one tensor at a time), cuts its
 slice with the sharding table (``lamemo_parallel.sharding.shard``) and writes it into its engine: the module
-weight, the fp32 master (ZeRO fragments through DeepSpeed's ``safe_set_full_*`` API) and the moments. The step
+weight, the fp32 master (ZeRO-1/2 fragments through DeepSpeed's ``safe_set_full_*`` API, ZeRO-3 partitions
+through ``reshard_zero3``) and the moments. The step
 count and LR schedule continue; the memory starts empty (the caller warns).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .shard_index import MOMENTS, single_device_parameters
+from .reshard_zero3 import set_zero3_partition
 from .shards import ShardReader
 
 
@@ -23,19 +25,21 @@ def _torch_optimizer(engine):
 
 
 def _ensure_zero_optimizer_state(engine, step: int) -> None:
-    """ZeRO-1/2 (and DeepSpeed's BF16 optimizer) create Adam's state lazily at the first step; a resharded load
+    """ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer) create Adam's state lazily at the first step; a resharded load
     needs it now: allocate it for the flat fp32 partitions and link every parameter's fragment to it (what
     DeepSpeed does after a step)."""
     zero = engine.optimizer
-    flats = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_groups_flat_partition",
-                                                                             None)
+    flats = (getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_groups_flat_partition",
+                                                                              None)
+             or getattr(zero, "fp32_partitioned_groups_flat", None))         # ZeRO 1/2, BF16 optimizer, ZeRO 3
     if flats is None:
         return
-    groups = getattr(zero, "bit16_groups", None) or zero.bf16_groups
+    # ZeRO-3 finds a parameter's moments by its position in the flat partition: no fragment links to set
+    groups = getattr(zero, "bit16_groups", None) or getattr(zero, "bf16_groups", None) or [[] for _ in flats]
     inner = zero.optimizer
     for i, flat in enumerate(flats):
         state = inner.state[flat]
-        if not state:
+        if "exp_avg" not in state:
             state.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(flat),
                          exp_avg_sq=torch.zeros_like(flat))
         for lp in groups[i]:
@@ -59,10 +63,6 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from lamemo_parallel.sharding import shard
-    if engine.config.parallel.zero_stage == 3:
-        from .format import CheckpointError
-        raise CheckpointError(f"resuming {ckpt} on another layout into ZeRO stage 3 is not supported: resume with "
-                              f"the checkpoint's layout {meta['layout']} or with ZeRO stage 0-2")
     reader = ShardReader(ckpt, meta)
     module = engine.module
     device = next(module.parameters()).device
@@ -76,6 +76,12 @@ def reshard_load(ckpt: Path, meta: dict, engine) -> None:
     plain = _torch_optimizer(engine)
     with torch.no_grad():
         for name, param in params.items():
+            if hasattr(param, "ds_id"):                  # ZeRO-3: only this rank's partition is filled
+                moments = {key: shard(table[name], reader.full(name, key), tp_rank, tp_size)
+                           for key in MOMENTS} if with_moments else {}
+                set_zero3_partition(param, shard(table[name], reader.full(name, "master"), tp_rank, tp_size),
+                                    moments)
+                continue
             value = shard(table[name], reader.full(name, "master"), tp_rank, tp_size).to(device)
             param.copy_(value.to(param.dtype))
             # a ZeRO parameter (DeepSpeed sets _hp_mapping, None where no fragment lies on this rank)

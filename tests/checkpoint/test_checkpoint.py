@@ -210,10 +210,10 @@ def test_bf16_training_exports_the_fp32_master_and_reshards(corpus, tmp_path):
 EXACT_RESHARDS = {  # name -> (extra settings, (ranks, settings) of the straight run, the first part, the resumed part)
     # (TP, DP) = (2, 2) -> (1, 2), ZeRO-1 on both sides
     "tp2dp2-to-dp2": (["parallel.zero_stage=1"], (2, []), (4, ["parallel.tensor=2"]), (2, [])),
-    # (TP, PP, DP) = (2, 2, 1) -> (1, 1, 2): the global batch stays the same 4 streams (micro-batch size 2 on one
-    # data-parallel rank, then 1 on each of two)
-    "tp2pp2-to-dp2": ([], (2, ["data.micro_batch_size=1"]), (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
-                      (2, ["data.micro_batch_size=1"])),
+    # (TP, PP, DP) = (2, 2, 1) ZeRO-0 -> (1, 1, 2) ZeRO-3: the global batch stays the same 4 streams (micro-batch
+    # size 2 on one data-parallel rank, then 1 on each of two); each rank fills only its ZeRO-3 partitions
+    "tp2pp2-to-dp2-zero3": ([], (2, ["data.micro_batch_size=1"]), (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+                            (2, ["data.micro_batch_size=1", "parallel.zero_stage=3"])),
 }
 
 
