@@ -317,7 +317,7 @@ class TensorParallelLaMemoModel(LaMemoModel):
     # ------------------------------------------------------------------ persistence (single-device format)
     # There is deliberately no save_pretrained: writing the single-device format from a live TP model would
     # gather the whole model onto one rank. Trained models are exported offline from the checkpoint's shards
-    # (pretrain/export.py, tensor by tensor through the sharding table).
+    # (pretrain/checkpoint/export.py, tensor by tensor through the sharding table).
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None,
                         tp_group=None) -> "TensorParallelLaMemoModel":
