@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from lamemo_parallel.config import variant_traits
 from lamemo_parallel.flops import StepShape
+from lamemo_parallel.inference import EvalResult, split_streams
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
@@ -42,6 +43,14 @@ def run(config: TrainConfig) -> Path:
         lock.release()
 
 
+def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int = 0) -> torch.Tensor:
+    """This data-parallel rank's evaluation streams: ``split_streams(tokens, streams_per_rank * dp_size)``
+    rows ``[dp_rank * streams_per_rank, (dp_rank + 1) * streams_per_rank)``. The union over the ranks is the
+    single-device evaluation with ``batch_size = streams_per_rank * dp_size``."""
+    streams = split_streams(tokens, streams_per_rank * dp_size)
+    return streams[dp_rank * streams_per_rank:(dp_rank + 1) * streams_per_rank]
+
+
 def evaluate_validation(engine, config: TrainConfig) -> dict | None:
     """Validation loss of the current weights with streaming memory, through the parallel model: every stage
     and TP rank takes part, each data-parallel rank scores its own ``run.eval_batch_size`` streams (the
@@ -50,7 +59,6 @@ def evaluate_validation(engine, config: TrainConfig) -> dict | None:
     if not config.data.valid:
         return None
     from .data.indexed import load_tokens
-    from .evaluation import EvalResult, rank_streams
     tokens = torch.from_numpy(load_tokens(config.data.valid).astype("int64"))
     if config.run.eval_tokens:
         tokens = tokens[:config.run.eval_tokens + 1]

@@ -112,7 +112,7 @@ def assert_eval_matches_export(run_dir: Path, corpus: Path, config, dp: int) -> 
 
     from lamemo_parallel import LaMemoModel
     from pretrain.data.indexed import load_tokens
-    from pretrain.evaluation import evaluate_tokens
+    from lamemo_parallel.inference import evaluate_tokens
     records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4, config.run.steps]

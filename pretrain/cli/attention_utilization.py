@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from lamemo_parallel import LaMemoModel
+from lamemo_parallel.inference import segment_count, segments, split_streams
 from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
-from pretrain.evaluation import split_streams
 
 
 class UsageError(Exception):
@@ -115,13 +115,10 @@ def measure(model: LaMemoModel, tokens: torch.Tensor, *, label: str, tgt_len: in
     result = Utilization(label=label, n_layer=n_layer, causal=[Histogram() for _ in range(n_layer)],
                          lookahead=[Histogram(lookahead_offset) for _ in range(n_layer)])
     streams = split_streams(tokens, batch_size).to(device)
-    length = streams.shape[1] - 1
     memory = None
-    for start in tqdm(range(0, length, tgt_len), desc=f"attention {label}", unit="segment", disable=not progress,
-                      file=sys.stderr):
-        end = min(start + tgt_len, length)
-        out = model(streams[:, start:end], targets=streams[:, start + 1:end + 1], memory=memory, mem_len=mem_len,
-                    return_attention=True)
+    for inputs, targets in tqdm(segments(streams, tgt_len), total=segment_count(streams, tgt_len),
+                                desc=f"attention {label}", unit="segment", disable=not progress, file=sys.stderr):
+        out = model(inputs, targets=targets, memory=memory, mem_len=mem_len, return_attention=True)
         memory = out.memory
         result.nll_sum += out.nll.double().sum().item()
         result.tokens += out.nll.numel()

@@ -9,15 +9,20 @@ Fixed-length segments with streaming memory; every token is scored once (the las
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lamemo_parallel import LaMemoModel
+from lamemo_parallel.inference import evaluate_tokens
 from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
-from pretrain.evaluation import evaluate_tokens
+
+
+progress_bar = functools.partial(tqdm, desc="evaluate", unit="segment")
 
 
 def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, int | None]:
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              else tgt_len)
     try:
         result = evaluate_tokens(model, tokens, tgt_len=tgt_len, mem_len=mem_len, batch_size=args.batch_size,
-                                 device=args.device, progress=not args.json)
+                                 device=args.device, progress=None if args.json else progress_bar)
     except ValueError as err:          # ConfigError too; e.g. more streams than tokens
         print(f"error: {err}", file=sys.stderr)
         return 2

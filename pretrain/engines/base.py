@@ -14,10 +14,10 @@ from typing import Literal, Protocol
 import torch
 
 from lamemo_parallel import LaMemoConfig
+from lamemo_parallel.inference import EvalResult
 
 from ..config import TrainConfig
 from ..divergence import StepGuard
-from ..evaluation import EvalResult
 from ..layout import Layout
 
 

@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from lamemo_parallel import LaMemoMemory
+from lamemo_parallel.inference import EvalResult, segments
 
 from .. import divergence
 from ..config import TrainConfig
-from ..evaluation import EvalResult, segments
 from ..layout import Layout, split_layers
 from ..optim import build_optimizer, build_scheduler
 from .base import EngineBase, StepResult, _quiet_deepspeed, deepspeed_config, model_config

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 
 from lamemo_parallel import LaMemoModel, LaMemoMemory
+from lamemo_parallel.inference import EvalResult, evaluate_streams
 from lamemo_parallel.init import draw_init_seed, initialise_parameters
 from lamemo_parallel.sharding import sharding_table
 
 from .. import divergence
 from ..config import TrainConfig
-from ..evaluation import EvalResult, evaluate_streams
 from ..layout import Layout
 from ..optim import build_optimizer, build_scheduler
 from .base import EngineBase, StepResult, _quiet_deepspeed, attention_backend, deepspeed_config, model_config

@@ -161,7 +161,7 @@ def check_export_reproduces_eval_loss(corpus, run, tmp_path, dp, zero):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     parallel_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]     # scored by the training run
     from pretrain.data.indexed import load_tokens
-    from pretrain.evaluation import evaluate_tokens
+    from lamemo_parallel.inference import evaluate_tokens
     tokens = torch.from_numpy(load_tokens(corpus / "train").astype("int64"))[:301]
     # the run scores run.eval_batch_size (1) streams per data-parallel rank: the single-device batch is dp
     exported = evaluate_tokens(LaMemoModel.from_pretrained(out), tokens, tgt_len=8, mem_len=8, batch_size=dp)

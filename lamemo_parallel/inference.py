@@ -4,14 +4,22 @@ The sequence is cut into ``batch_size`` contiguous streams (as Transformer-XL's 
 feeds each stream its next ``tgt_len`` tokens with the memory of everything before. Every token is scored
 exactly once. The last segment may be shorter than ``tgt_len``: that changes the look-ahead tiling of that
 one step (docs/method.md §9.7) — harmless for perplexity, and the only way to score every token.
+
+Needs only a model with the single-device interface; a progress bar is the caller's (``progress=``), so the
+library stays torch-only.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+
+Segment = tuple[torch.Tensor, torch.Tensor]
+# Wraps the segment iterator, e.g. ``functools.partial(tqdm, desc="evaluate")``: called once as
+# ``progress(segments, total=number_of_segments)`` and iterated in its place.
+Progress = Callable[..., Iterable[Segment]]
 
 
 @dataclass
@@ -48,15 +56,7 @@ def split_streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int = 0) -> torch.Tensor:
-    """This data-parallel rank's evaluation streams: ``split_streams(tokens, streams_per_rank * dp_size)``
-    rows ``[dp_rank * streams_per_rank, (dp_rank + 1) * streams_per_rank)``. The union over the ranks is the
-    single-device evaluation with ``batch_size = streams_per_rank * dp_size``."""
-    streams = split_streams(tokens, streams_per_rank * dp_size)
-    return streams[dp_rank * streams_per_rank:(dp_rank + 1) * streams_per_rank]
-
-
-def segments(streams: torch.Tensor, tgt_len: int):
+def segments(streams: torch.Tensor, tgt_len: int) -> Iterator[Segment]:
     """(inputs, targets) [B, n] of every step over ``streams`` [B, L + 1]; the last step may be shorter."""
     length = streams.shape[1] - 1
     for start in range(0, length, tgt_len):
@@ -64,8 +64,13 @@ def segments(streams: torch.Tensor, tgt_len: int):
         yield streams[:, start:end], streams[:, start + 1:end + 1]
 
 
+def segment_count(streams: torch.Tensor, tgt_len: int) -> int:
+    """How many steps ``segments(streams, tgt_len)`` yields."""
+    return -(-(streams.shape[1] - 1) // tgt_len)
+
+
 @torch.no_grad()
-def evaluate_streams(model, streams: torch.Tensor, *, tgt_len: int, mem_len: int, progress: bool = False
+def evaluate_streams(model, streams: torch.Tensor, *, tgt_len: int, mem_len: int, progress: Progress | None = None
                      ) -> EvalResult:
     """Score ``streams`` [B, L + 1] (each row predicts its L tokens) with a model that has the single-device
     interface (``LaMemoModel``, ``TensorParallelLaMemoModel``, a ZeRO-wrapped module); the memory of every
@@ -73,9 +78,10 @@ def evaluate_streams(model, streams: torch.Tensor, *, tgt_len: int, mem_len: int
     was_training = model.training
     model.eval()
     memory, nll_sum, count = None, 0.0, 0
-    steps = -(-(streams.shape[1] - 1) // tgt_len)
-    for inputs, targets in tqdm(segments(streams, tgt_len), total=steps, desc="evaluate", unit="segment",
-                                disable=not progress):
+    steps: Iterable[Segment] = segments(streams, tgt_len)
+    if progress is not None:
+        steps = progress(steps, total=segment_count(streams, tgt_len))
+    for inputs, targets in steps:
         out = model(inputs, targets=targets, memory=memory, mem_len=mem_len)
         memory = out.memory
         nll_sum += out.nll.double().sum().item()
@@ -85,7 +91,7 @@ def evaluate_streams(model, streams: torch.Tensor, *, tgt_len: int, mem_len: int
 
 
 def evaluate_tokens(model, tokens, *, tgt_len: int, mem_len: int, batch_size: int = 1, device=None,
-                    progress: bool = False) -> EvalResult:
+                    progress: Progress | None = None) -> EvalResult:
     """Score ``tokens`` (1-D) with streaming memory on one device. The (batch_size - 1) tokens that do not fill
     the streams evenly are left out (at most batch_size - 1 of them; batch_size = 1 scores every token)."""
     device = device or next(model.parameters()).device
