@@ -7,6 +7,7 @@ object stays inside ``pretrain/engines/`` (``EngineBase`` is the one place that 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -22,11 +23,10 @@ from ..layout import Layout
 
 
 def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
-    m, d = config.model, config.data
-    return LaMemoConfig(vocab_size=vocab_size, n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head,
-                        d_head=m.d_head, d_inner=m.d_inner, variant=m.variant, pre_lnorm=m.pre_lnorm,
-                        dropout=m.dropout, dropatt=m.dropatt, clamp_len=m.clamp_len, tgt_len=d.tgt_len,
-                        mem_len=d.mem_len, init_std=m.init_std)
+    """The model's config: every ``model.*`` key (``ModelSection`` is LaMemoConfig's fields, so a new field
+    passes through untouched), the resolved ``vocab_size``, and the lengths from the data section."""
+    return LaMemoConfig(**{**dataclasses.asdict(config.model), "vocab_size": vocab_size,
+                           "tgt_len": config.data.tgt_len, "mem_len": config.data.mem_len})
 
 
 def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:

@@ -1,9 +1,11 @@
 """Every shipped config loads and validates; the paper's configs have the paper's sizes (docs/method.md §7)."""
+import dataclasses
+
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoModel
-from pretrain.config import load_config
+from lamemo_parallel import LaMemoConfig, LaMemoModel
+from pretrain.config import MODEL_KEYS_ELSEWHERE, ModelSection, load_config
 from pretrain.engines import model_config
 from pretrain.layout import resolve_layout
 
@@ -39,3 +41,18 @@ def test_paper_base_models_have_the_paper_sizes():
         c = load_config(root / f"{name}.yaml")
         assert (c.optim.lr, c.optim.clip_grad, c.optim.schedule, c.optim.warmup_steps) == (2.5e-4, 0.25, "cosine", 0)
         assert c.data.tgt_len == c.data.mem_len and c.model.dropout == 0.1 and c.model.dropatt == 0.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_model_config_passes_every_model_key_through(path):
+    """``model_config`` is LaMemoConfig built from every ``model.*`` key plus the data lengths: the model
+    section holds LaMemoConfig's fields but those set elsewhere, so a new field needs no mapping."""
+    config = load_config(path)
+    model = model_config(config, 321)
+    section = {f.name for f in dataclasses.fields(ModelSection)}
+    assert section | set(MODEL_KEYS_ELSEWHERE) == {f.name for f in dataclasses.fields(LaMemoConfig)}
+    for name in section - {"vocab_size", "d_head"}:
+        assert getattr(model, name) == getattr(config.model, name), name
+    assert model.d_head == (config.model.d_head or config.model.d_model // config.model.n_head)
+    assert (model.vocab_size, model.tgt_len, model.mem_len) == (321, config.data.tgt_len, config.data.mem_len)
+    assert (model.layer_norm_eps, model.extra) == (LaMemoConfig.layer_norm_eps, {})    # the library's own
