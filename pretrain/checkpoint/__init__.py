@@ -3,7 +3,7 @@ resume is exact on the same layout and reshards on another, export reads the sha
 
     format      what a checkpoint is; integrity (sizes, sha256), discovery and fallback
     safe_load   loading without running code (weights_only + allow-list; DeepSpeed's checkpoint engine)
-    state       per-rank memory and RNG as plain tensors
+    state       per-rank RNG as plain tensors
     shard_index where each rank's tensors lie in DeepSpeed's files (recorded at save time)
     save        the collective save (no gather), failure handling (full disk, permissions)
     load        same-layout load, or resharding (reshard)
@@ -15,9 +15,8 @@ from .format import (CHECKPOINTS, MARKER, TRAINER_META, CheckpointError, checkpo
                      find_resume_checkpoint, rank_state_path, step_tag, validate)
 from .load import load_checkpoint
 from .save import CheckpointSaveError, save_checkpoint, stage_sizes
-from .state import memory_from_state, memory_to_state, rng_state, set_rng_state
+from .state import rng_state, set_rng_state
 
 __all__ = ["CHECKPOINTS", "MARKER", "TRAINER_META", "CheckpointError", "CheckpointSaveError", "checkpoint_root",
-           "complete_checkpoints", "find_resume_checkpoint", "load_checkpoint", "memory_from_state",
-           "memory_to_state", "rank_state_path", "rng_state", "save_checkpoint", "set_rng_state", "stage_sizes",
-           "step_tag", "validate"]
+           "complete_checkpoints", "find_resume_checkpoint", "load_checkpoint", "rank_state_path", "rng_state",
+           "save_checkpoint", "set_rng_state", "stage_sizes", "step_tag", "validate"]

@@ -1,13 +1,11 @@
-"""Per-rank state for exact resume (memory slots, RNG) as plain tensors and numbers, so the per-rank file
-loads with ``weights_only=True``."""
+"""Per-rank RNG state for exact resume as plain tensors and numbers, so the per-rank file loads with
+``weights_only=True`` (the memory slots are ``LaMemoMemory.state_dict``, taken by the engines)."""
 from __future__ import annotations
 
 import random
 
 import numpy as np
 import torch
-
-from lamemo_parallel import LaMemoMemory
 
 
 def rng_state() -> dict:
@@ -29,12 +27,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def memory_to_state(memory: LaMemoMemory | None) -> dict | None:
-    """One micro-batch slot's memory (None: a slot not run yet), as ``LaMemoMemory.state_dict``."""
-    return None if memory is None else memory.state_dict()
-
-
-def memory_from_state(state: dict | None, device) -> LaMemoMemory | None:
-    return None if state is None else LaMemoMemory.from_state_dict(state, device)

@@ -141,16 +141,15 @@ class PlainEngine(EngineBase):
 
     # ------------------------------------------------------------------ checkpoint hooks
     def memory_state(self) -> list[dict | None]:
-        """This rank's memory per micro-batch slot, as plain tensors (for the per-rank checkpoint file)."""
-        from ..checkpoint import memory_to_state
-        return [memory_to_state(m) for m in self.memories]
+        """This rank's memory per micro-batch slot, as plain tensors (for the per-rank checkpoint file); None for
+        a slot not run yet."""
+        return [None if m is None else m.state_dict() for m in self.memories]
 
     def load_memory_state(self, state: list[dict | None]) -> None:
-        from ..checkpoint import memory_from_state
         if len(state) != len(self.memories):
             raise ValueError(f"checkpoint holds memory for {len(state)} micro-batch slots, this run has "
                              f"{len(self.memories)}")
-        self.memories = [memory_from_state(s, self.device) for s in state]
+        self.memories = [None if s is None else LaMemoMemory.from_state_dict(s, self.device) for s in state]
 
     def reset_memory(self) -> None:
         self.memories = [None] * len(self.memories)
