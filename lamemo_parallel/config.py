@@ -132,24 +132,13 @@ class LaMemoConfig:
 
     @property
     def traits(self) -> VariantTraits:
+        """What this variant means: ask ``config.traits.future_position_bias``, ``.full_look_ahead``, ..."""
         return variant_traits(self.variant)
 
     @property
     def uses_lookahead(self) -> bool:
         """LaMemo's look-ahead memory (any variant but Transformer-XL)."""
         return self.traits.looks_ahead
-
-    @property
-    def has_future_position_bias(self) -> bool:
-        return self.traits.future_position_bias
-
-    @property
-    def has_future_content_bias(self) -> bool:
-        return self.traits.future_content_bias
-
-    @property
-    def full_look_ahead(self) -> bool:
-        return self.traits.full_look_ahead
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

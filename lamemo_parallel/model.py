@@ -57,8 +57,8 @@ class LaMemoModel(nn.Module):
             self.drop = nn.Dropout(config.dropout)
             self.content_bias = self._global_bias()
             self.position_bias = self._global_bias()
-            self.future_position_bias = self._global_bias() if config.has_future_position_bias else None
-            self.future_content_bias = self._global_bias() if config.has_future_content_bias else None
+            self.future_position_bias = self._global_bias() if config.traits.future_position_bias else None
+            self.future_content_bias = self._global_bias() if config.traits.future_content_bias else None
             self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
         self.register_buffer("inv_freq", inverse_frequencies(config.d_model), persistent=False)
         #: Recompute each layer's activations in the backward pass (training only). The cached memory enters a

@@ -306,8 +306,8 @@ class GlobalBiasesPipe(nn.Module):
         shape = (_local_heads(config, tensor_parallel), config.d_head)
         self.content_bias = nn.Parameter(torch.zeros(shape))
         self.position_bias = nn.Parameter(torch.zeros(shape))
-        self.future_position_bias = nn.Parameter(torch.zeros(shape)) if config.has_future_position_bias else None
-        self.future_content_bias = nn.Parameter(torch.zeros(shape)) if config.has_future_content_bias else None
+        self.future_position_bias = nn.Parameter(torch.zeros(shape)) if config.traits.future_position_bias else None
+        self.future_content_bias = nn.Parameter(torch.zeros(shape)) if config.traits.future_content_bias else None
         if tensor_parallel:
             for name in self.present():
                 _tensor_parallel()._mark_split(getattr(self, name), 0)

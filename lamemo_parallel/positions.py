@@ -37,7 +37,7 @@ def position_encodings(config: LaMemoConfig, mem_len: int, seg_len: int, inv_fre
     distances = [torch.arange(T - 1, -1, -1.0, device=device)]
     n_ahead = 0
     if config.uses_lookahead and mem_len > 0:
-        if config.full_look_ahead and mem_len < seg_len:
+        if config.traits.full_look_ahead and mem_len < seg_len:
             raise ConfigError(f"variant {config.variant} (full look-ahead) needs mem_len >= tgt_len once memory "
                               f"is non-empty; got M={mem_len} < N={seg_len}")
         ahead = lookahead_table_distances(mem_len, config.variant, device=device)

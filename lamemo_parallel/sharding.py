@@ -84,9 +84,9 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
 def bias_names(config: LaMemoConfig) -> list[str]:
     """The global biases a variant has: u, v always; v+ and u+ where its ``VariantTraits`` say so."""
     names = ["content_bias", "position_bias"]
-    if config.has_future_position_bias:
+    if config.traits.future_position_bias:
         names.append("future_position_bias")
-    if config.has_future_content_bias:
+    if config.traits.future_content_bias:
         names.append("future_content_bias")
     return names
 

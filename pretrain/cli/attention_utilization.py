@@ -126,7 +126,7 @@ def measure(model: LaMemoModel, tokens: torch.Tensor, *, label: str, tgt_len: in
             _add_causal(result, layer, record["causal"])
             if "lookahead" in record:
                 _add_lookahead(result, layer, record["lookahead"], record["lookahead_window"],
-                               strict_future=not model.config.full_look_ahead)
+                               strict_future=not model.config.traits.full_look_ahead)
     return result
 
 

@@ -1,6 +1,6 @@
 """Variant numbers are read in one place: ``lamemo_parallel/config.py`` (``VariantTraits``) and the importer of
 the official release (``lamemo_parallel/convert.py``, which must name the release's ``attn_type`` numbers).
-Everywhere else the code asks named questions (``config.uses_lookahead``, ``config.full_look_ahead``, ...)."""
+Everywhere else the code asks named questions (``config.uses_lookahead``, ``config.traits.full_look_ahead``, ...)."""
 from __future__ import annotations
 
 import ast
