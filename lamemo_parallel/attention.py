@@ -82,10 +82,14 @@ class RelativeAttention(nn.Module):
 
     def forward(self, z: torch.Tensor, *, mem_len: int, positions: PositionEncodings, biases: GlobalBiases,
                 cached_vectors: torch.Tensor | None = None, cached_log_normalizers: torch.Tensor | None = None,
-                return_probs: bool = False) -> AttentionResult:
+                return_probs: bool = False, memory_rows_out: bool = True) -> AttentionResult:
         """``z`` = [memory rows; current rows], [B, M+N, d].
 
         LaMemo: every row gets a query; returns all M+N rows. XL: memory rows are keys only; returns N rows.
+        ``memory_rows_out=False`` (LaMemo's top layer, whose memory rows no later layer reads): returns the N
+        current rows only. The memory rows' W_o is skipped, and their look-ahead and interpolation, which then
+        feed only the detached cache (C-bar, Z-bar), run without autograd. The current rows, the cache and
+        every gradient are exactly what the full computation gives.
         """
         M = mem_len
         T = z.shape[1]
@@ -98,15 +102,22 @@ class RelativeAttention(nn.Module):
             raise RuntimeError("the 'flex' attention backend has no backward pass on CPU (torch 2.13): "
                                "train on CPU with attention_backend='eager'")
         zn = self.norm(z) if self.pre_lnorm else z
-        query_rows = zn if self.lookahead else zn[:, M:]
-        q = self._heads(self.q_proj(query_rows))             # [B, H, Tq, d_h]
+        cache_only_memory = self.lookahead and not memory_rows_out and M > 0
+        if cache_only_memory:
+            q_cur = self._heads(self.q_proj(zn[:, M:]))      # [B, H, N, d_h]
+            with torch.no_grad():
+                q_mem = self._heads(self.q_proj(zn[:, :M]))  # [B, H, M, d_h], feeds only the cache
+        else:
+            query_rows = zn if self.lookahead else zn[:, M:]
+            q = self._heads(self.q_proj(query_rows))         # [B, H, Tq, d_h]
+            # split, not two slices: its backward is one concatenation, not two zero-filled full-size grads
+            q_mem, q_cur = q.split([M, N], dim=2) if self.lookahead else (None, q)
         k = self._heads(self.k_proj(zn))                     # [B, H, T, d_h]
         v = self._heads(self.v_proj(zn))
         r_causal = self.r_proj(positions.causal).view(T, self.n_local_heads, self.d_head)
         recorded = {} if return_probs else None
 
         # ---- causal attention of the current rows (exactly Transformer-XL) ---------------------------
-        q_cur = q[:, :, M:] if self.lookahead else q
         # The scale is folded into the (small) queries rather than applied to the [N, T] scores.
         content_q = (q_cur + biases.content[:, None]) * self.scale
         position = torch.matmul((q_cur + biases.position[:, None]) * self.scale, r_causal.permute(1, 2, 0))
@@ -130,13 +141,14 @@ class RelativeAttention(nn.Module):
 
         # ---- look-ahead attention of the memory rows + interpolation ---------------------------------
         if M > 0:
-            vec_mem, lse_prev = self._lookahead(q[:, :, :M], k, v, tables.lookahead, positions, biases,
-                                                cached_vectors, cached_log_normalizers, recorded, fused)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not cache_only_memory):
+                vec_mem, lse_prev = self._lookahead(q_mem, k, v, tables.lookahead, positions, biases,
+                                                    cached_vectors, cached_log_normalizers, recorded, fused)
             vectors = torch.cat([vec_mem, vec_cur], dim=2)
             lse = torch.cat([lse_prev, lse_cur], dim=2)
         else:
             vectors, lse = vec_cur, lse_cur
-        out = self._project(vectors, z)
+        out = self._project(vec_cur, z[:, M:]) if cache_only_memory else self._project(vectors, z)
         return AttentionResult(out, vectors.transpose(1, 2), lse.transpose(1, 2), recorded)
 
     def _lookahead(self, q_mem, k, v, plan, positions, biases, cached_vectors, cached_lse, recorded, fused):

@@ -17,7 +17,7 @@ from .memory import newest_rows
 class LayerStep(NamedTuple):
     """What one layer step returns (a named tuple so that ZeRO-3's and checkpoint's hooks see the tensors)."""
 
-    hidden: torch.Tensor         # LaMemo: [B, M+N, d] (memory rows recomputed); XL: [B, N, d]
+    hidden: torch.Tensor         # LaMemo: [B, M+N, d] (memory rows recomputed; [B, N, d] for the top layer); XL: [B, N, d]
     memory: tuple                # this layer's new memory, detached (see ``DecoderLayer.step``)
     probs: dict | None = None    # attention weights, when asked for
 
@@ -37,8 +37,9 @@ class PositionwiseFF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = self.norm(x) if self.pre_lnorm else x
-        # relu in place on fc1's fresh output: one [rows, d_ff] tensor fewer per layer
-        out = self.drop_out(self.fc2(self.drop_inner(self.fc1(inp).relu_())))
+        # Not relu_: fc1's output is a view of a 2-D addmm result, and an in-place op on a view makes autograd
+        # rebuild the base in backward (a clone, two copies and a zero-fill of [rows, d_ff] per layer).
+        out = self.drop_out(self.fc2(self.drop_inner(torch.relu(self.fc1(inp)))))
         if out.dtype == torch.float16:
             # fp16 overflow guard (as the release does under O2): clamp infinities to the largest finite value.
             limit = torch.finfo(out.dtype).max - 1000
@@ -57,13 +58,18 @@ class DecoderLayer(nn.Module):
                                  layer_norm_eps=config.layer_norm_eps)
 
     def forward(self, z: torch.Tensor, **attention_inputs) -> AttentionResult:
-        """LaMemo: z = [m; h] -> [m^l; h^l] (the FFN runs on memory rows too). XL: returns current rows only."""
+        """LaMemo: z = [m; h] -> [m^l; h^l] (the FFN runs on memory rows too; on the current rows only when
+        ``memory_rows_out=False``). XL: returns current rows only."""
         result = self.attn(z, **attention_inputs)
         return result._replace(output=self.ff(result.output))
 
     def step(self, hidden: torch.Tensor, memory: tuple, *, positions: PositionEncodings, biases: GlobalBiases,
-             mem_len: int | None = None, return_probs: bool = False) -> LayerStep:
+             mem_len: int | None = None, return_probs: bool = False, feeds_next_layer: bool = True) -> LayerStep:
         """One layer with its memory in and out (docs/method.md §4, §5).
+
+        ``feeds_next_layer=False`` for the top layer: LaMemo's top-layer memory rows are discarded, so the
+        step returns the current rows only and spends no W_o, FFN or backward pass on the memory rows
+        (``RelativeAttention.forward``'s ``memory_rows_out``); its new memory (the cache) is unchanged.
 
         LaMemo: ``hidden`` = [memory rows; current rows] of this layer's input, ``memory`` = (C-bar, Z-bar) of
         its M memory rows; the new memory is the C-bar, Z-bar of every row it produced. Transformer-XL:
@@ -74,7 +80,8 @@ class DecoderLayer(nn.Module):
         if self.attn.lookahead:
             vectors, log_normalizers = memory
             result = self(hidden, mem_len=vectors.shape[1], positions=positions, biases=biases,
-                          cached_vectors=vectors, cached_log_normalizers=log_normalizers, return_probs=return_probs)
+                          cached_vectors=vectors, cached_log_normalizers=log_normalizers, return_probs=return_probs,
+                          memory_rows_out=feeds_next_layer)
             new = (_newest(result.vectors, mem_len), _newest(result.log_normalizers, mem_len))
         else:
             (cached_input,) = memory

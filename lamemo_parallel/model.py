@@ -186,11 +186,12 @@ class LaMemoModel(nn.Module):
     def _layers(self, emb, memory, positions, biases, attentions, mem_len):
         """The layer loop: LaMemo recomputes the memory rows at every layer from the embedding FIFO (docs/method.md
         §4); Transformer-XL's layer l attends to the cached input of layer l (§5). ``DecoderLayer.step`` says how."""
-        lookahead, M = self.config.uses_lookahead, memory.length
+        lookahead = self.config.uses_lookahead
         hidden = torch.cat([memory.embeddings, emb], dim=1) if lookahead else emb
         layer_memories = []
         for i, layer in enumerate(self.layers):
-            inputs = dict(positions=positions, biases=biases, mem_len=mem_len, return_probs=attentions is not None)
+            inputs = dict(positions=positions, biases=biases, mem_len=mem_len, return_probs=attentions is not None,
+                          feeds_next_layer=i < len(self.layers) - 1)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 result = checkpoint(layer.step, hidden, memory.layer(i), use_reentrant=False, **inputs)
             else:
@@ -199,10 +200,10 @@ class LaMemoModel(nn.Module):
             layer_memories.append(result.memory)
             if attentions is not None:
                 attentions.append(result.probs)
+        # The top layer returned its current rows only (its memory rows are discarded: feeds_next_layer).
         if not lookahead:
             return hidden, LaMemoMemory.from_layers(layer_memories)
-        fifo = newest_rows(memory.embeddings, emb, mem_len)
-        return hidden[:, M:], LaMemoMemory.from_layers(layer_memories, fifo)   # top-layer memory rows discarded
+        return hidden, LaMemoMemory.from_layers(layer_memories, newest_rows(memory.embeddings, emb, mem_len))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:

@@ -171,7 +171,7 @@ class StageRuntime:
         self.inv_freq = inverse_frequencies(config.d_model)
         self.step = 0
         self.forwards = 0
-        self._current = None      # (slot, M, pending commits) between enter and exit of one forward
+        self._current = None      # (slot, pending commits) between enter and exit of one forward
 
     # ------------------------------------------------------------------ step bookkeeping
     def begin_step(self, step: int) -> None:
@@ -215,29 +215,29 @@ class StageRuntime:
             x = torch.cat([old["embeddings"], x], dim=1)        # [memory rows; current rows]
             pending["embeddings"] = x.detach()                  # the new FIFO (truncated on commit)
         N = x.shape[1] - M if self.lookahead else x.shape[1]
-        if M == 0 and biases.training:
-            # The look-ahead biases are unused while the memory is empty; tie them into the graph with a zero
-            # so that every tied parameter gets a gradient on every stage (DeepSpeed's bf16 tied-gradient
-            # reduction reads a gradient that exists only for parameters that received one).
+        # The look-ahead biases get no gradient while the memory is empty, nor on a stage whose only layer is
+        # the top one (its look-ahead only refreshes the detached cache: DecoderLayer.step). Tie them into the
+        # graph with a zero so that every tied parameter gets a gradient on every stage: DeepSpeed's
+        # tied-gradient all-reduce reads a gradient that exists only for parameters that received one (a
+        # stage without it would leave the others waiting in the all-reduce).
+        only_top_layer = list(self.layers) == [self.config.n_layer - 1]
+        if (M == 0 or only_top_layer) and biases.training:
             unused = [b for b in (biases.future_position_bias, biases.future_content_bias) if b is not None]
             if unused and torch.is_grad_enabled():
                 x = x + sum(b.sum() for b in unused) * 0.0
         positions = self._positions(M, N, x.dtype, x.device, slot, biases.training)
-        self._current = (slot, M, pending)
+        self._current = (slot, pending)
         return (x, *biases.tensors(), positions.causal, positions.lookahead,
                 *[old[name] for name in self.carry_names])
 
     def exit(self, carry: tuple) -> torch.Tensor:
         """Commit the new memory of this forward; return the stage's single output tensor."""
-        slot, M, pending = self._current
+        slot, pending = self._current
         self._current = None
         new = dict(pending)
         new.update(zip(self.carry_names, carry[FIRST_MEMORY:]))
         self.memory.commit(slot, new)
-        x = carry[ACT]
-        if self.last and self.lookahead:
-            x = x[:, M:]        # top-layer memory rows are discarded; current rows go to the output layer
-        return x
+        return carry[ACT]       # the top layer returns its current rows only (DecoderLayer.step)
 
     # ------------------------------------------------------------------ helpers
     def _empty_memory(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -328,7 +328,7 @@ class DecoderLayerPipe(nn.Module):
 
     def __init__(self, config: LaMemoConfig, index: int, position: int, tensor_parallel: bool):
         super().__init__()
-        self.index, self.position = index, position
+        self.index, self.position, self.n_layer = index, position, config.n_layer
         self.lookahead, self.variant = config.uses_lookahead, config.variant
         linears = _linears(tensor_parallel)
         self.layer = DecoderLayer(config, linears)
@@ -345,7 +345,8 @@ class DecoderLayerPipe(nn.Module):
         width = 2 if self.lookahead else 1      # memory tensors per layer: (C-bar, Z-bar) or (cached input,)
         first = FIRST_MEMORY + width * self.position
         # The store keeps the newest mem_len rows on commit (StageMemory.commit), so the step keeps them all.
-        result = self.layer.step(x, carry[first:first + width], positions=positions, biases=biases)
+        result = self.layer.step(x, carry[first:first + width], positions=positions, biases=biases,
+                                 feeds_next_layer=self.index < self.n_layer - 1)
         return (result.hidden, *carry[ACT + 1:first], *result.memory, *carry[first + width:])
 
 

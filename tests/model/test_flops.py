@@ -9,7 +9,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
-from lamemo_parallel.flops import StepShape, forward_macs, lookahead_extra_macs, training_flops, xl_layer_macs
+from lamemo_parallel.flops import (
+    StepShape,
+    forward_macs,
+    lookahead_extra_macs,
+    top_cache_only_macs,
+    top_memory_rows_macs,
+    training_flops,
+    xl_layer_macs,
+)
 from pretrain.throughput import (
     ThroughputMeter,
     dense_peak_tflops,
@@ -19,31 +27,37 @@ from pretrain.throughput import (
 )
 
 
-def hand_count(*, N, M, d, d_ff, V, L, H, lookahead, B=1):
+def hand_count(*, N, M, d, d_ff, V, L, H, lookahead, B=1, cache_only=False):
     """Multiply-adds of one forward call on B sequences, matmul by matmul, head by head (docs/method.md §4 / §5).
 
     Shapes follow the algorithm: K/V on all M+N rows; queries, W_o and the FFN on current rows (XL) or on
-    all rows (LaMemo); per head, logits and the weighted sum against the keys; the positional projection
-    W_R on the distance table once per call (every row of the batch shares it); the tied output layer.
+    all rows (LaMemo; the top layer's W_o and FFN on its current rows only, as its memory rows are discarded);
+    per head, logits and the weighted sum against the keys; the positional projection W_R on the distance
+    table once per call (every row of the batch shares it); the tied output layer.
+    ``cache_only``: count only the matmuls of LaMemo's top layer that feed nothing but its detached cache (Q on
+    the memory rows, the look-ahead, W_R on the future distances): training runs them forward only.
     """
     macs = 0
+    top = L - 1
 
-    def matmul(rows, inner, cols):
+    def matmul(rows, inner, cols, *, layer=None, cache=False):
         nonlocal macs
-        macs += rows * inner * cols
+        if not cache_only or (cache and layer == top):
+            macs += rows * inner * cols
 
     T = M + N
     dh = d // H
     if lookahead and M > 0:
         start, end = max(1, M - N + 1), M + 1        # the look-ahead window (docs/method.md §4 step 3)
         W = end - start
-    for _layer in range(L):
+    for layer in range(L):
         matmul(T, d, d)                              # W_R on causal distances T-1..0
         if lookahead and M > 0:
-            matmul(M, d, d)                          # W_R on future distances 1..M
+            matmul(M, d, d, layer=layer, cache=True)   # W_R on future distances 1..M
         for _row in range(B):
-            query_rows = T if lookahead else N
-            matmul(query_rows, d, d)                 # W_q
+            matmul(N, d, d)                          # W_q, current rows
+            if lookahead:
+                matmul(M, d, d, layer=layer, cache=True)   # W_q, memory rows
             matmul(T, d, d)                          # W_k
             matmul(T, d, d)                          # W_v
             for _head in range(H):
@@ -51,15 +65,22 @@ def hand_count(*, N, M, d, d_ff, V, L, H, lookahead, B=1):
                 matmul(N, dh, T)                     # position logits (q + v) r
                 matmul(N, T, dh)                     # attention weights x values
                 if lookahead and M > 0:
-                    matmul(M, dh, W)                 # look-ahead content logits
-                    matmul(M, dh, W)                 # look-ahead position logits (v+)
-                    matmul(M, W, dh)                 # look-ahead weights x values
-            matmul(query_rows, d, d)                 # W_o
-            matmul(query_rows, d, d_ff)              # FFN in
-            matmul(query_rows, d_ff, d)              # FFN out
+                    matmul(M, dh, W, layer=layer, cache=True)   # look-ahead content logits
+                    matmul(M, dh, W, layer=layer, cache=True)   # look-ahead position logits (v+)
+                    matmul(M, W, dh, layer=layer, cache=True)   # look-ahead weights x values
+            out_rows = T if lookahead and layer != top else N
+            matmul(out_rows, d, d)                   # W_o
+            matmul(out_rows, d, d_ff)                # FFN in
+            matmul(out_rows, d_ff, d)                # FFN out
     for _row in range(B):
         matmul(N, d, V)                              # output layer
     return macs
+
+
+def hand_training_macs(**shape):
+    """Forward + backward (x3), less the backward of the top layer's cache-only look-ahead (x2 of it)."""
+    cache = hand_count(**shape, cache_only=True) if shape["lookahead"] else 0
+    return 3 * hand_count(**shape) - 2 * cache
 
 
 TINY = dict(d=4, d_ff=8, V=5, H=2)
@@ -76,22 +97,33 @@ def test_forward_macs_matches_hand_count(L, N, M, lookahead, B):
     layers = hand_count(N=N, M=M, L=L, lookahead=lookahead, B=B, **{**TINY, "V": 0})
     assert forward_macs(shape, batch_size=B) == expected
     assert forward_macs(shape, include_output=False, batch_size=B) == layers
-    assert training_flops(shape, batch_size=B) == 2 * 3 * expected
+    trained = hand_training_macs(N=N, M=M, L=L, lookahead=lookahead, B=B, **TINY)
+    assert training_flops(shape, batch_size=B) == 2 * trained
+    if lookahead and M > 0:
+        assert trained < 3 * expected
     # Recompute (HFU): the layer stack runs forward once more; the output layer is not checkpointed.
-    assert training_flops(shape, recompute=True, batch_size=B) == 2 * (3 * expected + layers)
+    assert training_flops(shape, recompute=True, batch_size=B) == 2 * (trained + layers)
 
 
 def test_hand_count_by_hand():
-    """One case written out in full: N=3, M=2, d=4, d_ff=8, V=5, one layer, one sequence.
+    """One case written out in full: N=3, M=2, d=4, d_ff=8, V=5, one sequence.
     XL: W_R 5*16 + q 3*16 + k 5*16 + v 5*16 + logits/sum 3*(3*5*4) + o 3*16 + FFN 2*3*4*8 = 708; output 60.
-    LaMemo adds: W_R future 2*16, q and o on 2 memory rows 2*2*16, FFN 2*2*4*8, look-ahead 3*(2*2*4) = 240."""
+    LaMemo adds per layer: W_R future 2*16, q and o on 2 memory rows 2*2*16, FFN 2*2*4*8, look-ahead 3*(2*2*4)
+    = 272; in the top layer without o and FFN on the memory rows (2*16 + 2*2*4*8 = 160): 112, all of it
+    cache-only (forward only in training)."""
     xl = StepShape(1, 4, 8, 5, 3, 2, lookahead=False)
     la = StepShape(1, 4, 8, 5, 3, 2, lookahead=True)
+    la2 = StepShape(2, 4, 8, 5, 3, 2, lookahead=True)
     assert xl_layer_macs(3, 2, 4, 8) == 80 + 48 + 80 + 80 + 180 + 48 + 192 == 708
     assert lookahead_extra_macs(3, 2, 4, 8) == 32 + 64 + 128 + 48 == 272
+    assert top_memory_rows_macs(3, 2, 4, 8) == 32 + 128 == 160
+    assert top_cache_only_macs(3, 2, 4, 8) == 32 + 32 + 48 == 112
     assert forward_macs(xl) == 708 + 60
-    assert forward_macs(la) == 708 + 272 + 60
-    assert forward_macs(la, include_output=False) == 980
+    assert forward_macs(la) == 708 + 112 + 60
+    assert forward_macs(la, include_output=False) == 820
+    assert forward_macs(la2) == 2 * 708 + 272 + 112 + 60
+    assert training_flops(la) == 2 * (3 * 880 - 2 * 112)
+    assert training_flops(xl) == 2 * 3 * 768
 
 
 @pytest.mark.parametrize("variant", [0, 3])
@@ -141,10 +173,14 @@ def test_spec_quoted_cost_examples():
     for cfg, quoted_stack, quoted_softmax in ((wt103, 72, 22), (enwik8, 65, None)):
         xl = StepShape(cfg["L"], cfg["d"], cfg["d_ff"], cfg["V"], cfg["N"], cfg["M"], lookahead=False)
         la = StepShape(cfg["L"], cfg["d"], cfg["d_ff"], cfg["V"], cfg["N"], cfg["M"], lookahead=True)
-        stack = forward_macs(la, include_output=False) / forward_macs(xl, include_output=False) - 1
+        # The quoted figures are the method's (memory rows through every layer); the model skips the top
+        # layer's memory rows (top_memory_rows_macs), which nothing reads.
+        skipped = top_memory_rows_macs(cfg["N"], cfg["M"], cfg["d"], cfg["d_ff"])
+        stack = (forward_macs(la, include_output=False) + skipped) / forward_macs(xl, include_output=False) - 1
         assert abs(100 * stack - quoted_stack) < 2.5
         if quoted_softmax is not None:
-            assert abs(100 * (forward_macs(la) / forward_macs(xl) - 1) - quoted_softmax) < 2.5
+            assert abs(100 * ((forward_macs(la) + skipped) / forward_macs(xl) - 1) - quoted_softmax) < 2.5
+        assert forward_macs(la, include_output=False) < forward_macs(la, include_output=False) + skipped
     # The look-ahead extra is linear in M once the window is full (M >= N: min(M, N) = N).
     assert lookahead_extra_macs(150, 600, 410, 2100) == 2 * lookahead_extra_macs(150, 300, 410, 2100)
 

@@ -313,3 +313,42 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients(variant):
     assert all(torch.equal(a, b) for a, b in zip(l0, l1))
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g0, g1))
     assert all(torch.equal(a, b) for a, b in zip(m0.tensors().values(), m1.tensors().values()))
+
+
+@pytest.mark.parametrize("variant,seg_len,mem_len", [
+    (variant, n, m) for variant in (3, 31, 32, 33) for n, m in ((4, 4), (3, 7), (5, 2))
+    if not (variant == 33 and m < n)])   # 33 (full look-ahead) refuses M < N
+def test_top_layer_step_skips_only_the_discarded_memory_rows(variant, seg_len, mem_len):
+    """``feeds_next_layer=False`` (the top layer): the same current rows, the same new cache (C-bar, Z-bar) and
+    the same gradients as the full step whose memory-row outputs are then dropped; the memory rows' look-ahead
+    is left out of the autograd graph."""
+    model = make_model(variant, n_layer=1).train()          # dropout 0: both calls see the same numbers
+    layer, B = model.layers[0], 2
+    torch.manual_seed(3)
+    hidden = torch.randn(B, mem_len + seg_len, 16)
+    memory = (torch.randn(B, mem_len, 2, 8), torch.randn(B, mem_len, 2, dtype=torch.float32))
+    positions = model.position_encodings(mem_len, seg_len, hidden.dtype)
+    weight = torch.randn(B, seg_len, 16)
+    results = []
+    for feeds_next_layer in (True, False):
+        model.zero_grad(set_to_none=True)
+        x = hidden.clone().requires_grad_()
+        step = layer.step(x, memory, positions=positions, biases=model.global_biases(),
+                          feeds_next_layer=feeds_next_layer)
+        current = step.hidden[:, mem_len:] if feeds_next_layer else step.hidden
+        assert current.shape == (B, seg_len, 16)
+        (current * weight).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((current.detach(), step.memory, x.grad.clone(), grads))
+    (h_full, mem_full, gx_full, g_full), (h_top, mem_top, gx_top, g_top) = results
+    # fp32: the top step runs W_q on the current rows apart from the memory rows (other matmul blocking).
+    torch.testing.assert_close(h_top, h_full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(mem_top, mem_full):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx_top, gx_full, rtol=1e-5, atol=1e-6)
+    assert set(g_top) <= set(g_full)
+    for name, grad in g_full.items():
+        torch.testing.assert_close(g_top.get(name, torch.zeros_like(grad)), grad, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    # Nothing of the memory rows' look-ahead in the graph: the future biases get no gradient at all.
+    assert not any("future" in name for name in g_top)
