@@ -97,7 +97,8 @@ class PipelineEngine(EngineBase):
         self.guard = divergence.install(optimizer, config, device)   # skips bad steps (pretrain/divergence.py)
         self._activation_rows: int | None = None
         # Dropout: different streams per data-parallel rank and per stage, the same across TP ranks (split
-        # regions fork inside the layers); the position-table mask is shared by all stages (see pipeline.py).
+        # regions fork inside the layers); the position-table mask is shared by all stages
+        # (lamemo_parallel/pipeline_runtime.py).
         torch.manual_seed(config.run.seed + 1 + self.dp_rank + layout.data * self.stage)
 
     # ------------------------------------------------------------------ parallel pieces

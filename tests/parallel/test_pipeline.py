@@ -102,7 +102,7 @@ def test_activation_checkpointing_gives_identical_runs(corpus, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- in-process
 def test_stage_memory_keeps_the_newest_rows_and_refuses_foreign_state():
-    from lamemo_parallel.pipeline import StageMemory
+    from lamemo_parallel.pipeline_runtime import StageMemory
     store = StageMemory(2, ["vectors.2", "log_normalizers.2"], mem_len=3)
     assert store.length() == 0
     rows = torch.arange(5.0).view(1, 5, 1, 1).expand(2, 5, 2, 4)
@@ -123,7 +123,7 @@ def test_stage_memory_keeps_the_newest_rows_and_refuses_foreign_state():
 
 def test_position_dropout_mask_is_shared_by_all_stages():
     """docs/method.md §2: one positional dropout mask per step, shared by every layer, so by every pipeline stage."""
-    from lamemo_parallel.pipeline import StageRuntime
+    from lamemo_parallel.pipeline_runtime import StageRuntime
     config = LaMemoConfig(vocab_size=11, n_layer=4, d_model=8, n_head=2, d_inner=16, dropout=0.5)
 
     def table(stage, step, slot):
