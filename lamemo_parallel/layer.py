@@ -17,7 +17,7 @@ from .memory import newest_rows
 class LayerStep(NamedTuple):
     """What one layer step returns (a named tuple so that ZeRO-3's and checkpoint's hooks see the tensors)."""
 
-    hidden: torch.Tensor         # LaMemo: [B, M+N, d] (memory rows recomputed; [B, N, d] for the top layer); XL: [B, N, d]
+    hidden: torch.Tensor         # LaMemo: [B, M+N, d] (memory rows recomputed), the top layer [B, N, d]; XL: [B, N, d]
     memory: tuple                # this layer's new memory, detached (see ``DecoderLayer.step``)
     probs: dict | None = None    # attention weights, when asked for
 
