@@ -81,7 +81,7 @@ def measure(variant: int, args, sizes: dict) -> dict:
         memory = out.memory
     c = model.config
     shape = StepShape(c.n_layer, c.d_model, c.d_inner, c.vocab_size, args.seg_len, args.mem_len,
-                      lookahead=c.uses_lookahead)
+                      lookahead=c.traits.looks_ahead)
     flops = training_flops(shape, batch_size=args.batch)
     median = statistics.median(times)
     peak = args.peak_tflops or (dense_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda"

@@ -135,11 +135,6 @@ class LaMemoConfig:
         """What this variant means: ask ``config.traits.future_position_bias``, ``.full_look_ahead``, ..."""
         return variant_traits(self.variant)
 
-    @property
-    def uses_lookahead(self) -> bool:
-        """LaMemo's look-ahead memory (any variant but Transformer-XL)."""
-        return self.traits.looks_ahead
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

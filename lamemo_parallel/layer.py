@@ -52,7 +52,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attn = RelativeAttention(
             d_model=config.d_model, n_head=config.n_head, d_head=config.d_head, dropout=config.dropout,
-            dropatt=config.dropatt, pre_lnorm=config.pre_lnorm, lookahead=config.uses_lookahead,
+            dropatt=config.dropatt, pre_lnorm=config.pre_lnorm, lookahead=config.traits.looks_ahead,
             variant=config.variant, linears=linears, layer_norm_eps=config.layer_norm_eps)
         self.ff = PositionwiseFF(config.d_model, config.d_inner, config.dropout, config.pre_lnorm, linears,
                                  layer_norm_eps=config.layer_norm_eps)

@@ -114,7 +114,7 @@ class LaMemoModel(nn.Module):
     def empty_memory(self, batch_size: int, device=None, dtype=None) -> LaMemoMemory:
         c = self.config
         return LaMemoMemory.empty(batch_size=batch_size, n_layer=c.n_layer, d_model=c.d_model,
-                                  n_head=self.n_local_heads, d_head=c.d_head, lookahead=c.uses_lookahead,
+                                  n_head=self.n_local_heads, d_head=c.d_head, lookahead=c.traits.looks_ahead,
                                   device=device or self.embedding.weight.device,
                                   dtype=dtype or self.embedding.weight.dtype)
 
@@ -166,7 +166,7 @@ class LaMemoModel(nn.Module):
         if memory is None:
             memory = self.empty_memory(B, device=emb.device, dtype=emb.dtype)
         memory.check_compatible(batch_size=B, n_layer=c.n_layer, d_model=c.d_model, n_head=self.n_local_heads,
-                                d_head=c.d_head, lookahead=c.uses_lookahead)
+                                d_head=c.d_head, lookahead=c.traits.looks_ahead)
         M = memory.length
         positions = self.position_encodings(M, N, emb.dtype)
         biases = self.global_biases()
@@ -186,7 +186,7 @@ class LaMemoModel(nn.Module):
     def _layers(self, emb, memory, positions, biases, attentions, mem_len):
         """The layer loop: LaMemo recomputes the memory rows at every layer from the embedding FIFO (docs/method.md
         §4); Transformer-XL's layer l attends to the cached input of layer l (§5). ``DecoderLayer.step`` says how."""
-        lookahead = self.config.uses_lookahead
+        lookahead = self.config.traits.looks_ahead
         hidden = torch.cat([memory.embeddings, emb], dim=1) if lookahead else emb
         layer_memories = []
         for i, layer in enumerate(self.layers):

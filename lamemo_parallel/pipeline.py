@@ -127,7 +127,7 @@ class DecoderLayerPipe(nn.Module):
     def __init__(self, config: LaMemoConfig, index: int, position: int, tensor_parallel: bool):
         super().__init__()
         self.index, self.position, self.n_layer = index, position, config.n_layer
-        self.lookahead, self.variant = config.uses_lookahead, config.variant
+        self.lookahead, self.variant = config.traits.looks_ahead, config.variant
         linears = _linears(tensor_parallel)
         self.layer = DecoderLayer(config, linears)
         if tensor_parallel:    # the dropouts of split regions, as in TensorParallelLaMemoModel
@@ -223,8 +223,8 @@ class LaMemoPipelineModule(PipelineModule):
     ``topology`` is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model: tensor fastest,
     the same rank order as megatron-core's default tp-dp-pp). ``tensor_parallel`` builds the stage's
     linears, embedding and loss with megatron-core (the TP group is megatron's, which must agree with the
-    topology's model axis). Weights start at zero: call ``initialize(init_seed)`` (the single-device model's initial weights, this
-    rank's part only) or ``load_full_state_dict`` with a single-device state dict.
+    topology's model axis). Weights start at zero: call ``initialize(init_seed)`` (the single-device model's
+    initial weights, this rank's part only) or ``load_full_state_dict`` with a single-device state dict.
     """
 
     def __init__(self, config: LaMemoConfig, *, topology, parts: list[range], micro_batches: int, mem_len: int,

@@ -115,7 +115,8 @@ class StageRuntime:
         self.first, self.last = stage == 0, stage == num_stages - 1
         self.layers = layers
         self.micro_batches = micro_batches
-        self.lookahead = config.uses_lookahead
+        self.lookahead = config.traits.looks_ahead
+        self.only_top_layer = list(layers) == [config.n_layer - 1]
         self.n_local_heads = n_local_heads
         self.seed, self.dp_rank = seed, dp_rank
         self.carry_names = [n for i in layers for n in layer_memory_names(i, self.lookahead)]
@@ -174,8 +175,7 @@ class StageRuntime:
         # graph with a zero so that every tied parameter gets a gradient on every stage: DeepSpeed's
         # tied-gradient all-reduce reads a gradient that exists only for parameters that received one (a
         # stage without it would leave the others waiting in the all-reduce).
-        only_top_layer = list(self.layers) == [self.config.n_layer - 1]
-        if (M == 0 or only_top_layer) and biases.training:
+        if (M == 0 or self.only_top_layer) and biases.training:
             unused = [b for b in (biases.future_position_bias, biases.future_content_bias) if b is not None]
             if unused and torch.is_grad_enabled():
                 x = x + sum(b.sum() for b in unused) * 0.0

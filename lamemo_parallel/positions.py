@@ -36,7 +36,7 @@ def position_encodings(config: LaMemoConfig, mem_len: int, seg_len: int, inv_fre
     device = inv_freq.device
     distances = [torch.arange(T - 1, -1, -1.0, device=device)]
     n_ahead = 0
-    if config.uses_lookahead and mem_len > 0:
+    if config.traits.looks_ahead and mem_len > 0:
         if config.traits.full_look_ahead and mem_len < seg_len:
             raise ConfigError(f"variant {config.variant} (full look-ahead) needs mem_len >= tgt_len once memory "
                               f"is non-empty; got M={mem_len} < N={seg_len}")

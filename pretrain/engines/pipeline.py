@@ -147,7 +147,7 @@ class PipelineEngine(EngineBase):
         fills up (LaMemo sends M + N rows, M = 0, N, .. mem_len) or when a memory is loaded / reset: then every
         stage resets its buffers at the same step (all stages know M, so all agree without talking)."""
         M = self.runtime.memory_length()
-        rows = (M + inputs.shape[1]) if self.model_config.uses_lookahead else inputs.shape[1]
+        rows = (M + inputs.shape[1]) if self.model_config.traits.looks_ahead else inputs.shape[1]
         if rows != self._activation_rows:
             if self._activation_rows is not None:
                 self._deepspeed.reset_activation_shape()
@@ -185,7 +185,8 @@ class PipelineEngine(EngineBase):
         with self.runtime.evaluation(mem_len):
             for inputs, targets in segments(streams, tgt_len):
                 M = self.runtime.memory_length()
-                shape = (inputs.shape[0], M + inputs.shape[1] if self.model_config.uses_lookahead else inputs.shape[1])
+                lookahead = self.model_config.traits.looks_ahead
+                shape = (inputs.shape[0], M + inputs.shape[1] if lookahead else inputs.shape[1])
                 if rows is not None and shape != rows:
                     self._deepspeed.reset_activation_shape()
                 rows = shape

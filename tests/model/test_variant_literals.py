@@ -1,6 +1,6 @@
 """Variant numbers are read in one place: ``lamemo_parallel/config.py`` (``VariantTraits``) and the importer of
 the official release (``lamemo_parallel/convert.py``, which must name the release's ``attn_type`` numbers).
-Everywhere else the code asks named questions (``config.uses_lookahead``, ``config.traits.full_look_ahead``, ...)."""
+Everywhere else the code asks named questions (``config.traits.looks_ahead``, ``.full_look_ahead``, ...)."""
 from __future__ import annotations
 
 import ast
@@ -55,7 +55,7 @@ def test_the_detector_finds_each_kind_of_literal():
         "LaMemoConfig(vocab_size=5, variant=33)",
         "class A:\n    variant: int = 3",
         "for variant in (3, 0): pass",
-        "ok = config.uses_lookahead and config.variant == DEFAULT_VARIANT",
+        "ok = config.traits.looks_ahead and config.variant == DEFAULT_VARIANT",
     ])
     assert literal_variant_uses(source) == [1, 2, 3, 4, 6, 7]
 
