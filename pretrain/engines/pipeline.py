@@ -146,12 +146,16 @@ class PipelineEngine(EngineBase):
         """DeepSpeed caches the inter-stage shape after the first transfer. It changes only while the memory
         fills up (LaMemo sends M + N rows, M = 0, N, .. mem_len) or when a memory is loaded / reset: then every
         stage resets its buffers at the same step (all stages know M, so all agree without talking)."""
-        M = self.runtime.memory_length()
-        rows = (M + inputs.shape[1]) if self.model_config.traits.looks_ahead else inputs.shape[1]
+        rows = self._boundary_rows(inputs)
         if rows != self._activation_rows:
             if self._activation_rows is not None:
                 self._deepspeed.reset_activation_shape()
             self._activation_rows = rows
+
+    def _boundary_rows(self, inputs: torch.Tensor) -> int:
+        """Rows of the activation that crosses a stage boundary: LaMemo sends [memory; current], XL current."""
+        N = inputs.shape[1]
+        return self.runtime.memory_length() + N if self.model_config.traits.looks_ahead else N
 
     def _clip_gradients(self) -> None:
         """Global gradient norm over the whole model (all stages, TP shards once, tied copies once), then
@@ -184,9 +188,7 @@ class PipelineEngine(EngineBase):
         self._deepspeed.reset_activation_shape()
         with self.runtime.evaluation(mem_len):
             for inputs, targets in segments(streams, tgt_len):
-                M = self.runtime.memory_length()
-                lookahead = self.model_config.traits.looks_ahead
-                shape = (inputs.shape[0], M + inputs.shape[1] if lookahead else inputs.shape[1])
+                shape = (inputs.shape[0], self._boundary_rows(inputs))
                 if rows is not None and shape != rows:
                     self._deepspeed.reset_activation_shape()
                 rows = shape
