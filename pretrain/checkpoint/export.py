@@ -19,6 +19,7 @@ import torch
 
 from lamemo_parallel import LaMemoConfig
 
+from ..progress import progress
 from .format import CheckpointError, complete_checkpoints, validate
 from .shards import ShardReader
 
@@ -59,9 +60,10 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def write_streaming_safetensors(path: Path, names: list[str], shapes: dict[str, list[int]], dtype: str,
-                                produce, metadata: dict[str, str]) -> None:
+                                produce, metadata: dict[str, str], show_progress: bool = False) -> None:
     """safetensors without holding the tensors: the header is known up front (shapes, dtype), then
-    ``produce(name)`` gives each tensor in turn and its bytes are appended."""
+    ``produce(name)`` gives each tensor in turn and its bytes are appended (``show_progress``: a progress
+    display per tensor, pretrain.progress)."""
     torch_dtype, code = DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     header, offset = {"__metadata__": metadata}, 0
@@ -74,7 +76,7 @@ def write_streaming_safetensors(path: Path, names: list[str], shapes: dict[str, 
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for name in names:
+        for name in progress(names, desc=f"export {path.name}", unit="tensor", disable=not show_progress):
             tensor = produce(name).to(torch_dtype).contiguous()
             if list(tensor.shape) != list(shapes[name]):
                 raise CheckpointError(f"{name}: merged shape {list(tensor.shape)}, expected {shapes[name]}")
@@ -96,7 +98,7 @@ def verify_export(out: Path, reader: ShardReader) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32",
-                      overwrite: bool = False) -> ExportResult:
+                      overwrite: bool = False, show_progress: bool = False) -> ExportResult:
     """Verify the checkpoint (sizes, sha256, pickle safety), then write config.json, model.safetensors (from
     the fp32 masters, cast to ``dtype``), export.json and tokenizer/ to ``out``."""
     from lamemo_parallel.model_files import CONFIG_NAME, WEIGHTS_NAME
@@ -113,7 +115,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     tmp = out / (WEIGHTS_NAME + ".tmp")
     try:
         write_streaming_safetensors(tmp, reader.names, {n: list(e.shape) for n, e in reader.table.items()},
-                                    dtype, reader.full, info)
+                                    dtype, reader.full, info, show_progress)
         os.replace(tmp, out / WEIGHTS_NAME)
     except OSError as err:
         tmp.unlink(missing_ok=True)
