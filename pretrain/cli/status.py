@@ -37,7 +37,7 @@ EXPORT_DIR, EXPORT_META = "final", "export.json"
 
 RECENT = 50                      # records the speed figures are medians over
 BLOCK = 1 << 16                  # bytes read per backward step through metrics.jsonl
-MAX_SCAN_BYTES = 64 << 20        # how far back the last validation is looked for (~250,000 records)
+MAX_SCAN_BYTES = 32 << 20        # how far back the last validation is looked for (~140,000 records)
 
 
 def lines_backwards(path: Path, max_bytes: int = MAX_SCAN_BYTES) -> Iterator[bytes]:

@@ -14,18 +14,29 @@ a logger is asked for: training without them never loads them (wandb alone adds 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_RUN_ID_FILE = "wandb_run_id"
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}     # logger -> pyproject optional extra
 
 
 class LoggerStartError(RuntimeError):
     """A logger cannot start (its package is missing, its service refuses); the tracker turns it into one line."""
+
+
+def import_extra(logger: str, module: str) -> ModuleType:
+    """``module`` of the optional extra named like the logger, imported now: lazily, because training without the
+    logger must never load it (wandb alone adds seconds to start-up)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise LoggerStartError(f"run.loggers has {logger} but it cannot be imported ({err}); install it with "
+                               f"pip install -e '.[{logger}]'") from None
 
 
 def _hparam(value: Any) -> Any:
@@ -44,16 +55,10 @@ class TensorBoardLogger:
         self.writer = None
 
     def open(self, params: dict[str, Any], resume: bool) -> None:
-        try:
-            # Lazy: tensorboard is an optional extra, loaded only when run.loggers names it.
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-        except ImportError as err:
-            raise LoggerStartError(f"run.loggers has tensorboard but it cannot be imported ({err}); install it with "
-                                   f"pip install -e '.[{EXTRAS['tensorboard']}]'") from None
-        self.writer = SummaryWriter(log_dir=str(self.dir))
+        tensorboard = import_extra("tensorboard", "torch.utils.tensorboard")
+        self.writer = tensorboard.SummaryWriter(log_dir=str(self.dir))
         values = {k: _hparam(v) for k, v in params.items()}
-        for summary in hparams(values, {}):               # experiment, session start and end: the hparams tab
+        for summary in tensorboard.summary.hparams(values, {}):               # experiment, session start and end: the hparams tab
             self.writer.file_writer.add_summary(summary)
         table = "\n".join(["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in values.items()])
         self.writer.add_text("config", table)
@@ -77,12 +82,7 @@ class WandbLogger:
         self.run = None
 
     def open(self, params: dict[str, Any], resume: bool) -> None:
-        try:
-            # Lazy: wandb is an optional extra and slow to import; loaded only when run.loggers names it.
-            import wandb
-        except ImportError as err:
-            raise LoggerStartError(f"run.loggers has wandb but it cannot be imported ({err}); install it with "
-                                   f"pip install -e '.[{EXTRAS['wandb']}]'") from None
+        wandb = import_extra("wandb", "wandb")
         id_file = self.run_dir / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         try:
