@@ -8,7 +8,8 @@ When the stream the display writes to (stderr unless ``file=`` says otherwise) i
 ``nohup``, CI, ``> log``), a redrawn bar would fill the log with carriage returns. There, the same tqdm object
 writes one plain line (``desc: 40% 1.2M/3.0M [00:12<00:18, 98.1kB/s]``) when the work has moved on by
 ``LINE_PERCENT`` percent or ``LINE_INTERVAL_S`` seconds have passed since the last line, never more often than
-every ``MIN_INTERVAL_S`` seconds, plus one final line: a few dozen lines for any job, never a carriage return.
+every ``MIN_INTERVAL_S`` seconds, plus one final line (unless the whole job took less than that): a few dozen
+lines for any job, never a carriage return.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 LINE_PERCENT = 10.0       # a line per this much progress ...
 LINE_INTERVAL_S = 60.0    # ... or after this long without one (also for displays without a total)
 MIN_INTERVAL_S = 5.0      # but never more often than this (except the final line)
+_clock = time.monotonic   # the line timing's clock (a test sets its own)
 
 
 class _LineFile:
@@ -42,7 +44,7 @@ class PlainLines(tqdm):
     """tqdm writing plain interval lines (see the module docstring); the counting, rates and ETA are tqdm's."""
 
     def __init__(self, *args, **kwargs):
-        self._last_line_t = time.monotonic()
+        self._started = self._last_line_t = _clock()
         self._last_line_n = 0
         kwargs["file"] = _LineFile(kwargs.get("file") or sys.stderr)
         kwargs["ncols"] = 0                        # statistics only, no bar
@@ -52,10 +54,13 @@ class PlainLines(tqdm):
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         if msg is not None or self.n == self._last_line_n:
             return True                            # a clear request, or nothing new to say
-        now, closing = time.monotonic(), self.disable   # tqdm.close() sets disable before its last display
+        now, closing = _clock(), self.disable   # tqdm.close() sets disable before its last display
         since = now - self._last_line_t
         moved = (100.0 * (self.n - self._last_line_n) / self.total) if self.total else 0.0
-        if closing or (since >= MIN_INTERVAL_S and (moved >= LINE_PERCENT or since >= LINE_INTERVAL_S)):
+        # The final line only closes a display that ran a while or wrote before: a job done within MIN_INTERVAL_S
+        # (a small file, a failed start) leaves the log, and a one-line error message, alone.
+        final = closing and (self._last_line_n > 0 or now - self._started >= MIN_INTERVAL_S)
+        if final or (since >= MIN_INTERVAL_S and (moved >= LINE_PERCENT or since >= LINE_INTERVAL_S)):
             self.fp.write(self.__str__().strip() + "\n")
             self.fp.flush()
             self._last_line_t, self._last_line_n = now, self.n
