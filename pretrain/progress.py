@@ -8,8 +8,8 @@ When the stream the display writes to (stderr unless ``file=`` says otherwise) i
 ``nohup``, CI, ``> log``), a redrawn bar would fill the log with carriage returns. There, the same tqdm object
 writes one plain line (``desc: 40% 1.2M/3.0M [00:12<00:18, 98.1kB/s]``) when the work has moved on by
 ``LINE_PERCENT`` percent or ``LINE_INTERVAL_S`` seconds have passed since the last line, never more often than
-every ``MIN_INTERVAL_S`` seconds, plus one final line (unless the whole job took less than that): a few dozen
-lines for any job, never a carriage return.
+every ``MIN_INTERVAL_S`` seconds, plus one final line (for a job shorter than that, only when it completed its
+total): a few dozen lines for any job, never a carriage return.
 """
 from __future__ import annotations
 
@@ -57,9 +57,10 @@ class PlainLines(tqdm):
         now, closing = _clock(), self.disable   # tqdm.close() sets disable before its last display
         since = now - self._last_line_t
         moved = (100.0 * (self.n - self._last_line_n) / self.total) if self.total else 0.0
-        # The final line only closes a display that ran a while or wrote before: a job done within MIN_INTERVAL_S
-        # (a small file, a failed start) leaves the log, and a one-line error message, alone.
-        final = closing and (self._last_line_n > 0 or now - self._started >= MIN_INTERVAL_S)
+        # The final line closes a display that completed its total, ran a while or wrote before; a short one that
+        # did not complete (no total, or stopped by an error) leaves the log, and a one-line error message, alone.
+        completed = bool(self.total) and self.n >= self.total
+        final = closing and (completed or self._last_line_n > 0 or now - self._started >= MIN_INTERVAL_S)
         if final or (since >= MIN_INTERVAL_S and (moved >= LINE_PERCENT or since >= LINE_INTERVAL_S)):
             self.fp.write(self.__str__().strip() + "\n")
             self.fp.flush()
