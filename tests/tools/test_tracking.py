@@ -32,7 +32,7 @@ from pretrain.tracking import (
     flatten_params,
 )
 
-from helpers import free_port, jsonl_values, tensorboard_scalars
+from helpers import free_port, jsonl_values, subprocess_env, tensorboard_scalars
 
 PARAMS = {"model.variant": 3, "model.d_model": 16, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999),
           "data.eval_mem_len": None, "run.dir": "ignored"}
@@ -423,3 +423,17 @@ def test_a_logger_that_cannot_start_is_one_error_and_one_that_fails_later_is_ret
     assert len(warnings) == 1 and "training continues (TensorBoard records" in warnings[0]
     assert calls[:3] == [1, 1, 1] and sorted(set(calls)) == [1, 2, 3, 4, 5]   # the failed head retried in order
     assert tensorboard_scalars(run_dir)["loss"] == {s: 1.0 / s for s in range(1, 6)}
+
+
+def test_training_without_the_extra_loggers_never_imports_them(tmp_path):
+    """The default loggers (MLflow, or none) never load tensorboard or wandb: the trainer's modules and a tracker
+    that starts, logs and finishes, in a fresh interpreter."""
+    probe = ("import sys\nimport pretrain.trainer\nfrom pretrain.tracking import Tracker\n"
+             "t = Tracker(sys.argv[1], run_name='x', enabled=True, mlflow=False)\nt.start({'a': 1})\n"
+             "t.log_metrics(1, {'loss': 1.0})\nt.finish()\n"
+             "loaded = [m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules]\n"
+             "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / METRICS_FILE).read_text().count('"loss": 1.0') == 1
