@@ -93,7 +93,7 @@ def test_terminal_keeps_the_redrawn_bar():
 def test_tools_write_plain_lines_to_a_log_file(tmp_path, byte_dir):
     """Acceptance: preprocess_data.py and evaluate.py on the shipped WikiText-2 validation split, stdout and stderr
     redirected to a file: no carriage return, at most a few dozen progress lines, the last at 100 %. Byte-level
-    tokens (1.1 M) keep the model's output layer small, and evaluation scores the first 300,000 of them: the
+    tokens (1.1 M) keep the model's output layer small, and evaluation scores the first 200,000 of them: the
     display, not the model, is under test."""
     log = tmp_path / "log.txt"
 
@@ -114,7 +114,7 @@ def test_tools_write_plain_lines_to_a_log_file(tmp_path, byte_dir):
     config = LaMemoConfig(vocab_size=257, n_layer=1, d_model=16, n_head=2, d_inner=32, tgt_len=256, mem_len=256)
     LaMemoModel(config).save_pretrained(tmp_path / "model")
     text = tool("tools/evaluate.py", str(tmp_path / "model"), "--tokens", str(tmp_path / "valid"), "--tokenizer",
-                str(byte_dir), "--batch-size", "16", "--max-tokens", "300000")
+                str(byte_dir), "--batch-size", "16", "--max-tokens", "200000")
     check_lines(text, "evaluate:")
 
 
