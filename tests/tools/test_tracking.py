@@ -393,6 +393,15 @@ def test_tensorboard_and_wandb_get_exactly_what_metrics_jsonl_gets(tmp_path, mon
     assert b"model.d_model" in log and b"optim.betas" in log
     assert all(json.dumps(expected["loss"][s]).encode() in log for s in (1, 2, 3, 4))
 
+    # a resumed job continues the same W&B run (its id kept in the run directory)
+    run_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
+    resumed = Tracker(run_dir, run_name="tiny", enabled=True, mlflow=False, loggers=["wandb"])
+    resumed.start(PARAMS, resume=True)
+    resumed.log_metrics(5, {"loss": 0.5})
+    resumed.finish("FINISHED")
+    assert (run_dir / WANDB_RUN_ID_FILE).read_text().strip() == run_id
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")) == [run_id, run_id]
+
 
 def test_a_logger_that_cannot_start_is_one_error_and_one_that_fails_later_is_retried(tmp_path, monkeypatch,
                                                                                       caplog):
