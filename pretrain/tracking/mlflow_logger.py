@@ -236,7 +236,7 @@ class Tracker:
                 raise TrackingError(str(err)) from None
             except Exception as err:
                 raise TrackingError(f"cannot start the {other.name} logger at {other.target}: "
-                                    f"{type(err).__name__}: {err}") from err
+                                    f"{type(err).__name__}: {' '.join(str(err).split())[:500]}") from err
             logger.info("%s logging to %s", other.name, other.target)
             self._other_queues.append(DeliveryQueue(
                 other.name, other.target, warn_once=lambda message, name=other.name: self._warn_once(message, name),

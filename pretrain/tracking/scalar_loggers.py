@@ -90,8 +90,10 @@ class WandbLogger:
                                   resume="allow" if run_id else None,
                                   project=os.environ.get("WANDB_PROJECT", "lamemo"))
         except Exception as err:           # wandb.errors.*, network, authentication
-            raise LoggerStartError(f"cannot start the W&B run ({type(err).__name__}: {err}); set WANDB_MODE=offline "
-                                   f"to log to {self.run_dir / 'wandb'} and sync later") from None
+            reason = " ".join(str(err).split())[:500]     # one line (pydantic's messages span several)
+            raise LoggerStartError(f"cannot start the W&B run ({type(err).__name__}: {reason}); check WANDB_MODE, "
+                                   f"WANDB_API_KEY, or set WANDB_MODE=offline to log to {self.run_dir / 'wandb'} "
+                                   f"and sync later") from None
         id_file.write_text(self.run.id + "\n")
 
     def log(self, step: int, values: dict[str, float], walltime: float) -> None:

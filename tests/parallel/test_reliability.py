@@ -218,6 +218,9 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     unreachable = launch(1, [*base, "run.mlflow=true", "run.mlflow_connect_timeout_s=2"],
                          env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 2 and "is not reachable" in one_error(unreachable)
+    # a logger that cannot start (W&B refuses its settings): one line before step 1, nothing changed
+    no_wandb = launch(1, [*base, "run.loggers=[wandb]"], env_extra={"WANDB_MODE": "bogus"})
+    assert no_wandb.returncode == 2 and "cannot start the W&B run" in one_error(no_wandb)
     assert metric_steps(run_dir) == [1, 2, 3, 4] and (run_dir / "checkpoints" / "step_00000004").is_dir()
     # run.resume=never in a used directory: refused; with run.overwrite=true the old run is moved aside whole
     refused = launch(1, [*base, "run.resume=never"])
