@@ -239,7 +239,8 @@ class Trainer:
         if not skipped:
             self.confirm()
         if step % config.run.log_interval == 0 or step == self.start_step + 1 or step == config.run.steps:
-            log(format_console_line(step, metrics, total_steps=config.run.steps))
+            shown = {k: v for k, v in metrics.items() if not k.startswith("data/")}   # per source: metrics.jsonl
+            log(format_console_line(step, shown, total_steps=config.run.steps))
         stopping = self.should_stop(step)
         self.maybe_save(step, stopping=stopping, skipped=skipped)
         if stopping:

@@ -180,6 +180,13 @@ class MixtureStreams:
                                  for r in range(self.micro_batch_size)] for m in range(self.micro_batches)],
                                dtype=np.int64).reshape(-1)
         self._rings = np.array([self.schedule.ring(i) for i in range(len(self.sources))], dtype=np.int64)
+        # plain ndarray views of the memmaps (still lazy): a memmap's own __getitem__ costs microseconds per call
+        self._arrays = [s.tokens.view(np.ndarray) if isinstance(s.tokens, np.memmap) else s.tokens
+                        for s in self.sources]
+        self._reading = [0] * len(self.sources)
+        """How many of the S streams read each source now (set when spans are handed out)."""
+        self._due = 0
+        """Pairs until the first stream's span is used up (<= 0: hand out spans before the next step)."""
 
     # -- what a run will see ------------------------------------------------------------------------------
     @property
@@ -213,26 +220,33 @@ class MixtureStreams:
             g, source, start = self.schedule.next()
             self.stream_span[sid], self.stream_source[sid], self.stream_start[sid] = g, source, start
             self.stream_pos[sid] = 0
+        self._reading = np.bincount(self.stream_source, minlength=len(self.sources)).tolist()
+        self._due = int((self.span - self.stream_pos).min())
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The next segment of this rank's streams (as ``SegmentStreams.next_step``), then advance every stream."""
-        self._hand_out_spans()
+        T = self.tgt_len
+        if self._due <= 0:                      # some span is used up (python ints: this runs every step)
+            self._hand_out_spans()
         ids = self._local
-        src = self.stream_source[ids]
-        steps = np.arange(self.tgt_len, dtype=np.int64)
-        index = (self.stream_start[ids, None] + self.stream_pos[ids, None] + steps) % self._rings[src][:, None]
-        inputs = np.empty(index.shape, dtype=np.int64)
-        targets = np.empty(index.shape, dtype=np.int64)
-        for source in np.unique(src):
-            rows = src == source
-            tokens = self.sources[source].tokens
-            inputs[rows] = tokens[index[rows]]
-            targets[rows] = tokens[index[rows] + 1]
-        counts = np.bincount(self.stream_source, minlength=len(self.sources))
-        for i, c in enumerate(counts):
-            self.read[i] += int(c) * self.tgt_len
-        self.stream_pos += self.tgt_len
-        shape = (self.micro_batches, self.micro_batch_size, self.tgt_len)
+        inputs = np.empty((len(ids), T), dtype=np.int64)
+        targets = np.empty((len(ids), T), dtype=np.int64)
+        rows = zip(self.stream_source[ids].tolist(), (self.stream_start[ids] + self.stream_pos[ids]).tolist())
+        for row, (source, first) in enumerate(rows):
+            tokens, ring = self._arrays[source], int(self._rings[source])
+            first %= ring
+            if first + T <= ring:               # contiguous: two slices (ring <= tokens - 1, so first + T fits)
+                inputs[row] = tokens[first:first + T]
+                targets[row] = tokens[first + 1:first + T + 1]
+            else:                               # the segment crosses the rolled ring's end
+                index = (first + np.arange(T)) % ring
+                inputs[row] = tokens[index]
+                targets[row] = tokens[index + 1]
+        for i, streams in enumerate(self._reading):
+            self.read[i] += streams * T
+        self.stream_pos += T
+        self._due -= T
+        shape = (self.micro_batches, self.micro_batch_size, T)
         inputs_t = torch.from_numpy(inputs.reshape(shape))
         targets_t = torch.from_numpy(targets.reshape(shape))
         return [(inputs_t[m], targets_t[m]) for m in range(self.micro_batches)]
@@ -270,6 +284,7 @@ class MixtureStreams:
             streams = state["streams"]
             for name in ("span", "source", "start", "pos"):
                 getattr(self, f"stream_{name}")[:] = np.asarray(streams[name], dtype=np.int64)
+            self._due = 0                       # recount which streams read what before the next step
             return
         detail = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ("num_streams", "tgt_len", "span")
                            if saved.get(k) != ours[k])
@@ -277,6 +292,7 @@ class MixtureStreams:
             raise DataError(f"the data layout changed since the checkpoint ({detail}); the saved spans no longer "
                             "fit the streams. Restore the old layout, or resume non-strictly (memory reset)")
         self.stream_pos[:] = self.span          # every stream takes a fresh span at the next step
+        self._due = 0
         warnings.warn(f"data layout changed ({detail}): every stream starts a fresh span from global span "
                       f"{self.schedule.next_span}; the token order differs from an uninterrupted run", stacklevel=2)
 

@@ -107,7 +107,8 @@ def expand_prefixes(spec: SourceSpec, key: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- tokens
 class TokenConcat:
-    """Several token arrays read as one, in order (the shards of one source); indexing takes an integer array."""
+    """Several token arrays read as one, in order (the shards of one source); indexing takes an integer array or
+    a slice."""
 
     def __init__(self, parts: Sequence[Any]):
         self.parts = list(parts)
@@ -116,7 +117,9 @@ class TokenConcat:
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+    def __getitem__(self, index: np.ndarray | slice) -> np.ndarray:
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)), dtype=np.int64)
         index = np.asarray(index, dtype=np.int64)
         if len(self.parts) == 1:
             return np.asarray(self.parts[0][index], dtype=np.int64)

@@ -164,6 +164,12 @@ def test_shards_are_read_as_one_source() -> None:
     concat = TokenConcat([whole[:300], whole[300:301], whole[301:]])
     index = np.array([[0, 299, 300, 301], [999, 5, 300, 700]])
     assert len(concat) == 1000 and (concat[index] == index).all()
+    assert (concat[298:303] == np.arange(298, 303)).all()
+    srcs = [Source("a", 1.0, concat), Source("b", 1.0, np.arange(1000))]
+    (loader,) = loaders(srcs, dp_size=1, micro_batch_size=2, tgt_len=8, span_len=16)
+    for _ in range(200):                       # several epochs across the shard boundaries
+        for inputs, targets in loader.next_step():
+            assert (targets == inputs + 1).all()
 
 
 def test_single_source_metrics_use_the_prefix_stem() -> None:
