@@ -78,6 +78,7 @@ class SpanSchedule:
         self.spans_per_epoch = [int(e) for e in spans_per_epoch]
         self.span = int(span)
         self.roll_seed = roll_seed
+        self._shifts: dict[int, tuple[int, int]] = {}
         self.credit = [0] * len(self.weights)
         self.taken = [0] * len(self.weights)
         self.next_span = 0
@@ -87,10 +88,14 @@ class SpanSchedule:
         return self.spans_per_epoch[source] * self.span
 
     def shift(self, source: int, epoch: int) -> int:
+        """Where epoch ``epoch`` of ``source`` starts (the roll), drawn from (roll_seed, source, epoch)."""
         if self.roll_seed is None:
             return 0
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.roll_seed), source, epoch])))
-        return int(rng.integers(0, self.ring(source)))
+        cached = self._shifts.get(source)
+        if cached is None or cached[0] != epoch:      # a generator costs ~50 us: draw once per source epoch
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.roll_seed), source, epoch])))
+            cached = self._shifts[source] = (epoch, int(rng.integers(0, self.ring(source))))
+        return cached[1]
 
     def next(self) -> tuple[int, int, int]:
         """Hand out the next global span: ``(global index, source, start pair within the source)``."""
