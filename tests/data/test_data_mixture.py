@@ -141,6 +141,9 @@ def test_changed_sources_or_weights_are_refused_by_name() -> None:
     with pytest.raises(DataError, match="single-source"):
         loader.load_state_dict(SegmentStreams(np.arange(9000), tgt_len=32, dp_size=1, dp_rank=0, micro_batches=1,
                                               micro_batch_size=4).state_dict())
+    single = SegmentStreams(np.arange(9000), tgt_len=32, dp_size=1, dp_rank=0, micro_batches=1, micro_batch_size=4)
+    with pytest.raises(DataError, match="a mixture's but data.train is one token file.*restart_streams"):
+        single.load_state_dict(state)
     check_same_sources(sources_record(sources()), sources_record(sources()))   # the same: accepted
 
 

@@ -146,3 +146,17 @@ def test_bad_sources_stop_before_step_one_with_one_line(mixture_data, tmp_path, 
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
         assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dry_run_prints_each_source_with_share_and_epochs(mixture_data, tmp_path, capsys):
+    code = train_main(["--config", str(CONFIG), "--dry-run", *data_overrides(mixture_data), "run.steps=1000",
+                       f"run.dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "run").exists()
+    assert "mixture: 2 sources, spans of 512 tokens (data.span_len 512), 8 streams, 512,000 target tokens" in out
+    from pretrain.data.indexed import load_tokens
+    for name, share in zip(NAMES, (0.75, 0.25)):
+        tokens = len(load_tokens(mixture_data / name / "train"))
+        epochs = 512_000 * share / ((tokens - 1) // 512 * 512)
+        assert (f"source {name}: {tokens:,} tokens, weight {3 if name == 'wikitext2' else 1}, expected share "
+                f"{share:.3f}, {epochs:.2f} epochs in this run") in out
