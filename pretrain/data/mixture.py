@@ -99,10 +99,13 @@ class SpanSchedule:
 
     def next(self) -> tuple[int, int, int]:
         """Hand out the next global span: ``(global index, source, start pair within the source)``."""
+        credit = self.credit
+        source = 0
         for i, w in enumerate(self.weights):
-            self.credit[i] += w
-        source = max(range(len(self.credit)), key=lambda i: (self.credit[i], -i))
-        self.credit[source] -= self.total
+            credit[i] += w
+            if credit[i] > credit[source]:      # strictly larger: the lowest index wins a tie
+                source = i
+        credit[source] -= self.total
         epoch, j = divmod(self.taken[source], self.spans_per_epoch[source])
         self.taken[source] += 1
         start = (j * self.span + self.shift(source, epoch)) % self.ring(source)
@@ -221,10 +224,11 @@ class MixtureStreams:
     # -- stepping -----------------------------------------------------------------------------------------
     def _hand_out_spans(self) -> None:
         """Streams whose span is used up take the next global spans, in stream-id order."""
-        for sid in np.flatnonzero(self.stream_pos >= self.span):
-            g, source, start = self.schedule.next()
-            self.stream_span[sid], self.stream_source[sid], self.stream_start[sid] = g, source, start
-            self.stream_pos[sid] = 0
+        due = np.flatnonzero(self.stream_pos >= self.span)
+        if len(due):
+            spans = np.array([self.schedule.next() for _ in range(len(due))], dtype=np.int64)
+            self.stream_span[due], self.stream_source[due], self.stream_start[due] = spans.T
+            self.stream_pos[due] = 0
         self._reading = np.bincount(self.stream_source, minlength=len(self.sources)).tolist()
         self._due = int((self.span - self.stream_pos).min())
 

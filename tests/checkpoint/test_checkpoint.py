@@ -69,6 +69,9 @@ def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, z
     assert [a[s] for s in range(4, STEPS + 1)] == [b[s] for s in range(4, STEPS + 1)]    # bitwise
     counts = token_counts(tmp_path / "straight")
     assert counts == token_counts(tmp_path / "resumed")
+    final = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["valid/loss"] == final["eval_loss"] and final["valid/train/loss"] == final["eval_loss"]
+    assert final["valid/train/bpc"] == final["eval_bits_per_token"]       # byte tokenizer: bits per character
     if (tp, pp, dp, zero) in MIXTURE_LAYOUTS:       # 8 streams x 8 tokens a step; both sources read by step 3
         assert sum(counts[STEPS].values()) == STEPS * 64 and min(counts[3].values()) > 0
     wa = LaMemoModel.from_pretrained(tmp_path / "straight" / "final").state_dict()
