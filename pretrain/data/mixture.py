@@ -55,6 +55,7 @@ from pretrain.data.sources import (DATA_CHANGED_HINT, DEFAULT_SPAN_LEN, Source, 
                                    sources_record)
 from pretrain.data.streams import SegmentStreams, stream_id
 
+
 # ---------------------------------------------------------------------------------------------- schedule
 def _integer_weights(weights: Sequence[float]) -> list[int]:
     """Exact integers in the weights' proportions (decimal weights as written: 0.7 / 0.3 -> 7 / 3)."""
