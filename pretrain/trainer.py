@@ -70,7 +70,7 @@ def evaluate_validation(engine, config: TrainConfig, *, bits_per_char: bool = Fa
     out, nll_sum, n_tokens = {}, 0.0, 0
     for spec in parse_sources(config.data.valid, "data.valid", weights_required=False):
         parts = [load_tokens(prefix) for prefix in expand_prefixes(spec, "data.valid")]
-        tokens = torch.from_numpy(np.concatenate(parts).astype("int64"))
+        tokens = torch.from_numpy((np.concatenate(parts) if len(parts) > 1 else parts[0]).astype("int64"))
         if config.run.eval_tokens:
             tokens = tokens[:config.run.eval_tokens + 1]
         streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
@@ -159,7 +159,7 @@ class Trainer:
         dp_rank = init_model_parallel(layout)
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
         self.streams = checked(build_streams, data.train, d, dp_size=layout.data, dp_rank=dp_rank)
-        self.bits_per_char = getattr(data.tokenizer, "kind", None) == "byte"
+        self.bits_per_char = data.tokenizer.kind == "byte"
         if isinstance(data.train, list):
             log(mixture_report(self.streams, config.run.steps))
         estimate = checked(check_memory, config, layout, self.device)
@@ -219,8 +219,8 @@ class Trainer:
         config, guard = self.config, self.guard
         self.meter.begin()
         result = self.engine.train_step(self.streams.next_step())
-        data_counts = data_metrics(self.streams, config.data.train)
         self.meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
+        data_counts = data_metrics(self.streams, config.data.train)
         verdict = self.engine.guard.last
         skipped = verdict is not None and verdict.skipped
         metrics = {"loss": result.loss, "ppl": math.exp(result.loss) if result.loss < 100 else float("inf"),
