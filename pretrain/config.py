@@ -164,7 +164,7 @@ class RunSection:
     eval_interval: int = 0
     """Evaluate on data.valid every this many steps (0: only at the end)."""
     eval_tokens: int = 0
-    """Score at most this many validation tokens (0: the whole split)."""
+    """Score at most this many validation tokens of each validation source (0: the whole split)."""
     eval_batch_size: int = 1
     """Evaluation streams per data-parallel rank: the split is cut into eval_batch_size x DP contiguous streams,
     each with its own memory (Transformer-XL's evaluation); every token is scored once, except the at most
