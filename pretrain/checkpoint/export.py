@@ -99,7 +99,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                       overwrite: bool = False) -> ExportResult:
     """Verify the checkpoint (sizes, sha256, pickle safety), then write config.json, model.safetensors (from
     the fp32 masters, cast to ``dtype``), export.json and tokenizer/ to ``out``."""
-    from lamemo_parallel.model_files import CONFIG_NAME, WEIGHTS_NAME
+    from lamemo_parallel.model_files import WEIGHTS_NAME, save_model_config
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(checkpoint)
@@ -118,7 +118,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {tmp}: {err.strerror or err}") from None
-    reader.config.save(out / CONFIG_NAME)
+    save_model_config(out, reader.config)          # config.json + the transformers code
     (out / EXPORT_META).write_text(json.dumps(info, indent=2) + "\n")
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
