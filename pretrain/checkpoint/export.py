@@ -20,6 +20,7 @@ import torch
 from lamemo_parallel import LaMemoConfig
 
 from .format import CheckpointError, complete_checkpoints, validate
+from .model_card import write_transformers_files
 from .shards import ShardReader
 
 DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16")}
@@ -123,6 +124,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     verify_export(out, reader)
-    return ExportResult(config=reader.config, step=meta["step"], checkpoint=ckpt, out=out,
-                        parameters=sum(int(torch.Size(e.shape).numel()) for e in reader.table.values()),
+    parameters = sum(int(torch.Size(e.shape).numel()) for e in reader.table.values())
+    write_transformers_files(out, ckpt, meta, reader.config, parameters)     # tokenizer files, README.md
+    return ExportResult(config=reader.config, step=meta["step"], checkpoint=ckpt, out=out, parameters=parameters,
                         dtype=dtype)
