@@ -50,7 +50,8 @@ def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, str | None]:
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab_matches(tokenizer, vocab_size)
     text = Path(args.text).read_text(encoding="utf-8")
-    ids = [tokenizer.eos_id] + tokenizer.encode_document(text)
+    # an empty document has nothing to score (its <eos> alone is not a document)
+    ids = [tokenizer.eos_id] + tokenizer.encode_document(text) if tokenizer.encode(text) else []
     return torch.tensor(ids, dtype=torch.long), text
 
 

@@ -56,7 +56,7 @@ with torch.no_grad():
     whole = model(ids[:, :3 * seg + 1], labels=ids[:, :3 * seg + 1])     # one call, shifted labels
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     new = model.generate(prompt_ids, max_new_tokens=12, do_sample=False)[0, prompt_ids.shape[1]:]
-print(json.dumps({"nll": nll, "loss": float(whole.loss), "prompt_ids": prompt_ids[0].tolist(),
+open(sys.argv[4], "w").write(json.dumps({"nll": nll, "loss": float(whole.loss), "prompt_ids": prompt_ids[0].tolist(),
                   "new": new.tolist(), "text": tokenizer.decode(new)}))
 """
 
@@ -66,7 +66,8 @@ def make_export(out: Path, tokenizer_dir: Path, **model) -> Path:
     checked in tests/checkpoint): weights, config and code, tokenizer/ and its transformers files, README.md."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_dir)
-    config = LaMemoConfig(vocab_size=tokenizer.vocab_size, n_layer=2, d_model=16, n_head=4, d_inner=32, **model)
+    config = LaMemoConfig(vocab_size=tokenizer.vocab_size, **{"n_layer": 2, "d_model": 16, "n_head": 4, "d_inner": 32,
+                                                               **model})
     LaMemoModel(config).save_pretrained(out)
     shutil.copytree(tokenizer_dir, out / "tokenizer")
     write_transformers_tokenizer(tokenizer, out)
@@ -112,10 +113,11 @@ def test_transformers_model_equals_lamemo_model_without_this_package(tmp_path, b
     ids = torch.tensor([tokenizer.encode(text)[:3 * 8 + 1]])
     prompt = text[:120]                                       # about 40 ids: 5 prompt segments
     env = subprocess_env(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    child = subprocess.run([sys.executable, "-c", TRANSFORMERS_SIDE, str(export), prompt, json.dumps(ids[0].tolist())],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    child = subprocess.run([sys.executable, "-c", TRANSFORMERS_SIDE, str(export), prompt, json.dumps(ids[0].tolist()),
+                            str(tmp_path / "theirs.json")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
-    theirs = json.loads(child.stdout.strip().splitlines()[-1])
+    theirs = json.loads((tmp_path / "theirs.json").read_text())
     memory, ours = None, []
     with torch.no_grad():
         for start in range(0, 24, 8):
