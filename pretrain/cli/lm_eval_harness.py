@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     import pretrain.lm_eval_model  # noqa: F401  (registers the "lamemo" model type with lm-eval)
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (OSError, ValueError) as err:        # e.g. no export at pretrained=..., a tokenizer that does not fit
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

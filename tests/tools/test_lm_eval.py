@@ -143,3 +143,12 @@ def test_simple_evaluate_runs_local_tasks_with_the_lamemo_model(tmp_path, byte_d
         new = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
         new = new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new     # <eos> ends a generation
         assert sample["resps"][0][0] == tokenizer.decode(new).split("\n")[0]
+
+
+def test_lamemo_lm_eval_refuses_a_missing_export_in_one_line(tmp_path, capsys):
+    from pretrain.cli.lm_eval_harness import main
+    code = main(["--model", "lamemo", "--model_args", f"pretrained={tmp_path / 'nothing'}", "--tasks", "wikitext",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and "not a LaMemo model directory" in err[-1]
+    assert not any("Traceback" in line for line in err)
