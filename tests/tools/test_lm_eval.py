@@ -100,6 +100,7 @@ def test_lamemo_lm_eval_word_perplexity_matches_lamemo_evaluate(tmp_path, bpe_di
     assert report["word_perplexity"] == pytest.approx(math.exp(report["loss"] * report["tokens"] / 213_888), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_simple_evaluate_runs_local_tasks_with_the_lamemo_model(tmp_path, byte_dir):
     """``lm_eval.simple_evaluate`` on multiple-choice and generation tasks from local files: each choice's
     loglikelihood is the transformers model's log-probability of it after its context, and each generation is

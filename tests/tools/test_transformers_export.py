@@ -139,6 +139,7 @@ def test_transformers_model_equals_lamemo_model_without_this_package(tmp_path, b
     assert result.stdout == prompt + theirs["text"] + "\n"
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip_and_meta_device_positions(tmp_path, byte_dir):
     """transformers' save_pretrained writes a directory both loaders read with the same weights; the sinusoid
     frequencies (not saved, rebuilt after transformers' meta-device construction) are the right ones."""
