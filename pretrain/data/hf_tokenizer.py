@@ -50,7 +50,7 @@ def _sentencepiece(tok: SentencePieceTokenizer) -> dict:
     from sentencepiece import sentencepiece_model_pb2 as pb   # the proto says which pieces are user-defined
 
     proto = pb.ModelProto()
-    proto.ParseFromString(tok._proto)
+    proto.ParseFromString(tok.model_proto)
     kinds = pb.ModelProto.SentencePiece
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     added = [_added(i, piece, special=kind == kinds.CONTROL) for i, (piece, _, kind) in enumerate(pieces)

@@ -183,6 +183,11 @@ class SentencePieceTokenizer(Tokenizer):
         """The sentencepiece piece of ``token_id`` (for inspection)."""
         return self._sp.id_to_piece(int(token_id))
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised sentencepiece model (``hf_tokenizer`` reads its pieces, scores and types)."""
+        return self._proto
+
     def _write_model_files(self, directory: Path) -> dict[str, str]:
         _atomic_write_bytes(directory / self.MODEL_FILE, self._proto)
         return {"model": self.MODEL_FILE}
