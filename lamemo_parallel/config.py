@@ -46,6 +46,9 @@ assert tuple(_TRAITS) == SUPPORTED_VARIANTS
 DEFAULT_VARIANT = 3
 #: The Transformer-XL baseline.
 BASELINE_VARIANT = 0
+#: Keys that transformers reads or writes in ``config.json`` (``AutoConfig``, ``trust_remote_code``, its
+#: ``save_pretrained``): one file serves both loaders, and ``LaMemoConfig`` skips these.
+TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
 
 
 def variant_traits(variant: int) -> VariantTraits:
@@ -141,6 +144,7 @@ class LaMemoConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "LaMemoConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in TRANSFORMERS_KEYS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")

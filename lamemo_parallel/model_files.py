@@ -1,10 +1,16 @@
 """The model directory format and the strict state-dict check.
 
-A model directory holds ``config.json`` (``LaMemoConfig``) and ``model.safetensors`` (the single-device state
-dict; the embedding / output tie is stored once). ``check_state_dict`` names every tensor that does not fit.
+A model directory holds ``config.json`` (``LaMemoConfig``, plus the keys transformers' ``AutoConfig`` reads),
+``model.safetensors`` (the single-device state dict; the embedding / output tie is stored once) and the
+modelling code that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` runs: the files of
+this package that ``configuration_lamemo`` / ``modeling_lamemo`` import, copied unchanged (one model, not two).
+``check_state_dict`` names every tensor that does not fit.
 """
 from __future__ import annotations
 
+import ast
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +20,14 @@ from .config import LaMemoConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+#: The entry points of the transformers code (``auto_map``); their import closure is what a directory carries.
+TRANSFORMERS_CODE = ("configuration_lamemo.py", "modeling_lamemo.py")
+TRANSFORMERS_CONFIG = {
+    "model_type": "lamemo",
+    "architectures": ["LaMemoForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_lamemo.LaMemoConfig",
+                 "AutoModelForCausalLM": "modeling_lamemo.LaMemoForCausalLM"},
+}
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,11 +52,45 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], expected_shapes: dict[
         raise CheckpointMismatchError("state dict does not match the model; " + "; ".join(problems))
 
 
-def save_model_dir(path: str | Path, config: LaMemoConfig, state_dict: dict[str, torch.Tensor]) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` under ``path`` (created if needed)."""
+def code_files(package_dir: Path = Path(__file__).parent) -> list[Path]:
+    """The modules of this package that the transformers entry points import, directly or not (every relative
+    import, function-level ones included), found by reading the source: the set follows the code as it changes.
+    They are copied flat beside ``config.json``, where their relative imports still resolve (transformers loads
+    the directory as one package), so they must be modules of this package's top level."""
+    found: dict[str, Path] = {}
+    todo = [package_dir / name for name in TRANSFORMERS_CODE]
+    while todo:
+        path = todo.pop()
+        if path.name in found:
+            continue
+        found[path.name] = path
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+            target = [package_dir / f"{name}.py" for name in names]
+            if node.level != 1 or any("." in name or not t.is_file() for name, t in zip(names, target)):
+                raise ImportError(f"{path.name}: relative import {'.' * node.level}{node.module or ''} is not a "
+                                  "module of the package's top level; the exported model code cannot carry it")
+            todo.extend(target)
+    return [found[name] for name in sorted(found)]
+
+
+def save_model_config(path: str | Path, config: LaMemoConfig) -> None:
+    """``config.json`` (the model's keys plus transformers' ``model_type`` / ``architectures`` / ``auto_map``)
+    and the modelling code that ``auto_map`` names, under ``path`` (created if needed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config.save(path / CONFIG_NAME)
+    data = {**config.to_dict(), **TRANSFORMERS_CONFIG}
+    (path / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for source in code_files():
+        shutil.copyfile(source, path / source.name)
+
+
+def save_model_dir(path: str | Path, config: LaMemoConfig, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the transformers code under ``path`` (created if needed)."""
+    path = Path(path)
+    save_model_config(path, config)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "lamemo-v1"})
     return path

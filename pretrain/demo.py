@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def prepare_data(data_dir: Path, vocab_size: int) -> None:
     from .data.demo_corpus import write_demo_corpus
     from .data.indexed import preprocess
-    from .data.tokenizer import train_tokenizer
+    from .data.tokenizer import tokenizer_description, train_tokenizer
     data_dir.mkdir(parents=True, exist_ok=True)
     texts = write_demo_corpus(data_dir / "text")
     tokenizer_dir = data_dir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
+    if tokenizer_description(tokenizer_dir) is None:
         print(f"[demo] training a {vocab_size}-piece BPE tokenizer on {texts['train']}", flush=True)
         train_tokenizer("bpe", [texts["train"]], tokenizer_dir, vocab_size=vocab_size)
     for split in ("train", "valid", "test"):

@@ -21,6 +21,7 @@ from lamemo_parallel import LaMemoConfig
 
 from ..progress import progress
 from .format import CheckpointError, complete_checkpoints, validate
+from .model_card import write_transformers_files
 from .shards import ShardReader
 
 DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16")}
@@ -101,7 +102,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                       overwrite: bool = False, show_progress: bool = False) -> ExportResult:
     """Verify the checkpoint (sizes, sha256, pickle safety), then write config.json, model.safetensors (from
     the fp32 masters, cast to ``dtype``), export.json and tokenizer/ to ``out``."""
-    from lamemo_parallel.model_files import CONFIG_NAME, WEIGHTS_NAME
+    from lamemo_parallel.model_files import WEIGHTS_NAME, save_model_config
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(checkpoint)
@@ -120,11 +121,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {tmp}: {err.strerror or err}") from None
-    reader.config.save(out / CONFIG_NAME)
+    save_model_config(out, reader.config)          # config.json + the transformers code
     (out / EXPORT_META).write_text(json.dumps(info, indent=2) + "\n")
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     verify_export(out, reader)
-    return ExportResult(config=reader.config, step=meta["step"], checkpoint=ckpt, out=out,
-                        parameters=sum(int(torch.Size(e.shape).numel()) for e in reader.table.values()),
+    parameters = sum(int(torch.Size(e.shape).numel()) for e in reader.table.values())
+    write_transformers_files(out, ckpt, meta, reader.config, parameters)     # tokenizer files, README.md
+    return ExportResult(config=reader.config, step=meta["step"], checkpoint=ckpt, out=out, parameters=parameters,
                         dtype=dtype)

@@ -5,12 +5,18 @@
         [--tgt-len 128] [--mem-len 256] [--clamp-len 400] [--batch-size 1] [--device cuda] [--json]
 
 Fixed-length segments with streaming memory; every token is scored once (the last segment may be shorter).
+``--text`` reads the file as one document tokenised exactly as preprocessing does (``encode_document``: its
+ids and a final <eos>) after the <eos> that ends the document before it, so every id of the document is
+scored; ``word_perplexity`` is exp(total NLL / words), words counted as lm-evaluation-harness does
+(``len(re.split(r"\s+", text))``): the figure its rolling-loglikelihood tasks report for the same text.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -25,25 +31,28 @@ from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int
 progress_bar = functools.partial(progress, desc="evaluate", unit="segment")
 
 
-def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, int | None]:
-    """The token ids to score and, when known, the number of characters they encode (for bpc)."""
-    from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for ``word_perplexity`` (``Task.count_words``)."""
+    return len(re.split(r"\s+", text))
+
+
+def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, str | None]:
+    """The token ids to score and, for ``--text``, the text they encode (for bpc and word perplexity)."""
+    from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_description
     tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
     if args.tokens:
         from pretrain.data.indexed import load_tokens
         # With the model's tokenizer at hand, a token file made with another one (same vocabulary size or not)
         # is refused by its fingerprint instead of being scored as nonsense.
-        tokenizer = load_tokenizer(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_description(tokenizer_dir) else None
         tokens = torch.from_numpy(load_tokens(args.tokens, tokenizer=tokenizer).astype("int64"))
         return tokens, None
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab_matches(tokenizer, vocab_size)
     text = Path(args.text).read_text(encoding="utf-8")
-    ids = []
-    for line in text.splitlines():
-        ids.extend(tokenizer.encode(line))
-        ids.append(tokenizer.eos_id)
-    return torch.tensor(ids, dtype=torch.long), len(text)
+    # an empty document has nothing to score (its <eos> alone is not a document)
+    ids = [tokenizer.eos_id] + tokenizer.encode_document(text) if tokenizer.encode(text) else []
+    return torch.tensor(ids, dtype=torch.long), text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = LaMemoModel.from_pretrained(args.model, device=args.device)
-        tokens, n_chars = load_eval_tokens(args, model.config.vocab_size)
+        tokens, text = load_eval_tokens(args, model.config.vocab_size)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -91,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"tokens": result.n_tokens, "loss": result.loss, "perplexity": result.perplexity,
               "bits_per_token": result.bits_per_token, "tgt_len": tgt_len, "mem_len": mem_len,
               "clamp_len": model.config.clamp_len}
-    if n_chars:
-        report["bits_per_character"] = result.bits_per_character(n_chars)
+    if text:
+        report["bits_per_character"] = result.bits_per_character(len(text))
+        if args.max_tokens is None:
+            report["word_perplexity"] = math.exp(min(result.nll_sum / count_words(text), 700.0))
     if args.json:
         print(json.dumps(report))
     else:

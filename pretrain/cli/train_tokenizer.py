@@ -1,4 +1,4 @@
-"""Train a tokenizer and save it as a directory (tokenizer.json + model files).
+"""Train a tokenizer and save it as a directory (lamemo_tokenizer.json + model files).
 
     python tools/train_tokenizer.py --kind bpe --input data/demo/train.txt --output runs/tok --vocab-size 4000
     python tools/train_tokenizer.py --kind word --input data/wikitext-103/train.txt --output tok/wt103

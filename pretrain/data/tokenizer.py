@@ -7,8 +7,9 @@ Three properties hold for every tokenizer here; the preprocessing and the tests 
   give exactly the tokens of the whole file.
 * **One end-of-document id.** ``eos_id`` is the id of ``<eos>``. ``encode_document(text)`` returns
   the ids of one document ending in ``<eos>``; the token files are documents concatenated this way.
-* **Saved as a directory.** ``save(dir)`` writes ``tokenizer.json`` (kind, sizes, options) plus the
-  model files; ``load_tokenizer(dir)`` reads it back. Runs, checkpoints and exports copy this directory
+* **Saved as a directory.** ``save(dir)`` writes ``lamemo_tokenizer.json`` (kind, sizes, options) plus the
+  model files; ``load_tokenizer(dir)`` reads it back (directories written before it had that name, with
+  ``tokenizer.json``, still load; that name is transformers' file, see ``hf_tokenizer``). Runs, checkpoints and exports copy this directory
   so a model never travels without the tokenizer it was trained with.
 
 The kinds:
@@ -47,7 +48,9 @@ from pretrain.data.errors import DataError
 from pretrain.data.textio import PathLike, decode_utf8, expand_inputs, iter_lines
 from pretrain.progress import progress
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "lamemo_tokenizer.json"
+#: Where the description lived before: transformers' file name, so it is read only when it is ours.
+LEGACY_TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 EOS = "<eos>"
 UNK = "<unk>"
@@ -98,9 +101,9 @@ class Tokenizer(abc.ABC):
         return self.encode(decode_utf8(data, source, offset))
 
     def save(self, directory: PathLike) -> None:
-        """Write ``tokenizer.json`` and the model files into ``directory`` (created if needed).
+        """Write ``lamemo_tokenizer.json`` and the model files into ``directory`` (created if needed).
 
-        ``tokenizer.json`` is written last, so a directory that has it is complete.
+        ``lamemo_tokenizer.json`` is written last, so a directory that has it is complete.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,11 @@ class SentencePieceTokenizer(Tokenizer):
     def piece(self, token_id: int) -> str:
         """The sentencepiece piece of ``token_id`` (for inspection)."""
         return self._sp.id_to_piece(int(token_id))
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised sentencepiece model (``hf_tokenizer`` reads its pieces, scores and types)."""
+        return self._proto
 
     def _write_model_files(self, directory: Path) -> dict[str, str]:
         _atomic_write_bytes(directory / self.MODEL_FILE, self._proto)
@@ -429,15 +437,30 @@ def _train_sentencepiece(
 # -- loading and checks ----------------------------------------------------------------------------
 
 
+def tokenizer_description(directory: PathLike) -> Path | None:
+    """The file that describes the tokenizer saved in ``directory``: ``lamemo_tokenizer.json``, or in a
+    directory written before that name, ``tokenizer.json`` when it is ours (not transformers'); None if none."""
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        return directory / TOKENIZER_FILE
+    legacy = directory / LEGACY_TOKENIZER_FILE
+    try:
+        if legacy.is_file() and json.loads(legacy.read_text(encoding="utf-8")).get("format") == "lamemo-tokenizer":
+            return legacy
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        pass
+    return None
+
+
 def load_tokenizer(directory: PathLike) -> Tokenizer:
-    """Load a tokenizer saved by :meth:`Tokenizer.save` (``tokenizer.json`` + model files).
+    """Load a tokenizer saved by :meth:`Tokenizer.save` (``lamemo_tokenizer.json`` + model files).
 
     Raises:
-        DataError: missing directory or files, unknown kind, or files that disagree with tokenizer.json.
+        DataError: missing directory or files, unknown kind, or files that disagree with lamemo_tokenizer.json.
     """
     directory = Path(directory)
-    info_path = directory / TOKENIZER_FILE
-    if not info_path.is_file():
+    info_path = tokenizer_description(directory)
+    if info_path is None:
         raise DataError(
             f"no {TOKENIZER_FILE} in {directory}: expected a tokenizer directory written by tools/train_tokenizer.py"
         )
@@ -451,7 +474,7 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
     def model_file(role: str) -> Path:
         path = directory / files.get(role, "")
         if role not in files or not path.is_file():
-            raise DataError(f"{directory}: tokenizer.json names a {role} file that is missing ({path.name})")
+            raise DataError(f"{directory}: {info_path.name} names a {role} file that is missing ({path.name})")
         return path
 
     tokenizer: Tokenizer
@@ -471,7 +494,7 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
         actual = tokenizer.fingerprint() if key == "fingerprint" else getattr(tokenizer, key)
         if key in info and info[key] != actual:
             raise DataError(
-                f"{directory}: tokenizer.json says {key}={info[key]} but the model files give "
+                f"{directory}: {info_path.name} says {key}={info[key]} but the model files give "
                 f"{actual}; the directory was modified or mixed up"
             )
     return tokenizer

@@ -184,7 +184,19 @@ def check_export_reproduces_eval_loss(corpus, run, tmp_path, dp, zero):
     tool = [sys.executable, str(ROOT / "tools" / "export_checkpoint.py")]
     exported_tool = subprocess.run(tool + [str(ckpt), str(out)], capture_output=True, text=True)
     assert exported_tool.returncode == 0, exported_tool.stderr
-    assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert (out / "tokenizer" / "lamemo_tokenizer.json").exists()
+    # what transformers and people read (docs/evaluation.md): code, tokenizer files, a card that parses
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "| Training steps |" in card.text
+    assert AutoTokenizer.from_pretrained(out)("To be\n")["input_ids"] == list(b"To be\n")          # byte-level run
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    probe_ids = torch.arange(hf.config.tgt_len)[None]
+    with torch.no_grad():
+        reference = LaMemoModel.from_pretrained(out)(probe_ids, mem_len=hf.mem_len).logits
+        assert torch.allclose(hf(probe_ids).logits, reference, rtol=1e-5, atol=1e-6)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     parallel_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]     # scored by the training run
     from pretrain.data.indexed import load_tokens

@@ -103,12 +103,12 @@ def test_vocabulary_mismatch_with_the_model(bpe_dir: Path) -> None:
 
 
 def test_broken_tokenizer_directories(bpe_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no tokenizer.json"):
+    with pytest.raises(DataError, match="no lamemo_tokenizer.json"):
         load_tokenizer(tmp_path)
     copy = tmp_path / "tok"
     load_tokenizer(bpe_dir).save(copy)
-    info = json.loads((copy / "tokenizer.json").read_text())
-    (copy / "tokenizer.json").write_text(json.dumps({**info, "vocab_size": 32000}))
+    info = json.loads((copy / "lamemo_tokenizer.json").read_text())
+    (copy / "lamemo_tokenizer.json").write_text(json.dumps({**info, "vocab_size": 32000}))
     with pytest.raises(DataError, match="says vocab_size=32000 but the model files give 1000"):
         load_tokenizer(copy)
     (copy / "tokenizer.model").unlink()

@@ -90,7 +90,7 @@ def test_bpe_layout_and_save_load_identity(bpe_dir: Path, tmp_path: Path) -> Non
     assert tok.vocab_size == 1000
     assert tok.piece(tok.eos_id) == "<eos>"
     assert tok.encode("\n") == [tok.encode("a\n")[-1]]  # newline is one piece of its own
-    info = json.loads((bpe_dir / "tokenizer.json").read_text())
+    info = json.loads((bpe_dir / "lamemo_tokenizer.json").read_text())
     assert info["kind"] == "bpe" and info["vocab_size"] == 1000 and info["files"] == {"model": "tokenizer.model"}
     tok.save(tmp_path / "copy")
     again = load_tokenizer(tmp_path / "copy")
@@ -151,3 +151,16 @@ def test_options_that_do_not_apply_are_rejected(tmp_path: Path) -> None:
         train_tokenizer("word", [corpus], None, vocab_size=10)
     with pytest.raises(DataError, match="unknown tokenizer kind"):
         train_tokenizer("wordpiece", [corpus], None)
+
+
+def test_directories_from_before_the_rename_still_load(bpe_dir: Path, tmp_path: Path) -> None:
+    """Tokenizer directories written with the old name (``tokenizer.json``, ours) load; transformers' own
+    ``tokenizer.json`` in a directory is not mistaken for ours."""
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(bpe_dir, old)
+    (old / "lamemo_tokenizer.json").rename(old / "tokenizer.json")
+    assert load_tokenizer(old).fingerprint() == load_tokenizer(bpe_dir).fingerprint()
+    (old / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    with pytest.raises(DataError, match="no lamemo_tokenizer.json"):
+        load_tokenizer(old)

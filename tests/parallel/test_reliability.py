@@ -79,7 +79,7 @@ def test_preflight_refuses_data_and_memory_problems_before_compute(corpus, bpe_d
     # token files made with another tokenizer of the same vocabulary size (257, byte-level, other options)
     other = tmp_path / "other-tok"
     train_tokenizer("word", [corpus / "train.txt"], other, max_size=256)
-    assert json.loads((other / "tokenizer.json").read_text())["vocab_size"] <= 257
+    assert json.loads((other / "lamemo_tokenizer.json").read_text())["vocab_size"] <= 257
     preprocess([corpus / "train.txt"], other, tmp_path / "foreign", workers=1, progress=False)
     with pytest.raises(DataError, match="different tokenizer"):
         check_data(config(f"data.valid={tmp_path / 'foreign'}"), verify_checksums=True)

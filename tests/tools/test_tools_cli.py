@@ -38,12 +38,13 @@ def test_evaluate_and_generate_on_an_export(tmp_path):
     result = run("evaluate.py", model_dir, "--text", text, "--mem-len", "16", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    # bytes without the newlines + one <eos> a line = 85 ids; every id but the first is predicted
-    assert report["tokens"] == len(text.read_bytes()) - 1 and report["mem_len"] == 16 and report["tgt_len"] == 8
+    # one document as preprocessing tokenises it (its bytes and a final <eos>), each id predicted after the <eos>
+    # that ends the document before it
+    assert report["tokens"] == len(text.read_bytes()) + 1 and report["mem_len"] == 16 and report["tgt_len"] == 8
     # the same numbers from the model directly: segments of 8 with a memory of 16, every id but the first scored
     from pretrain.data.tokenizer import load_tokenizer
     tokenizer, model = load_tokenizer(model_dir / "tokenizer"), LaMemoModel.from_pretrained(model_dir)
-    ids = torch.tensor([i for line in text.read_text().splitlines() for i in [*tokenizer.encode(line), tokenizer.eos_id]])
+    ids = torch.tensor([tokenizer.eos_id, *tokenizer.encode_document(text.read_text())])
     inputs, targets, memory, nll_sum = ids[None, :-1], ids[None, 1:], None, 0.0
     with torch.no_grad():
         for s in range(0, inputs.shape[1], 8):
@@ -52,6 +53,9 @@ def test_evaluate_and_generate_on_an_export(tmp_path):
     assert report["loss"] == pytest.approx(nll_sum / (len(ids) - 1), rel=1e-5)
     assert report["perplexity"] == pytest.approx(math.exp(nll_sum / (len(ids) - 1)), rel=1e-5)
     assert report["bits_per_character"] == pytest.approx(nll_sum / math.log(2) / len(text.read_text()), rel=1e-5)
+    # lm-evaluation-harness's word perplexity: whitespace-separated pieces as re.split counts them (18 words and
+    # the empty piece after the final newline)
+    assert report["word_perplexity"] == pytest.approx(math.exp(nll_sum / 19), rel=1e-5)
     gen = run("generate.py", model_dir, "--prompt", "To be", "--max-new-tokens", "12", "--seed", "3", "--top-k", "20")
     assert gen.returncode == 0, gen.stderr
     again = run("generate.py", model_dir, "--prompt", "To be", "--max-new-tokens", "12", "--seed", "3", "--top-k", "20")
