@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LaMemoConfig
+from .config import ConfigError, LaMemoConfig
 
 #: Global biases shared by every layer (and so tied over every pipeline stage), in state-dict order.
 BIAS_NAMES = ("content_bias", "position_bias", "future_position_bias", "future_content_bias")
@@ -130,13 +130,43 @@ def _stage_of_layer(parts: list[range], layer: int) -> int:
     raise ValueError(f"decoder layer {layer} is in no pipeline stage of {[list(r) for r in parts]}")
 
 
-def _check_parts(n_layer: int, parts: list[range] | None) -> list[range]:
+def check_parts(n_layer: int, parts: list[range] | None) -> list[range]:
+    """``parts`` as ranges (default: one stage with every layer); ``ConfigError`` unless every stage gets >= 1
+    layer and the stages cover layers 0..n_layer-1 in order."""
     parts = [range(n_layer)] if parts is None else [range(r.start, r.stop) if isinstance(r, range) else
                                                     range(r[0], r[-1] + 1) for r in parts]
     if [i for r in parts for i in r] != list(range(n_layer)) or min(len(r) for r in parts) < 1:
-        raise ValueError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and cover "
-                         f"layers 0..{n_layer - 1} in order")
+        raise ConfigError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and cover "
+                          f"layers 0..{n_layer - 1} in order")
     return parts
+
+
+def layout_problems(config, tp_size: int = 1, pipeline_stages: int = 1) -> list[str]:
+    """Why ``config`` (a ``LaMemoConfig`` or anything with its ``n_head`` / ``d_inner`` / ``n_layer``; the
+    trainer's model section) cannot be split over ``tp_size`` tensor-parallel ranks and ``pipeline_stages``
+    stages: one sentence per problem, none when it can. The one place these rules are written.
+
+    Heads and FFN units are split over TP ranks (whole heads, equal slices); d_model is replicated; the
+    vocabulary is padded to a multiple of the TP size (``padded_vocab_size``), so it is never a problem."""
+    if not isinstance(tp_size, int) or tp_size < 1:
+        return [f"the tensor-parallel size must be a positive integer, got {tp_size!r}"]
+    problems = []
+    if config.n_head % tp_size:
+        problems.append(f"model.n_head={config.n_head} is not divisible by the tensor-parallel size {tp_size} "
+                        f"(each rank must own whole attention heads)")
+    if config.d_inner % tp_size:
+        problems.append(f"model.d_inner={config.d_inner} is not divisible by the tensor-parallel size {tp_size}")
+    if config.n_layer < pipeline_stages:
+        problems.append(f"model.n_layer={config.n_layer} is fewer than the {pipeline_stages} pipeline stages "
+                        f"(each stage needs >= 1 layer)")
+    return problems
+
+
+def check_layout(config, tp_size: int = 1, pipeline_stages: int = 1) -> None:
+    """Raise ``ConfigError`` naming every ``layout_problems`` of the layout."""
+    problems = layout_problems(config, tp_size, pipeline_stages)
+    if problems:
+        raise ConfigError("impossible parallel layout: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -144,10 +174,8 @@ def sharding_table(config: LaMemoConfig, tp_size: int = 1, parts: list[range] | 
                    ) -> dict[str, ParamShard]:
     """Every parameter of ``LaMemoModel(config)``, in ``state_dict()`` order, laid out for ``tp_size`` TP ranks
     and the pipeline partition ``parts`` (default: one stage with every layer)."""
-    if tp_size < 1 or config.n_head % tp_size or config.d_inner % tp_size:
-        raise ValueError(f"n_head={config.n_head} and d_inner={config.d_inner} must be divisible by the "
-                         f"tensor-parallel size {tp_size}")
-    parts = _check_parts(config.n_layer, parts)
+    check_layout(config, tp_size)
+    parts = check_parts(config.n_layer, parts)
     first, last, every = 0, len(parts) - 1, tuple(range(len(parts)))
     V, d, H, dh, F = config.vocab_size, config.d_model, config.n_head, config.d_head, config.d_inner
     table: dict[str, ParamShard] = {}
@@ -221,7 +249,7 @@ def tp_name(name: str) -> str:
 
 
 def _plan_positions(config: LaMemoConfig, parts: list[range] | None) -> dict:
-    parts = _check_parts(config.n_layer, parts)
+    parts = check_parts(config.n_layer, parts)
     plan = stage_plan(config.n_layer, parts)
     bounds = stage_bounds(config.n_layer, parts)
     positions = {"biases": []}
@@ -284,7 +312,7 @@ def single_device_name(config: LaMemoConfig, module_name: str, parts: list[range
     if module_name.startswith("tied_modules.biases."):
         return module_name[len("tied_modules.biases."):]
     index, key = module_name.split(".", 1)
-    kind, layer = stage_plan(config.n_layer, _check_parts(config.n_layer, parts))[int(index)]
+    kind, layer = stage_plan(config.n_layer, check_parts(config.n_layer, parts))[int(index)]
     if kind == "decoder" and key.startswith("layer."):
         return f"layers.{layer}.{key[len('layer.'):]}"
     if kind == "output" and key == "output_bias":

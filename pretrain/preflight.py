@@ -20,7 +20,8 @@ import torch
 
 from lamemo_parallel.config import variant_traits
 
-from .config import TrainConfig, TrainConfigError
+from .config import TrainConfig, TrainConfigError, model_config
+from .distributed import first_problem
 from .layout import Layout, split_layers
 
 GiB = 1024 ** 3
@@ -123,7 +124,6 @@ def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
     embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
     the model, even on the meta device, costs seconds of imports in every process of every launch."""
     from lamemo_parallel.sharding import sharding_table
-    from .engines import model_config
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
     table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
     return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)
@@ -214,21 +214,10 @@ def check_memory(config: TrainConfig, layout: Layout, device: torch.device) -> M
 # ---------------------------------------------------------------------------------------------- agreement
 def agree(problem: str | None) -> None:
     """Collective: raise TrainConfigError on every rank when any rank found a problem (the lowest rank's
-    message, prefixed with its rank when it was not seen everywhere), so no rank waits for another in vain."""
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if problem:
-            raise TrainConfigError(problem)
-        return
-    everyone: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, problem)
-    found = [(rank, p) for rank, p in enumerate(everyone) if p]
-    if not found:
-        return
-    rank, message = found[0]
-    if len(found) < len(everyone):
-        message = f"rank {rank}: {message}"
-    raise TrainConfigError(message)
+    message, prefixed with its rank when it was not seen everywhere: ``distributed.first_problem``)."""
+    message = first_problem(problem, name_rank=True)
+    if message:
+        raise TrainConfigError(message)
 
 
 def dry_run_report(config: TrainConfig, layout: Layout, estimate: MemoryEstimate, steps_per_epoch: int,

@@ -6,13 +6,14 @@ import torch
 
 from ..config import TrainConfig
 from ..layout import Layout
-from .base import (EngineBase, StepResult, TrainingEngine, attention_backend, deepspeed_config, model_config,
-                   precision_config, runs_on_gpu, zero_config)
+from .base import (EngineBase, StepResult, TrainingEngine, attention_backend, deepspeed_config, precision_config,
+                   runs_on_gpu, zero_config)
+from .builder import ModelBuilder
 from .pipeline import PipelineEngine
 from .plain import PlainEngine
 
-__all__ = ["EngineBase", "PipelineEngine", "PlainEngine", "StepResult", "TrainingEngine", "attention_backend",
-           "build_engine", "deepspeed_config", "model_config", "precision_config", "runs_on_gpu", "zero_config"]
+__all__ = ["EngineBase", "ModelBuilder", "PipelineEngine", "PlainEngine", "StepResult", "TrainingEngine",
+           "attention_backend", "build_engine", "deepspeed_config", "precision_config", "runs_on_gpu", "zero_config"]
 
 
 def build_engine(config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device) -> TrainingEngine:

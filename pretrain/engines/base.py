@@ -7,7 +7,6 @@ object stays inside ``pretrain/engines/`` (``EngineBase`` is the one place that 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -20,13 +19,6 @@ from lamemo_parallel.inference import EvalResult
 from ..config import TrainConfig
 from ..divergence import StepGuard
 from ..layout import Layout
-
-
-def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
-    """The model's config: every ``model.*`` key (``ModelSection`` is LaMemoConfig's fields, so a new field
-    passes through untouched), the resolved ``vocab_size``, and the lengths from the data section."""
-    return LaMemoConfig(**{**dataclasses.asdict(config.model), "vocab_size": vocab_size,
-                           "tgt_len": config.data.tgt_len, "mem_len": config.data.mem_len})
 
 
 def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
@@ -161,7 +153,7 @@ class EngineBase:
 
     @property
     def tp_rank(self) -> int:
-        return int(getattr(self.module, "tp_rank", 0) or 0)
+        return self.module.parallel.tp_rank
 
     def set_step(self, step: int) -> None:
         """The optimizer-step count DeepSpeed keeps (a resharded load continues from ``step``)."""
