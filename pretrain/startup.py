@@ -7,16 +7,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from lamemo_parallel import ConfigError
-
-from .checkpoint import CheckpointError
 from .config import TrainConfig, TrainConfigError
-from .data.errors import DataError
 from .layout import Layout, resolve_layout
 from .preflight import agree
-
-# What a start-up check may raise: the user's to fix, reported as one line (exit code 2).
-USER_ERRORS = (TrainConfigError, DataError, ConfigError, CheckpointError)
+from .run_errors import USER_ERRORS
 
 
 def log(message: str) -> None:

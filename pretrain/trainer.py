@@ -20,9 +20,10 @@ from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .distributed import init_distributed
 from .layout import Layout, resolve_layout
-from .run_errors import RunFailed, StopSignal, failure, newest_checkpoint_note
-from .startup import (USER_ERRORS, checked, claim_run_dir, init_model_parallel, log, resolve_device,
+from .run_errors import USER_ERRORS, RunFailed, StopSignal, failure, newest_checkpoint_note
+from .startup import (checked, claim_run_dir, init_model_parallel, log, resolve_device,
                       set_cpu_threads)
+from .tracking.metrics_rewind import rewind_metrics
 
 
 def run(config: TrainConfig) -> Path:
@@ -127,7 +128,6 @@ class Trainer:
         self.check_inputs()
         self.build_engine()
         if self.rank == 0:
-            from .run_lock import rewind_metrics
             rewound = rewind_metrics(self.run_dir, self.start_step)
             if rewound:
                 log(f"metrics.jsonl: {rewound} record(s) past step {self.start_step} (trained again now) moved "

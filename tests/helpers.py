@@ -78,6 +78,29 @@ def launch(nproc: int, overrides: list[str], timeout: float = 300, env_extra: di
                           timeout=timeout, cwd=ROOT)
 
 
+def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
+    """The command line of ``launcher``."""
+    return [sys.executable, "-m", "pretrain.launch", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "-m", "pretrain.train", "--config", str(TINY_CONFIG), *overrides]
+
+
+def launcher(nproc: int, overrides: list[str], env_extra: dict | None = None,
+             timeout: float = 400) -> subprocess.CompletedProcess:
+    """One run of the project's launcher, ``python -m pretrain.launch`` (torchrun that forwards SIGTERM and
+    reports a failed trainer in one line), with ``nproc`` trainers on the tiny config (gloo on CPU)."""
+    return subprocess.run(launcher_cmd(nproc, overrides), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=subprocess_env(**(env_extra or {})))
+
+
+def one_error(result: subprocess.CompletedProcess) -> str:
+    """The trainer's single ``error:`` line of a failed launch (the launcher's own summary line aside), and no
+    traceback anywhere."""
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error: ") and "trainer rank" not in x]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl; a resumed run appends, so a later line for the same step wins."""
     out = {}
