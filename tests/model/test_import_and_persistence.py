@@ -48,7 +48,7 @@ def test_import_tool_save_load_round_trip_is_exact(variant, tmp_path):
     c = imported.config
     assert (c.variant, c.n_layer, c.d_model, c.n_head, c.d_head, c.d_inner, c.vocab_size) == (variant, 2, 16, 2, 8, 24, 29)
     assert c.pre_lnorm == (variant == 31) and c.clamp_len == (3 if variant == 32 else -1)
-    for (name, a), (name_b, b) in zip(model.state_dict().items(), imported.state_dict().items()):
+    for (name, a), (name_b, b) in zip(model.state_dict().items(), imported.state_dict().items(), strict=True):
         assert name == name_b and torch.equal(a, b), name
     tokens = torch.randint(0, 29, (2, 21))
     assert torch.equal(outputs(model, tokens), outputs(imported, tokens))
