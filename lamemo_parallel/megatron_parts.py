@@ -55,12 +55,18 @@ class _TensorOnly:
     """Megatron linears return (output, bias); ours return a tensor and keep no ``_extra_state`` key, so a TP
     rank's state dict has exactly the single-device names (with local shapes)."""
 
+    split_dim: int          # the weight's dimension split over TP ranks
+    options: dict           # megatron's keyword arguments for this kind of linear
+
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
 
-    def _drop_extra_state_hook(self) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig, tp_group):
+        super().__init__(in_features, out_features, config=config, init_method=no_init, bias=bias,
+                         tp_group=tp_group, **self.options)
         # megatron registers a load pre-hook inserting '<prefix>_extra_state' (kept for Transformer Engine).
         self._load_state_dict_pre_hooks.clear()
+        mark_split(self.weight, self.split_dim)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() > 3:     # megatron's weight-gradient code expects 2-D or 3-D inputs
@@ -72,23 +78,15 @@ class _TensorOnly:
 class ColumnLinear(_TensorOnly, ColumnParallelLinear):
     """Y_local = X W_local^T + b_local: this rank's output features; the input's gradient is all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig,
-                 tp_group):
-        super().__init__(in_features, out_features, config=config, init_method=no_init, bias=bias,
-                         gather_output=False, skip_bias_add=False, tp_group=tp_group)
-        self._drop_extra_state_hook()
-        mark_split(self.weight, 0)
+    split_dim = 0
+    options = dict(gather_output=False, skip_bias_add=False)
 
 
 class RowLinear(_TensorOnly, RowParallelLinear):
     """Y = all_reduce(X_local W_local^T) + b: the bias (replicated) is added once, after the reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, *, config: ModelParallelConfig,
-                 tp_group):
-        super().__init__(in_features, out_features, config=config, init_method=no_init, bias=bias,
-                         input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
-        self._drop_extra_state_hook()
-        mark_split(self.weight, 1)
+    split_dim = 1
+    options = dict(input_is_parallel=True, skip_bias_add=True)
 
 
 class _GatherLastDim(torch.autograd.Function):

@@ -46,7 +46,8 @@ from .linear import PlainParts
 from .memory import LaMemoMemory
 from .pipeline_runtime import (ACT, CONTENT, FIRST_MEMORY, FUTURE_CONTENT, FUTURE_POSITION, POS_AHEAD, POS_CAUSAL,
                                POSITION, StageRuntime)
-from .sharding import BIAS_NAMES, bias_names, check_parts, sharding_table, stage_bounds, stage_plan
+from .sharding import (BIAS_NAMES, bias_names, check_parts, pipeline_name, sharding_table, stage_bounds, stage_names,
+                       stage_plan)
 
 
 # ---------------------------------------------------------------------------------------------- stage modules
@@ -217,19 +218,12 @@ class LaMemoPipelineModule(PipelineModule):
 
     # ------------------------------------------------------------------ weights in the single-device layout
     def named_model_parameters(self) -> dict[str, nn.Parameter]:
-        """Single-device name -> this rank's parameter, for everything this stage holds (tied copies too)."""
-        out = {}
-        if "embedding" in self.tied_modules:
-            out["embedding.weight"] = self.tied_modules["embedding"].embedding.weight
-        if "biases" in self.tied_modules:
-            biases = self.tied_modules["biases"]
-            out.update({name: getattr(biases, name) for name in biases.present()})
-        for func in self.forward_funcs:
-            if isinstance(func, DecoderLayerPipe):
-                out.update({f"layers.{func.index}.{n}": p for n, p in func.layer.named_parameters()})
-            elif isinstance(func, OutputLayerPipe):
-                out["output_bias"] = func.output_bias
-        return out
+        """Single-device name -> this rank's parameter, for everything this stage holds (tied copies too), in
+        sharding-table order: the table's ``stage_names`` looked up by their ``pipeline_name`` (DeepSpeed's
+        module names), the one map between the two namings."""
+        module = dict(self.named_parameters())
+        return {name: module[pipeline_name(self.config, name, self.stage_id, self.layer_parts)]
+                for name in stage_names(self.sharding, self.stage_id)}
 
     def initialize(self, init_seed: int | None = None) -> None:
         """This rank's initial weights: for each parameter it holds, the full single-device tensor is drawn

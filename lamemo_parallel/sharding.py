@@ -22,11 +22,12 @@ says for each name
 
 ``shard`` / ``merge`` convert between a full tensor and the TP shards of any per-parameter tensor (weights,
 gradients, Adam moments): ``merge([shard(e, full, r, tp) for r in range(tp)]) == full`` exactly.
-Names: the TP model uses the single-device names unchanged (``tp_name``). A pipeline stage names parameters
-by their position in DeepSpeed's layer list (``pipeline_name``: ``tied_modules.embedding.embedding.weight``,
-``3.layer.attn.q_proj.weight``, ...); DeepSpeed writes one file per layer position and TP rank
-(``layer_file``), whose keys are ``layer_key``. ``stage_plan`` is the layer list itself: the pipeline module
-is built from it, so the table and the module cannot disagree.
+Names: the TP model uses the single-device names unchanged. A pipeline stage names parameters by their
+position in DeepSpeed's layer list (``pipeline_name``: ``tied_modules.embedding.embedding.weight``,
+``3.layer.attn.q_proj.weight``, ...); the stage looks its parameters up through it
+(``LaMemoPipelineModule.named_model_parameters``: ``stage_names`` of the table, by ``pipeline_name``).
+``stage_plan`` is the layer list itself: the pipeline module is built from it, so the table and the module
+cannot disagree.
 
 Pure functions of (config, tp, parts): no process group, no torch.distributed, no model instance.
 """
@@ -243,84 +244,23 @@ def merge(entry: ParamShard, shards: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- names
-def tp_name(name: str) -> str:
-    """The name of a parameter in the tensor-parallel model: the single-device name (shapes are local)."""
-    return name
-
-
-def _plan_positions(config: LaMemoConfig, parts: list[range] | None) -> dict:
-    parts = check_parts(config.n_layer, parts)
-    plan = stage_plan(config.n_layer, parts)
-    bounds = stage_bounds(config.n_layer, parts)
-    positions = {"biases": []}
-    for index, (kind, layer) in enumerate(plan):
-        if kind == "biases":
-            positions["biases"].append(index)
-        elif kind == "decoder":
-            positions[f"layers.{layer}"] = index
-        elif kind in ("embedding", "output"):
-            positions[kind] = index
-    positions["bounds"] = bounds
-    return positions
-
-
-def layer_locations(config: LaMemoConfig, name: str, parts: list[range] | None = None
-                    ) -> list[tuple[int, int, str]]:
-    """Where a single-device parameter lives in a pipeline: (stage, layer-list position, key inside that
-    layer's module) for every copy whose module owns the weight (the last stage's tied output weight is the
-    embedding module's, held at the first stage's position; it is not listed again)."""
-    pos = _plan_positions(config, parts)
-    n_stages = len(pos["bounds"]) - 1
-    if name == "embedding.weight":
-        return [(0, pos["embedding"], "embedding.weight")]
-    if name in BIAS_NAMES:
-        return [(s, pos["biases"][s], name) for s in range(n_stages)]
-    if name == "output_bias":
-        return [(n_stages - 1, pos["output"], "output_bias")]
-    if name.startswith("layers."):
-        layer, rest = name[len("layers."):].split(".", 1)
-        index = pos[f"layers.{layer}"]
-        stage = max(s for s in range(n_stages) if pos["bounds"][s] <= index)
-        return [(stage, index, f"layer.{rest}")]
-    raise KeyError(f"{name} is not a parameter of a LaMemo model")
-
-
-def layer_key(config: LaMemoConfig, name: str, parts: list[range] | None = None) -> tuple[int, str]:
-    """(layer-list position, key) of the copy DeepSpeed's layer files hold for ``name`` (the first stage's
-    for a tied tensor): ``layer_file(position, tp_rank)`` holds it under ``key``."""
-    _, index, key = layer_locations(config, name, parts)[0]
-    return index, key
-
-
 def pipeline_name(config: LaMemoConfig, name: str, stage: int, parts: list[range] | None = None) -> str:
     """The name ``name`` has in pipeline stage ``stage``'s ``named_parameters()`` (DeepSpeed's module names:
-    tied modules under ``tied_modules.<key>``, others under their layer-list position)."""
+    tied modules under ``tied_modules.<key>``, others under their layer-list position in ``stage_plan``)."""
     if name == "embedding.weight":
         return "tied_modules.embedding.embedding.weight"
     if name in BIAS_NAMES:
         return f"tied_modules.biases.{name}"
-    for s, index, key in layer_locations(config, name, parts):
-        if s == stage:
-            return f"{index}.{key}"
-    raise KeyError(f"{name} is not held by pipeline stage {stage}")
-
-
-def single_device_name(config: LaMemoConfig, module_name: str, parts: list[range] | None = None) -> str:
-    """Inverse of ``pipeline_name``: a stage's parameter name -> the single-device name."""
-    if module_name.startswith("tied_modules.embedding."):
-        return "embedding.weight"
-    if module_name.startswith("tied_modules.biases."):
-        return module_name[len("tied_modules.biases."):]
-    index, key = module_name.split(".", 1)
-    kind, layer = stage_plan(config.n_layer, check_parts(config.n_layer, parts))[int(index)]
-    if kind == "decoder" and key.startswith("layer."):
-        return f"layers.{layer}.{key[len('layer.'):]}"
-    if kind == "output" and key == "output_bias":
-        return "output_bias"
-    raise KeyError(f"{module_name} is not a parameter name of a LaMemo pipeline stage")
-
-
-def layer_file(position: int, tp_rank: int) -> str:
-    """DeepSpeed's file name for layer-list ``position`` on TP rank ``tp_rank`` (PipeModelDataParallelTopology:
-    the rank representation keeps the 'model' axis only)."""
-    return f"layer_{position:02d}-model_{tp_rank:02d}-model_states.pt"
+    parts = check_parts(config.n_layer, parts)
+    if name == "output_bias":
+        position, key = ("output", None), "output_bias"
+    elif name.startswith("layers."):
+        layer, rest = name[len("layers."):].split(".", 1)
+        position, key = ("decoder", int(layer)), f"layer.{rest}"
+    else:
+        raise KeyError(f"{name} is not a parameter of a LaMemo model")
+    index = stage_plan(config.n_layer, parts).index(position)
+    bounds = stage_bounds(config.n_layer, parts)
+    if not bounds[stage] <= index < bounds[stage + 1]:
+        raise KeyError(f"{name} is not held by pipeline stage {stage}")
+    return f"{index}.{key}"

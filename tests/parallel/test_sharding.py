@@ -15,8 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
-from lamemo_parallel.sharding import (ParamShard, layer_file, layer_key, merge, pipeline_name, shard,
-                                      sharding_table, single_device_name, stage_names, stage_plan)
+from lamemo_parallel.sharding import ParamShard, merge, pipeline_name, shard, sharding_table, stage_names, stage_plan
 
 
 def make_config(variant, **overrides):
@@ -62,21 +61,23 @@ def test_fused_tensors_split_block_by_block():
     assert torch.equal(merge(entry, [shard(entry, full, r, 2) for r in range(2)]), full)
 
 
-def test_pipeline_names_round_trip_and_layer_files():
+def test_pipeline_names_follow_the_stage_plan():
     config = make_config(3)
     parts = [range(0, 2), range(2, 3)]
     plan = stage_plan(config.n_layer, parts)
     assert [k for k, _ in plan] == ["embedding", "biases", "decoder", "decoder", "exit",
                                     "biases", "decoder", "exit", "head", "output"]
     table = sharding_table(config, 2, parts)
-    for stage in (0, 1):
-        for name in stage_names(table, stage):
-            assert single_device_name(config, pipeline_name(config, name, stage, parts), parts) == name
+    assert stage_names(table, 0) == ["content_bias", "position_bias", "future_position_bias", "embedding.weight",
+                                     *[n for n in table if n.startswith(("layers.0.", "layers.1."))]]
     assert pipeline_name(config, "layers.2.attn.q_proj.weight", 1, parts) == "6.layer.attn.q_proj.weight"
-    assert layer_key(config, "output_bias", parts) == (9, "output_bias")
-    assert layer_file(6, 1) == "layer_06-model_01-model_states.pt"
-    with pytest.raises(KeyError):
-        pipeline_name(config, "layers.2.attn.q_proj.weight", 0, parts)
+    assert pipeline_name(config, "layers.1.ff.fc2.bias", 0, parts) == "3.layer.ff.fc2.bias"
+    assert pipeline_name(config, "output_bias", 1, parts) == "9.output_bias"
+    assert pipeline_name(config, "embedding.weight", 1, parts) == "tied_modules.embedding.embedding.weight"
+    assert pipeline_name(config, "future_position_bias", 1, parts) == "tied_modules.biases.future_position_bias"
+    for name, stage in [("layers.2.attn.q_proj.weight", 0), ("output_bias", 0), ("nothing", 1)]:
+        with pytest.raises(KeyError):
+            pipeline_name(config, name, stage, parts)
 
 
 def test_initial_weights_do_not_depend_on_the_global_rng_after_one_draw():
