@@ -197,7 +197,7 @@ def test_model_builder_gives_every_stage_the_backend_and_memory_asked_for(four_r
     """``ModelBuilder`` (both engines) with parallel.attention_backend=flex and data.mem_len=5 builds every
     pipeline stage and the tensor-parallel model with flex attention in every layer and a memory of 5 rows (on
     CPU the builder is tested directly: training with flex on CPU is refused at start-up, see
-    tests/parallel/test_reliability.py)."""
+    tests/trainer/test_reliability.py)."""
     for rank_results in four_ranks:
         b = rank_results["builder"]
         assert b["stage_backends"] == {"flex"} and b["stage_layers"] == 1
