@@ -57,6 +57,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
 
 
+#: The tiny model of the tests that need "some LaMemo model" (2 layers, d_model 16, 2 heads of 8, d_inner 32).
+TINY_MODEL = dict(n_layer=2, d_model=16, n_head=2, d_inner=32)
+
+
+def tiny_config(vocab_size: int, **overrides):
+    """The one tiny-model factory (also the ``tiny_config`` fixture of tests/conftest.py): ``TINY_MODEL`` with
+    ``vocab_size`` and any overrides (variant, lengths, or the size a test is about)."""
+    from lamemo_parallel import LaMemoConfig
+    return LaMemoConfig(**{**TINY_MODEL, "vocab_size": vocab_size, **overrides})
+
+
 BASE_STEPS = 5
 
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel import LaMemoModel
 
-from helpers import ROOT, load_tool
+from helpers import ROOT, load_tool, tiny_config
 
 
 
@@ -19,8 +19,7 @@ def make_model_dir(tmp_path, vocab_size):
     from pretrain.data.tokenizer import train_tokenizer
     torch.manual_seed(0)
     out = tmp_path / "model"
-    LaMemoModel(LaMemoConfig(vocab_size=vocab_size, n_layer=2, d_model=16, n_head=2, d_inner=32,
-                             tgt_len=8)).save_pretrained(out)
+    LaMemoModel(tiny_config(vocab_size, tgt_len=8)).save_pretrained(out)
     train_tokenizer("byte", [], out / "tokenizer")
     return out
 
