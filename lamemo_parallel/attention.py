@@ -134,6 +134,7 @@ class RelativeAttention(nn.Module):
         content_q = (q_cur + biases.content[:, None]) * self.scale
         position = torch.matmul((q_cur + biases.position[:, None]) * self.scale, r_causal.permute(1, 2, 0))
         if fused:
+            # imported here: FlexAttention loads torch's compile stack, which the eager path never needs
             from .fused_attention import causal_attention
             vec_cur, lse_cur = causal_attention(content_q, k, v, position, M)
         else:

@@ -14,6 +14,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE, or SLURM_NTASKS under srun without torchrun),
+    read before any process group exists: the layout is checked against it before anything is built."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
     a bare single process gets a private 127.0.0.1 rendezvous so DeepSpeed and megatron-core work unchanged.

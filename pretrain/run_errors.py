@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -46,7 +47,6 @@ def newest_checkpoint_note(run_dir: Path) -> str:
 
 def failure(err: BaseException, what: str, rank: int, run_dir: Path) -> RunFailed:
     """An unexpected exception as one line; its traceback goes to ``<run.dir>/error-rank<R>.log``."""
-    import traceback
     trace = run_dir / f"error-rank{rank}.log"
     try:
         trace.write_text(traceback.format_exc())

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig, TrainConfigError
+from .distributed import launch_world_size
 from .layout import Layout, resolve_layout
 from .preflight import agree
 from .run_errors import USER_ERRORS
@@ -83,7 +84,7 @@ def dry_run(config: TrainConfig) -> int:
     from .data.streams import SegmentStreams
     from .preflight import check_data, check_memory, dry_run_report, estimate_memory
     device = resolve_device(config)
-    layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), cuda=device.type == "cuda")
+    layout = resolve_layout(config, launch_world_size(), cuda=device.type == "cuda")
     data = check_data(config, verify_checksums=False)
     d = config.data
     streams = SegmentStreams(data.train, tgt_len=d.tgt_len, dp_size=layout.data, dp_rank=0,

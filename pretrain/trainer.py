@@ -18,7 +18,7 @@ from lamemo_parallel.inference import EvalResult, split_streams
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .distributed import init_distributed
+from .distributed import init_distributed, launch_world_size
 from .layout import Layout, resolve_layout
 from .run_errors import USER_ERRORS, RunFailed, StopSignal, failure, newest_checkpoint_note
 from .startup import (checked, claim_run_dir, init_model_parallel, log, resolve_device,
@@ -32,9 +32,11 @@ def run(config: TrainConfig) -> Path:
     from .run_lock import RunLock
     import_deepspeed(tracking=config.run.mlflow)
     device = resolve_device(config)
+    # Before the process group: a layout every rank finds impossible stops each rank alone (a rank that left a
+    # half-made process group would make the others fail inside gloo's rendezvous with a traceback).
+    layout = resolve_layout(config, launch_world_size(), cuda=device.type == "cuda")
     set_cpu_threads(device)
     rank, world = init_distributed(device)
-    layout = resolve_layout(config, world, cuda=device.type == "cuda")
     run_dir = Path(config.run.dir)
     lock = RunLock(run_dir)          # held by global rank 0 for the trainer's life (pretrain/run_lock.py)
     try:

@@ -7,11 +7,14 @@ object stays inside ``pretrain/engines/`` (``EngineBase`` is the one place that 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+import deepspeed.ops
 import torch
+from deepspeed.utils import logger as deepspeed_logger
 
 from lamemo_parallel import LaMemoConfig
 from lamemo_parallel.inference import EvalResult
@@ -81,13 +84,9 @@ def precision_config(precision: str, zero_stage: int) -> dict:
 
 
 def _quiet_deepspeed() -> None:
-    import logging
-
-    import deepspeed.ops
     # DeepSpeed builds its shm_comm C++ op on every init (~45 s on CPU) unless told it is incompatible.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from deepspeed.utils import logger
-    logger.setLevel(logging.WARNING)
+    deepspeed_logger.setLevel(logging.WARNING)
 
 
 @dataclass

@@ -16,13 +16,16 @@ What it decides once:
 """
 from __future__ import annotations
 
+import deepspeed
 import torch
 from torch import nn
 
 from lamemo_parallel.attention import use_attention_backend
 from lamemo_parallel.init import draw_init_seed, initialise_parameters
 from lamemo_parallel.linear import PlainParts
+from lamemo_parallel.megatron_parts import MegatronParts
 from lamemo_parallel.model import LaMemoModel
+from lamemo_parallel.pipeline import LaMemoPipelineModule
 
 from ..config import TrainConfig, model_config
 from ..layout import Layout, split_layers
@@ -42,7 +45,6 @@ class ModelBuilder:
         """How a layer's pieces are made for this layout."""
         if self.layout.tensor == 1:
             return PlainParts()
-        from lamemo_parallel.megatron_parts import MegatronParts   # megatron-core only for tensor parallelism
         return MegatronParts()
 
     def deepspeed_config(self) -> dict:
@@ -67,7 +69,6 @@ class ModelBuilder:
         if partition is None:
             model = LaMemoModel(self.model_config, parts, init_seed=init_seed)
         else:
-            import deepspeed
             with partition():
                 model = LaMemoModel(self.model_config, parts, initialize=False)
             for name, param in model.named_parameters():
@@ -81,7 +82,6 @@ class ModelBuilder:
     # ------------------------------------------------------------------ the pipeline engine's stage
     def pipeline_stage(self, topology) -> nn.Module:
         """This rank's pipeline stage (``LaMemoPipelineModule``) with its part of the initial weights."""
-        from lamemo_parallel.pipeline import LaMemoPipelineModule   # imports DeepSpeed's pipe module
         p = self.config.parallel
         parts = split_layers(self.model_config.n_layer, self.layout.pipeline, p.pipeline_partition)
         module = LaMemoPipelineModule(self.model_config, topology=topology, parts=parts,

@@ -26,11 +26,15 @@ import os
 import time
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state as ps
 
 from lamemo_parallel import LaMemoMemory
 from lamemo_parallel.inference import EvalResult, segments
+from lamemo_parallel.megatron_parts import is_split
 
 from .. import divergence
 from ..config import TrainConfig
@@ -44,7 +48,6 @@ DUMP_MEMORY_ENV = "LAMEMO_DUMP_MEMORY"
 
 def check_groups_agree(grid) -> None:
     """Raise if DeepSpeed's pipeline grid and megatron-core's parallel_state disagree on this rank's groups."""
-    from megatron.core import parallel_state as ps
     ranks = dist.get_process_group_ranks
     megatron = {"tensor": ranks(ps.get_tensor_model_parallel_group()), "data": ranks(ps.get_data_parallel_group()),
                 "pipeline": ranks(ps.get_pipeline_model_parallel_group())}
@@ -60,9 +63,6 @@ class PipelineEngine(EngineBase):
     """Owns the DeepSpeed pipeline engine and this stage's memory store; ``train_step`` runs one step."""
 
     def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
-        import deepspeed
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
         _quiet_deepspeed()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
@@ -154,7 +154,6 @@ class PipelineEngine(EngineBase):
         """Global gradient norm over the whole model (all stages, TP shards once, tied copies once), then
         clip to optim.clip_grad as torch.nn.utils.clip_grad_norm_ does. Runs inside DeepSpeed's optimizer
         step, where gradients are already averaged over data-parallel ranks and tied copies summed."""
-        from lamemo_parallel.megatron_parts import is_split
         tp_rank = self.grid.get_slice_parallel_rank()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         counted = [p.grad for p in self.model.parameters() if p.grad is not None

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import time
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.utils import get_flattened_grad_norm
+from megatron.core import parallel_state
 
 from lamemo_parallel import LaMemoMemory
 from lamemo_parallel.inference import EvalResult, evaluate_streams
@@ -14,6 +17,7 @@ from lamemo_parallel.inference import EvalResult, evaluate_streams
 from .. import divergence
 from ..config import TrainConfig
 from ..layout import Layout
+from ..megatron_mpu import MegatronMPU
 from ..optim import build_optimizer, build_scheduler
 from .base import EngineBase, StepResult, _quiet_deepspeed, deepspeed_config
 from .builder import ModelBuilder
@@ -23,7 +27,6 @@ class PlainEngine(EngineBase):
     """Owns the DeepSpeed engine and the per-slot memory; ``train_step`` runs one optimizer step."""
 
     def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
-        import deepspeed
         _quiet_deepspeed()
         self.config, self.layout, self.device = config, layout, device
         self._builder = builder = ModelBuilder(config, layout, vocab_size, device)
@@ -51,7 +54,6 @@ class PlainEngine(EngineBase):
     def _zero3_init(self):
         """``deepspeed.zero.Init`` for this run: parameters partitioned over the data-parallel ranks as their
         modules are built, so no rank ever holds the whole model, not even at start-up."""
-        import deepspeed
         ds_config = self._builder.deepspeed_config()
         # zero.Init reads only the ZeRO and precision keys; the batch keys it would check against a world size
         # it cannot know yet (DeepSpeed's communication layer starts in deepspeed.initialize).
@@ -63,21 +65,18 @@ class PlainEngine(EngineBase):
     @property
     def dp_rank(self) -> int:
         if self.layout.tensor > 1 or self.layout.pipeline > 1:
-            from megatron.core import parallel_state
             return parallel_state.get_data_parallel_rank()
         return dist.get_rank()
 
     @property
     def dp_group(self):
         if self.layout.tensor > 1 or self.layout.pipeline > 1:
-            from megatron.core import parallel_state
             return parallel_state.get_data_parallel_group()
         return None
 
     def _mpu(self):
         if self.layout.tensor == 1:
             return None
-        from ..megatron_mpu import MegatronMPU
         return MegatronMPU()
 
     # ------------------------------------------------------------------ training
@@ -116,7 +115,6 @@ class PlainEngine(EngineBase):
         p = self.config.parallel
         if p.zero_stage > 0 or p.precision != "fp32":
             return None
-        from deepspeed.runtime.utils import get_flattened_grad_norm
         params = [q for q in self._deepspeed.module.parameters() if q.grad is not None]
         return float(get_flattened_grad_norm(params, mpu=self._deepspeed.mpu))
 

@@ -92,7 +92,7 @@ def test_trainer_reports_bad_layout_and_config_at_startup(corpus, tmp_path):
     assert str(ROOT / "pretrain") not in result.stderr and not (tmp_path / "r").exists()
     dry = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
                           "--dry-run", *base_overrides(corpus, tmp_path / "r"), *bad_layout],
-                         capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+                         capture_output=True, text=True, cwd=ROOT, env=subprocess_env(WORLD_SIZE="4"))
     assert dry.returncode == 2 and dry.stderr.splitlines() == [one_error(result)], dry.stderr
     bad = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, cwd=ROOT)
