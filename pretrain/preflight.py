@@ -16,11 +16,17 @@ import math
 import os
 from dataclasses import dataclass
 
+import psutil
 import torch
+import yaml
 
 from lamemo_parallel.config import variant_traits
+from lamemo_parallel.sharding import sharding_table
 
 from .config import TrainConfig, TrainConfigError, model_config
+from .data.errors import DataError
+from .data.indexed import _paths, load_tokens
+from .data.tokenizer import check_vocab_matches, load_tokenizer
 from .distributed import first_problem
 from .layout import Layout, split_layers
 
@@ -38,7 +44,6 @@ class RunData:
 
 
 def token_file_bytes(prefix: str) -> int:
-    from .data.indexed import _paths
     return sum(p.stat().st_size for p in _paths(prefix)[:2] if p.is_file())
 
 
@@ -53,9 +58,6 @@ def checksum_wanted(config: TrainConfig, prefixes: list[str]) -> bool:
 def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> RunData:
     """Tokenizer and both splits, checked as described in the module docstring; raises DataError /
     TrainConfigError naming the file and the problem."""
-    from .data.errors import DataError
-    from .data.indexed import load_tokens
-    from .data.tokenizer import check_vocab_matches, load_tokenizer
     d = config.data
     if not d.tokenizer:
         raise TrainConfigError("data.tokenizer is not set (the directory written by tools/train_tokenizer.py)")
@@ -123,7 +125,6 @@ def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
     """Parameters one tensor-parallel rank of each pipeline stage holds, read off the sharding table (the tied
     embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
     the model, even on the meta device, costs seconds of imports in every process of every launch."""
-    from lamemo_parallel.sharding import sharding_table
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
     table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
     return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)
@@ -193,7 +194,6 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free), f"free memory of GPU {torch.cuda.current_device()}"
-    import psutil
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     available = psutil.virtual_memory().available
     return int(available // local), f"available host memory / {local} rank(s) on this node"
@@ -222,7 +222,6 @@ def agree(problem: str | None) -> None:
 
 def dry_run_report(config: TrainConfig, layout: Layout, estimate: MemoryEstimate, steps_per_epoch: int,
                    device: torch.device) -> str:
-    import yaml
     data = config.to_dict()
     data["optim"]["betas"] = list(data["optim"]["betas"])
     params = parameters_per_stage(config, layout)
