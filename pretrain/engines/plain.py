@@ -19,7 +19,7 @@ from ..config import TrainConfig
 from ..layout import Layout
 from ..megatron_mpu import MegatronMPU
 from ..optim import build_optimizer, build_scheduler
-from .base import EngineBase, StepResult, _quiet_deepspeed, deepspeed_config
+from .base import EngineBase, StepResult, _quiet_deepspeed
 from .builder import ModelBuilder
 
 
