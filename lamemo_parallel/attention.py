@@ -15,17 +15,31 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import BASELINE_VARIANT, variant_traits
+from .config import BASELINE_VARIANT, ConfigError, variant_traits
 from .positions import PositionEncodings, lookahead_position_scores, relative_shift, step_tables
 from .softmax import softmax_with_lse, statistics_dtype
 
 __all__ = ["ATTENTION_BACKENDS", "AttentionResult", "GlobalBiases", "PositionEncodings", "RelativeAttention",
-           "statistics_dtype"]
+           "attention_backend_of", "statistics_dtype", "use_attention_backend"]
 
 #: Added to the interpolation's denominator, exactly as in the paper's release.
 INTERPOLATION_EPS = 1e-6
 #: ``eager``: plain torch (reference, CPU); ``flex``: FlexAttention (CUDA; forward also runs on CPU, unfused).
 ATTENTION_BACKENDS = ("eager", "flex")
+
+
+def use_attention_backend(model: nn.Module, name: str) -> None:
+    """Run every attention layer of ``model`` (a whole model or a pipeline stage) with backend ``name``."""
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    for module in model.modules():
+        if isinstance(module, RelativeAttention):
+            module.backend = name
+
+
+def attention_backend_of(model: nn.Module) -> set[str]:
+    """The backends the attention layers of ``model`` run with (one, unless set layer by layer)."""
+    return {module.backend for module in model.modules() if isinstance(module, RelativeAttention)}
 
 
 @dataclass
@@ -51,11 +65,9 @@ class RelativeAttention(nn.Module):
     """Multi-head attention with relative positions; look-ahead + interpolation when ``lookahead``."""
 
     def __init__(self, *, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
-                 pre_lnorm: bool, lookahead: bool, variant: int, linears, layer_norm_eps: float = 1e-5):
+                 pre_lnorm: bool, lookahead: bool, variant: int, parallel, layer_norm_eps: float = 1e-5):
         super().__init__()
-        if n_head % linears.tp_size:
-            raise ValueError(f"n_head={n_head} is not divisible by the tensor-parallel size {linears.tp_size}")
-        self.n_local_heads = n_head // linears.tp_size
+        self.n_local_heads = parallel.local(n_head)
         self.d_head = d_head
         self.scale = 1.0 / math.sqrt(d_head)
         self.pre_lnorm = pre_lnorm
@@ -66,14 +78,14 @@ class RelativeAttention(nn.Module):
         inner = n_head * d_head
         # Separate K and V projections (the release packs them) so that a column split gives each
         # tensor-parallel rank whole heads of both.
-        self.q_proj = linears.column(d_model, inner, bias=False)
-        self.k_proj = linears.column(d_model, inner, bias=False)
-        self.v_proj = linears.column(d_model, inner, bias=False)
-        self.r_proj = linears.column(d_model, inner, bias=False)
-        self.o_proj = linears.row(inner, d_model, bias=False)
+        self.q_proj = parallel.column(d_model, inner, bias=False)
+        self.k_proj = parallel.column(d_model, inner, bias=False)
+        self.v_proj = parallel.column(d_model, inner, bias=False)
+        self.r_proj = parallel.column(d_model, inner, bias=False)
+        self.o_proj = parallel.row(inner, d_model, bias=False)
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.drop = nn.Dropout(dropout)
-        self.dropatt = nn.Dropout(dropatt)
+        self.dropatt = parallel.split_dropout(dropatt)     # on this rank's heads
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H*d_h] -> [B, H, T, d_h]."""
@@ -122,6 +134,7 @@ class RelativeAttention(nn.Module):
         content_q = (q_cur + biases.content[:, None]) * self.scale
         position = torch.matmul((q_cur + biases.position[:, None]) * self.scale, r_causal.permute(1, 2, 0))
         if fused:
+            # imported here: FlexAttention loads torch's compile stack, which the eager path never needs
             from .fused_attention import causal_attention
             vec_cur, lse_cur = causal_attention(content_q, k, v, position, M)
         else:

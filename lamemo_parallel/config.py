@@ -70,6 +70,16 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""
 
 
+def resolve_mem_len(mem_len: int | None, seg_len: int) -> int:
+    """The memory length to use: ``mem_len`` as given (0 = no memory), or the segment length when it is None
+    (the paper's M = N). The one place this default is written: the model, the pipeline stages, evaluation,
+    generation and the attention tool all ask it."""
+    mem_len = seg_len if mem_len is None else mem_len
+    if not isinstance(mem_len, int) or mem_len < 0:
+        raise ConfigError(f"mem_len must be >= 0, got {mem_len!r}")
+    return mem_len
+
+
 @dataclass
 class LaMemoConfig:
     """Architecture of a LaMemo (or Transformer-XL) language model.

@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .sharding import ParamShard
+from .sharding import ParamShard, shard
 
 _SEED_BITS = 63
 
@@ -53,7 +53,6 @@ def initialise_parameters(params: dict[str, torch.Tensor], table: dict[str, Para
                           init_std: float, tp_rank: int = 0, tp_size: int = 1) -> None:
     """Fill each parameter (single-device name -> this rank's tensor) with its slice of the full initial
     tensor, one tensor at a time."""
-    from .sharding import shard
     for name, param in params.items():
         entry = table[name]
         full = full_initial_tensor(entry, init_seed, init_std)

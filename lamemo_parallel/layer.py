@@ -25,13 +25,13 @@ class LayerStep(NamedTuple):
 class PositionwiseFF(nn.Module):
     """Linear + ReLU + Dropout + Linear + Dropout, then residual and LayerNorm (post-LN) or LN first (pre-LN)."""
 
-    def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool, linears,
+    def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool, parallel,
                  layer_norm_eps: float = 1e-5):
         super().__init__()
-        self.fc1 = linears.column(d_model, d_inner, bias=True)
-        self.fc2 = linears.row(d_inner, d_model, bias=True)
+        self.fc1 = parallel.column(d_model, d_inner, bias=True)
+        self.fc2 = parallel.row(d_inner, d_model, bias=True)
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.drop_inner = nn.Dropout(dropout)
+        self.drop_inner = parallel.split_dropout(dropout)       # on this rank's inner units
         self.drop_out = nn.Dropout(dropout)
         self.pre_lnorm = pre_lnorm
 
@@ -48,13 +48,14 @@ class PositionwiseFF(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, linears):
+    def __init__(self, config, parallel):
+        """``parallel``: how the pieces are made for the layout (``linear.PlainParts`` and its subclasses)."""
         super().__init__()
         self.attn = RelativeAttention(
             d_model=config.d_model, n_head=config.n_head, d_head=config.d_head, dropout=config.dropout,
             dropatt=config.dropatt, pre_lnorm=config.pre_lnorm, lookahead=config.traits.looks_ahead,
-            variant=config.variant, linears=linears, layer_norm_eps=config.layer_norm_eps)
-        self.ff = PositionwiseFF(config.d_model, config.d_inner, config.dropout, config.pre_lnorm, linears,
+            variant=config.variant, parallel=parallel, layer_norm_eps=config.layer_norm_eps)
+        self.ff = PositionwiseFF(config.d_model, config.d_inner, config.dropout, config.pre_lnorm, parallel,
                                  layer_norm_eps=config.layer_norm_eps)
 
     def forward(self, z: torch.Tensor, **attention_inputs) -> AttentionResult:

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import ATTENTION_BACKENDS, GlobalBiases, PositionEncodings, statistics_dtype
-from .config import ConfigError, LaMemoConfig
+from .attention import GlobalBiases, PositionEncodings, statistics_dtype, use_attention_backend
+from .config import LaMemoConfig, resolve_mem_len
 from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
-from .linear import PlainLinears
+from .linear import PlainParts
 from .memory import LaMemoMemory, newest_rows
 from .model_files import check_state_dict, load_model_dir, save_model_dir
 from .positions import inverse_frequencies, position_encodings
@@ -42,25 +42,31 @@ class LaMemoModel(nn.Module):
     ``torch.manual_seed(s); LaMemoModel(config)`` is reproducible and equals every parallel layout's
     initialisation at the same seed. ``initialize=False`` leaves zeros (a state dict is loaded next)."""
 
-    def __init__(self, config: LaMemoConfig, linears=None, *, init_seed: int | None = None,
+    def __init__(self, config: LaMemoConfig, parallel: PlainParts | None = None, *, init_seed: int | None = None,
                  initialize: bool = True):
         super().__init__()
         init_seed = draw_init_seed() if (init_seed is None and initialize) else init_seed
         self.config = config
-        self.linears = linears or PlainLinears()
-        H, dh = config.n_head, config.d_head
-        self.n_local_heads = H // self.linears.tp_size
+        #: How this model's pieces are made for its parallel layout (``linear.PlainParts``: one device).
+        self.parallel = parallel = parallel or PlainParts()
+        #: Where every parameter lives (the single-device names, TP split dims, vocabulary padding); building
+        #: it checks that the layout can split this config (``sharding.check_layout``).
+        self.sharding = sharding_table(config, parallel.tp_size)
+        self.n_local_heads = parallel.local(config.n_head)
         # Construction draws nothing from the default generator (torch's own layer inits run on a fork
         # and are overwritten below): only the init seed decides the weights.
         with torch.random.fork_rng(devices=[]):
-            self.embedding, self.output_bias = self._vocabulary_parameters()
+            self.embedding = parallel.embedding(config.vocab_size, config.d_model)
+            self.output_bias = parallel.output_bias(config.vocab_size)
             self.drop = nn.Dropout(config.dropout)
             self.content_bias = self._global_bias()
             self.position_bias = self._global_bias()
             self.future_position_bias = self._global_bias() if config.traits.future_position_bias else None
             self.future_content_bias = self._global_bias() if config.traits.future_content_bias else None
-            self.layers = nn.ModuleList(DecoderLayer(config, self.linears) for _ in range(config.n_layer))
+            self.layers = nn.ModuleList(DecoderLayer(config, parallel) for _ in range(config.n_layer))
+        parallel.mark_split(dict(self.named_parameters()), self.sharding)
         self.register_buffer("inv_freq", inverse_frequencies(config.d_model), persistent=False)
+        self.register_buffer("vocab_padding", parallel.vocab_padding(config.vocab_size), persistent=False)
         #: Recompute each layer's activations in the backward pass (training only). The cached memory enters a
         #: layer as an explicit input and the new memory leaves it as an output, so a recompute reads the
         #: memory as it was at forward time; torch's checkpoint replays the dropout RNG state.
@@ -79,11 +85,6 @@ class LaMemoModel(nn.Module):
         self.inv_freq = inverse_frequencies(self.config.d_model).to(self.inv_freq.device)
         return self
 
-    def _vocabulary_parameters(self) -> tuple[nn.Module, nn.Parameter]:
-        """The input embedding (tied to the output layer) and the output bias."""
-        c = self.config
-        return nn.Embedding(c.vocab_size, c.d_model), nn.Parameter(torch.zeros(c.vocab_size))
-
     def _global_bias(self) -> nn.Parameter:
         """One of u, v, v+, u+: [H_local, d_h]."""
         return nn.Parameter(torch.zeros(self.n_local_heads, self.config.d_head))
@@ -93,9 +94,9 @@ class LaMemoModel(nn.Module):
         """Every parameter from its own seed (``init.tensor_seed(init_seed, name)``): this rank's slice of the
         full tensor the single-device model would hold."""
         init_seed = draw_init_seed() if init_seed is None else init_seed
-        tp_size, tp_rank = self.linears.tp_size, self.linears.tp_rank
-        initialise_parameters(dict(self.named_parameters()), sharding_table(self.config, tp_size),
-                              init_seed=init_seed, init_std=self.config.init_std, tp_rank=tp_rank, tp_size=tp_size)
+        initialise_parameters(dict(self.named_parameters()), self.sharding, init_seed=init_seed,
+                              init_std=self.config.init_std, tp_rank=self.parallel.tp_rank,
+                              tp_size=self.parallel.tp_size)
 
     # ------------------------------------------------------------------ attention implementation
     @property
@@ -105,10 +106,7 @@ class LaMemoModel(nn.Module):
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        if name not in ATTENTION_BACKENDS:
-            raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-        for layer in self.layers:
-            layer.attn.backend = name
+        use_attention_backend(self, name)
 
     # ------------------------------------------------------------------ memory
     def empty_memory(self, batch_size: int, device=None, dtype=None) -> LaMemoMemory:
@@ -118,32 +116,32 @@ class LaMemoModel(nn.Module):
                                   device=device or self.embedding.weight.device,
                                   dtype=dtype or self.embedding.weight.dtype)
 
-    def _resolve_mem_len(self, mem_len: int | None, seg_len: int) -> int:
-        mem_len = self.config.mem_len if mem_len is None else mem_len
-        mem_len = seg_len if mem_len is None else mem_len
-        if mem_len < 0:
-            raise ConfigError(f"mem_len must be >= 0, got {mem_len}")
-        return mem_len
+    def resolve_mem_len(self, mem_len: int | None, seg_len: int) -> int:
+        """The memory length of a call: ``mem_len`` if given, else the config's (``config.resolve_mem_len``:
+        None = the segment length, 0 = no memory)."""
+        return resolve_mem_len(self.config.mem_len if mem_len is None else mem_len, seg_len)
 
-    # ------------------------------------------------------------------ pieces a parallel model overrides
+    # ------------------------------------------------------------------ pieces
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Scaled input embeddings [B, N, d] (before embedding dropout)."""
         return self.embedding(tokens) * math.sqrt(self.config.d_model)
 
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output layer tied to the input embedding, with a bias: this rank's vocabulary rows [B, N, V_local]
+        (under tensor parallelism the padding rows are -inf)."""
+        return self.parallel.vocab_logits(hidden, self.embedding.weight, self.output_bias, self.vocab_padding)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output layer tied to the input embedding, with a bias: [B, N, V]."""
-        return F.linear(hidden, self.embedding.weight, self.output_bias)
+        """Logits of the whole vocabulary [B, N, V] (gathered over the TP group)."""
+        return self.parallel.full_logits(self.local_logits(hidden), self.config.vocab_size)
 
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(hidden).to(statistics_dtype(hidden.dtype))   # the loss in float32 at least
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        logits = self.local_logits(hidden).to(statistics_dtype(hidden.dtype))   # the loss in float32 at least
+        return self.parallel.token_nll(logits, targets)
 
     def global_biases(self) -> GlobalBiases:
-        shard = self.linears.shard
-        return GlobalBiases(
-            content=shard(self.content_bias), position=shard(self.position_bias),
-            future_position=None if self.future_position_bias is None else shard(self.future_position_bias),
-            future_content=None if self.future_content_bias is None else shard(self.future_content_bias))
+        return GlobalBiases(content=self.content_bias, position=self.position_bias,
+                            future_position=self.future_position_bias, future_content=self.future_content_bias)
 
     def position_encodings(self, mem_len: int, seg_len: int, dtype) -> PositionEncodings:
         """This step's position tables (``positions.position_encodings``), with the embedding dropout."""
@@ -161,7 +159,7 @@ class LaMemoModel(nn.Module):
         if targets is not None and targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from tokens {tuple(tokens.shape)}")
         B, N = tokens.shape
-        mem_len = self._resolve_mem_len(mem_len, N)
+        mem_len = self.resolve_mem_len(mem_len, N)
         emb = self.drop(self.embed(tokens))
         if memory is None:
             memory = self.empty_memory(B, device=emb.device, dtype=emb.dtype)
@@ -205,6 +203,34 @@ class LaMemoModel(nn.Module):
             return hidden, LaMemoMemory.from_layers(layer_memories)
         return hidden, LaMemoMemory.from_layers(layer_memories, newest_rows(memory.embeddings, emb, mem_len))
 
+    # ------------------------------------------------------------------ layouts (identity on one device)
+    def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of tensors in the single-device layout (weights, gradients, optimizer moments)."""
+        return {name: self.parallel.to_local(self.sharding[name], tensor) for name, tensor in full.items()}
+
+    def to_full_layout(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Collective over the TP group: tensors of this rank's layout gathered into the single-device layout.
+        Every rank must call it with the same names in the same order. Replicated tensors are returned as
+        this rank holds them."""
+        return {name: self.parallel.to_full(self.sharding[name], tensor) for name, tensor in local.items()}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the single-device state dict (``LaMemoModel.state_dict()`` layout), on every rank."""
+        return self.to_full_layout({name: t.detach() for name, t in self.state_dict().items()})
+
+    def gather_memory(self, memory: LaMemoMemory) -> LaMemoMemory:
+        """Collective: C-bar / Z-bar gathered over heads (the single-device memory); the rest is replicated."""
+        heads = self.parallel.gather_heads
+        return LaMemoMemory(embeddings=memory.embeddings, vectors=[heads(t) for t in memory.vectors],
+                            log_normalizers=[heads(t) for t in memory.log_normalizers], hidden=list(memory.hidden))
+
+    def shard_memory(self, memory: LaMemoMemory) -> LaMemoMemory:
+        """This rank's heads of a single-device memory (no communication)."""
+        heads = self.parallel.shard
+        return LaMemoMemory(embeddings=memory.embeddings, vectors=[heads(t, 2) for t in memory.vectors],
+                            log_normalizers=[heads(t, 2) for t in memory.log_normalizers],
+                            hidden=list(memory.hidden))
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the model directory (``model_files``: ``config.json`` and ``model.safetensors``)."""
@@ -219,9 +245,12 @@ class LaMemoModel(nn.Module):
         return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Strict load with a message naming every missing, unexpected or mis-shaped tensor."""
-        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.state_dict().items()})
-        self.load_state_dict(state_dict, strict=True)
+        """Strict load of a single-device state dict (this rank keeps its slices; no communication), with a
+        message naming every missing, unexpected or mis-shaped tensor."""
+        check_state_dict(state_dict, {name: entry.shape for name, entry in self.sharding.items()})
+        self.load_state_dict(self.to_local_layout(state_dict), strict=True)
+
+    load_full_state_dict = load_weights   # the parallel models' name for 'load the single-device layout'
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,7 +2,7 @@
 
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)    # after init_process_group
     module = LaMemoPipelineModule(config, topology=topology, parts=[range(0, 2), range(2, 4)],
-                                  micro_batches=4, mem_len=128, tensor_parallel=tp > 1)
+                                  micro_batches=4, parallel=MegatronParts() if tp > 1 else PlainParts())
     torch.manual_seed(seed); module.initialize()     # = LaMemoModel(config)'s weights, this rank's part only
     engine, *_ = deepspeed.initialize(model=module, optimizer=..., config=ds_config)
     module.runtime.begin_step(step)
@@ -35,53 +35,31 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
 from .attention import GlobalBiases, PositionEncodings, statistics_dtype
-from .config import ConfigError, LaMemoConfig
+from .config import ConfigError, LaMemoConfig, resolve_mem_len
 from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
-from .linear import PlainLinears
+from .linear import PlainParts
 from .memory import LaMemoMemory
 from .pipeline_runtime import (ACT, CONTENT, FIRST_MEMORY, FUTURE_CONTENT, FUTURE_POSITION, POS_AHEAD, POS_CAUSAL,
                                POSITION, StageRuntime)
-from .sharding import BIAS_NAMES, bias_names, shard, sharding_table, stage_bounds, stage_plan
-
-
-def _tensor_parallel():
-    """megatron-core pieces, imported only when a stage is tensor-parallel."""
-    from . import tensor_parallel
-    return tensor_parallel
-
-
-def _linears(tensor_parallel: bool):
-    return _tensor_parallel().MegatronLinears() if tensor_parallel else PlainLinears()
-
-
-def _local_heads(config: LaMemoConfig, tensor_parallel: bool) -> int:
-    return config.n_head // (_linears(tensor_parallel).tp_size if tensor_parallel else 1)
+from .sharding import (BIAS_NAMES, bias_names, check_parts, pipeline_name, sharding_table, stage_bounds, stage_names,
+                       stage_plan)
 
 
 # ---------------------------------------------------------------------------------------------- stage modules
+# ``parallel`` below: how the pieces are made for the layout (``linear.PlainParts``, or megatron-core's
+# ``megatron_parts.MegatronParts`` under tensor parallelism), the object ``LaMemoModel`` is built from.
 class EmbeddingPipe(nn.Module):
     """The input embedding (first stage); tied to the output layer's weight (last stage, ``head``)."""
 
-    def __init__(self, config: LaMemoConfig, tensor_parallel: bool):
+    def __init__(self, config: LaMemoConfig, parallel: PlainParts):
         super().__init__()
         self.scale = math.sqrt(config.d_model)
-        self.tp_group = None
-        if tensor_parallel:
-            tp = _tensor_parallel()
-            linears = tp.MegatronLinears()
-            self.tp_group = linears.tp_group
-            self.embedding = tp.VocabParallelEmbedding(tp.padded_vocab_size(config.vocab_size, linears.tp_size),
-                                                       config.d_model, init_method=tp._no_init,
-                                                       config=linears.config, tp_group=linears.tp_group)
-            tp._mark_split(self.embedding.weight, 0)
-        else:
-            self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.embedding = parallel.embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -89,26 +67,19 @@ class EmbeddingPipe(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last stage: the model's final dropout, then (hidden, tied weight) for ``OutputLayerPipe``."""
-        hidden = self.drop(hidden)
-        if self.tp_group is not None:
-            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)   # all-reduce its grad
-        return hidden, self.embedding.weight
+        return self.drop(hidden), self.embedding.weight
 
 
 class GlobalBiasesPipe(nn.Module):
     """u, v (v+, u+): used by every layer, so every stage holds a tied copy. Its forward opens the stage."""
 
-    def __init__(self, config: LaMemoConfig, tensor_parallel: bool, runtime: StageRuntime):
+    def __init__(self, config: LaMemoConfig, parallel: PlainParts, runtime: StageRuntime):
         super().__init__()
-        shape = (_local_heads(config, tensor_parallel), config.d_head)
+        shape = (parallel.local(config.n_head), config.d_head)
         self.content_bias = nn.Parameter(torch.zeros(shape))
         self.position_bias = nn.Parameter(torch.zeros(shape))
         self.future_position_bias = nn.Parameter(torch.zeros(shape)) if config.traits.future_position_bias else None
         self.future_content_bias = nn.Parameter(torch.zeros(shape)) if config.traits.future_content_bias else None
-        if tensor_parallel:
-            for name in self.present():
-                _tensor_parallel()._mark_split(getattr(self, name), 0)
         self._runtime = runtime
 
     def present(self) -> list[str]:
@@ -124,16 +95,11 @@ class GlobalBiasesPipe(nn.Module):
 class DecoderLayerPipe(nn.Module):
     """Decoder layer ``index`` of the model; memory entries ``position`` of the stage's carry."""
 
-    def __init__(self, config: LaMemoConfig, index: int, position: int, tensor_parallel: bool):
+    def __init__(self, config: LaMemoConfig, index: int, position: int, parallel: PlainParts):
         super().__init__()
         self.index, self.position, self.n_layer = index, position, config.n_layer
         self.lookahead, self.variant = config.traits.looks_ahead, config.variant
-        linears = _linears(tensor_parallel)
-        self.layer = DecoderLayer(config, linears)
-        if tensor_parallel:    # the dropouts of split regions, as in TensorParallelLaMemoModel
-            from .rng import SplitDropout
-            self.layer.attn.dropatt = SplitDropout(config.dropatt, linears.tp_rank)
-            self.layer.ff.drop_inner = SplitDropout(config.dropout, linears.tp_rank)
+        self.layer = DecoderLayer(config, parallel)
 
     def forward(self, carry: tuple) -> tuple:
         x = carry[ACT]
@@ -151,69 +117,51 @@ class DecoderLayerPipe(nn.Module):
 class OutputLayerPipe(nn.Module):
     """Logits against the tied embedding plus the output bias (the local vocabulary shard under TP)."""
 
-    def __init__(self, config: LaMemoConfig, tensor_parallel: bool):
+    def __init__(self, config: LaMemoConfig, parallel: PlainParts):
         super().__init__()
-        if tensor_parallel:
-            tp = _tensor_parallel()
-            linears = tp.MegatronLinears()
-            local = tp.padded_vocab_size(config.vocab_size, linears.tp_size) // linears.tp_size
-            self.output_bias = nn.Parameter(torch.zeros(local))
-            tp._mark_split(self.output_bias, 0)
-            first = linears.tp_rank * local
-            self.register_buffer("vocab_padding", torch.arange(first, first + local) >= config.vocab_size,
-                                 persistent=False)
-        else:
-            self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
-            self.vocab_padding = None
+        self.parallel = parallel
+        self.output_bias = parallel.output_bias(config.vocab_size)
+        self.register_buffer("vocab_padding", parallel.vocab_padding(config.vocab_size), persistent=False)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden, weight = inputs
-        logits = F.linear(hidden, weight, self.output_bias)
-        if self.vocab_padding is not None:
-            logits = logits.masked_fill(self.vocab_padding, float("-inf"))
-        return logits
+        return self.parallel.vocab_logits(hidden, weight, self.output_bias, self.vocab_padding)
 
 
 class TokenLoss:
     """DeepSpeed's ``loss_fn``: mean token NLL of a micro-batch, in float32 (vocab-parallel under TP)."""
 
-    def __init__(self, tensor_parallel: bool):
-        self.tensor_parallel = tensor_parallel
+    def __init__(self, parallel: PlainParts):
+        self.parallel = parallel
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.to(statistics_dtype(logits.dtype))
-        if self.tensor_parallel:
-            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-            nll = vocab_parallel_cross_entropy(logits, targets)
-        else:
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        return nll.float().mean()
+        return self.parallel.token_nll(logits.to(statistics_dtype(logits.dtype)), targets).float().mean()
 
 
 # ---------------------------------------------------------------------------------------------- the module
 def stage_specs(config: LaMemoConfig, parts: list[range], runtime: StageRuntime,
-                tensor_parallel: bool) -> tuple[list, list[int]]:
+                parallel: PlainParts) -> tuple[list, list[int]]:
     """The layer list of the whole pipeline (``sharding.stage_plan``) and the index where each stage's
     functions start (+ the end)."""
     biases = bias_names(config)
     specs = []
     for kind, index in stage_plan(config.n_layer, parts):
         if kind == "embedding":
-            specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, tensor_parallel,
+            specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, parallel,
                                        tied_weight_attr=["embedding.weight"]))
         elif kind == "biases":
-            specs.append(TiedLayerSpec("biases", GlobalBiasesPipe, config, tensor_parallel, runtime,
+            specs.append(TiedLayerSpec("biases", GlobalBiasesPipe, config, parallel, runtime,
                                        tied_weight_attr=biases))
         elif kind == "decoder":
             position = index - next(r for r in parts if index in r).start
-            specs.append(LayerSpec(DecoderLayerPipe, config, index, position, tensor_parallel))
+            specs.append(LayerSpec(DecoderLayerPipe, config, index, position, parallel))
         elif kind == "exit":
             specs.append(runtime.exit)
         elif kind == "head":
-            specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, tensor_parallel,
+            specs.append(TiedLayerSpec("embedding", EmbeddingPipe, config, parallel,
                                        forward_fn=EmbeddingPipe.head, tied_weight_attr=["embedding.weight"]))
         elif kind == "output":
-            specs.append(LayerSpec(OutputLayerPipe, config, tensor_parallel))
+            specs.append(LayerSpec(OutputLayerPipe, config, parallel))
     return specs, stage_bounds(config.n_layer, parts)
 
 
@@ -221,38 +169,40 @@ class LaMemoPipelineModule(PipelineModule):
     """The LaMemo model as a DeepSpeed ``PipelineModule``: stage s holds decoder layers ``parts[s]``.
 
     ``topology`` is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model: tensor fastest,
-    the same rank order as megatron-core's default tp-dp-pp). ``tensor_parallel`` builds the stage's
-    linears, embedding and loss with megatron-core (the TP group is megatron's, which must agree with the
-    topology's model axis). Weights start at zero: call ``initialize(init_seed)`` (the single-device model's
-    initial weights, this rank's part only) or ``load_full_state_dict`` with a single-device state dict.
+    the same rank order as megatron-core's default tp-dp-pp). ``parallel`` makes the stage's pieces
+    (``linear.PlainParts``, or ``megatron_parts.MegatronParts`` whose TP group is megatron's, which must
+    agree with the topology's model axis). The memory keeps ``config.mem_len`` rows (``resolve_mem_len``).
+    Weights start at zero: call ``initialize(init_seed)`` (the single-device model's initial weights, this
+    rank's part only) or ``load_full_state_dict`` with a single-device state dict.
     """
 
-    def __init__(self, config: LaMemoConfig, *, topology, parts: list[range], micro_batches: int, mem_len: int,
-                 tensor_parallel: bool = False, activation_checkpoint_interval: int = 0, seed: int = 0):
-        if [i for r in parts for i in r] != list(range(config.n_layer)) or min(len(r) for r in parts) < 1:
-            raise ConfigError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and "
-                              f"cover layers 0..{config.n_layer - 1} in order")
+    def __init__(self, config: LaMemoConfig, *, topology, parts: list[range], micro_batches: int,
+                 parallel: PlainParts | None = None, activation_checkpoint_interval: int = 0, seed: int = 0):
+        parallel = parallel or PlainParts()
+        parts = check_parts(config.n_layer, parts)
         if topology.get_dim("pipe") != len(parts):
             raise ConfigError(f"{len(parts)} layer parts for a topology of {topology.get_dim('pipe')} stages")
-        if tensor_parallel:
-            _tensor_parallel().check_tensor_parallel_config(config, topology.get_dim("model"))
+        if topology.get_dim("model") != parallel.tp_size:
+            raise ConfigError(f"parts for {parallel.tp_size} tensor-parallel ranks, a topology of "
+                              f"{topology.get_dim('model')}")
+        #: Where every parameter lives (the single-device names, TP split dims, owning stages).
+        sharding = sharding_table(config, parallel.tp_size, parts)
         coord = topology.get_coord(dist.get_rank())
         runtime = StageRuntime(config, stage=coord.pipe, num_stages=len(parts), layers=parts[coord.pipe],
-                               micro_batches=micro_batches, mem_len=mem_len,
-                               n_local_heads=config.n_head // topology.get_dim("model"), seed=seed,
-                               dp_rank=coord.data)
-        specs, bounds = stage_specs(config, parts, runtime, tensor_parallel)
+                               micro_batches=micro_batches, mem_len=resolve_mem_len(config.mem_len, config.tgt_len),
+                               n_local_heads=parallel.local(config.n_head), seed=seed, dp_rank=coord.data)
+        specs, bounds = stage_specs(config, parts, runtime, parallel)
         object.__setattr__(self, "_stage_bounds", bounds)     # read by _partition_layers during __init__
-        super().__init__(layers=specs, topology=topology, loss_fn=TokenLoss(tensor_parallel),
+        super().__init__(layers=specs, topology=topology, loss_fn=TokenLoss(parallel),
                          partition_method="lamemo-stages",
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          checkpointable_layers=[DecoderLayerPipe.__name__])
         self.config = config
         self.runtime = runtime
         self.layer_parts = parts
-        #: Where every parameter lives (the single-device names, TP split dims, owning stages).
-        self.sharding = sharding_table(config, topology.get_dim("model") if tensor_parallel else 1, parts)
-        self.tensor_parallel = tensor_parallel
+        self.sharding = sharding
+        self.parallel = parallel
+        parallel.mark_split(self.named_model_parameters(), sharding)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         """Our stages, not DeepSpeed's partitioning heuristics: the bounds ``stage_specs`` computed."""
@@ -266,34 +216,14 @@ class LaMemoPipelineModule(PipelineModule):
         with torch.no_grad():
             super()._synchronize_tied_weights()
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def tp_group(self):
-        return self._grid.get_slice_parallel_group()
-
-    @property
-    def tp_size(self) -> int:
-        return self._grid.get_slice_parallel_world_size()
-
-    @property
-    def tp_rank(self) -> int:
-        return self._grid.get_slice_parallel_rank()
-
     # ------------------------------------------------------------------ weights in the single-device layout
     def named_model_parameters(self) -> dict[str, nn.Parameter]:
-        """Single-device name -> this rank's parameter, for everything this stage holds (tied copies too)."""
-        out = {}
-        if "embedding" in self.tied_modules:
-            out["embedding.weight"] = self.tied_modules["embedding"].embedding.weight
-        if "biases" in self.tied_modules:
-            biases = self.tied_modules["biases"]
-            out.update({name: getattr(biases, name) for name in biases.present()})
-        for func in self.forward_funcs:
-            if isinstance(func, DecoderLayerPipe):
-                out.update({f"layers.{func.index}.{n}": p for n, p in func.layer.named_parameters()})
-            elif isinstance(func, OutputLayerPipe):
-                out["output_bias"] = func.output_bias
-        return out
+        """Single-device name -> this rank's parameter, for everything this stage holds (tied copies too), in
+        sharding-table order: the table's ``stage_names`` looked up by their ``pipeline_name`` (DeepSpeed's
+        module names), the one map between the two namings."""
+        module = dict(self.named_parameters())
+        return {name: module[pipeline_name(self.config, name, self.stage_id, self.layer_parts)]
+                for name in stage_names(self.sharding, self.stage_id)}
 
     def initialize(self, init_seed: int | None = None) -> None:
         """This rank's initial weights: for each parameter it holds, the full single-device tensor is drawn
@@ -301,11 +231,11 @@ class LaMemoPipelineModule(PipelineModule):
         ``LaMemoModel(config, init_seed=init_seed)``, without ever building it. No communication."""
         init_seed = draw_init_seed() if init_seed is None else init_seed
         initialise_parameters(self.named_model_parameters(), self.sharding, init_seed=init_seed,
-                              init_std=self.config.init_std, tp_rank=self.tp_rank if self.tensor_parallel else 0,
-                              tp_size=self.tp_size if self.tensor_parallel else 1)
+                              init_std=self.config.init_std, tp_rank=self.parallel.tp_rank,
+                              tp_size=self.parallel.tp_size)
 
     def _to_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return shard(self.sharding[name], full, self.tp_rank, self.tp_size) if self.tensor_parallel else full
+        return self.parallel.to_local(self.sharding[name], full)
 
     def to_local_layout(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of the single-device-layout tensors it holds (weights or optimizer moments),
@@ -333,10 +263,8 @@ class LaMemoPipelineModule(PipelineModule):
         if local is not None:
             local = dict(local)
             for name in sorted(local):
-                if self.tensor_parallel and name.startswith(("vectors.", "log_normalizers.")):
-                    parts = [torch.empty_like(local[name]) for _ in range(self.tp_size)]
-                    dist.all_gather(parts, local[name].contiguous(), group=self.tp_group)
-                    local[name] = torch.cat(parts, dim=2)
+                if name.startswith(("vectors.", "log_normalizers.")):
+                    local[name] = self.parallel.gather_heads(local[name], dim=2)
             local = {name: t.cpu() for name, t in local.items()}
         gathered = [None] * self._grid.get_pipe_parallel_world_size()
         dist.all_gather_object(gathered, local, group=self._grid.get_pipe_parallel_group())

@@ -22,11 +22,12 @@ says for each name
 
 ``shard`` / ``merge`` convert between a full tensor and the TP shards of any per-parameter tensor (weights,
 gradients, Adam moments): ``merge([shard(e, full, r, tp) for r in range(tp)]) == full`` exactly.
-Names: the TP model uses the single-device names unchanged (``tp_name``). A pipeline stage names parameters
-by their position in DeepSpeed's layer list (``pipeline_name``: ``tied_modules.embedding.embedding.weight``,
-``3.layer.attn.q_proj.weight``, ...); DeepSpeed writes one file per layer position and TP rank
-(``layer_file``), whose keys are ``layer_key``. ``stage_plan`` is the layer list itself: the pipeline module
-is built from it, so the table and the module cannot disagree.
+Names: the TP model uses the single-device names unchanged. A pipeline stage names parameters by their
+position in DeepSpeed's layer list (``pipeline_name``: ``tied_modules.embedding.embedding.weight``,
+``3.layer.attn.q_proj.weight``, ...); the stage looks its parameters up through it
+(``LaMemoPipelineModule.named_model_parameters``: ``stage_names`` of the table, by ``pipeline_name``).
+``stage_plan`` is the layer list itself: the pipeline module is built from it, so the table and the module
+cannot disagree.
 
 Pure functions of (config, tp, parts): no process group, no torch.distributed, no model instance.
 """
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LaMemoConfig
+from .config import ConfigError, LaMemoConfig
 
 #: Global biases shared by every layer (and so tied over every pipeline stage), in state-dict order.
 BIAS_NAMES = ("content_bias", "position_bias", "future_position_bias", "future_content_bias")
@@ -130,13 +131,43 @@ def _stage_of_layer(parts: list[range], layer: int) -> int:
     raise ValueError(f"decoder layer {layer} is in no pipeline stage of {[list(r) for r in parts]}")
 
 
-def _check_parts(n_layer: int, parts: list[range] | None) -> list[range]:
+def check_parts(n_layer: int, parts: list[range] | None) -> list[range]:
+    """``parts`` as ranges (default: one stage with every layer); ``ConfigError`` unless every stage gets >= 1
+    layer and the stages cover layers 0..n_layer-1 in order."""
     parts = [range(n_layer)] if parts is None else [range(r.start, r.stop) if isinstance(r, range) else
                                                     range(r[0], r[-1] + 1) for r in parts]
     if [i for r in parts for i in r] != list(range(n_layer)) or min(len(r) for r in parts) < 1:
-        raise ValueError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and cover "
-                         f"layers 0..{n_layer - 1} in order")
+        raise ConfigError(f"pipeline parts {[list(r) for r in parts]} must give every stage >= 1 layer and cover "
+                          f"layers 0..{n_layer - 1} in order")
     return parts
+
+
+def layout_problems(config, tp_size: int = 1, pipeline_stages: int = 1) -> list[str]:
+    """Why ``config`` (a ``LaMemoConfig`` or anything with its ``n_head`` / ``d_inner`` / ``n_layer``; the
+    trainer's model section) cannot be split over ``tp_size`` tensor-parallel ranks and ``pipeline_stages``
+    stages: one sentence per problem, none when it can. The one place these rules are written.
+
+    Heads and FFN units are split over TP ranks (whole heads, equal slices); d_model is replicated; the
+    vocabulary is padded to a multiple of the TP size (``padded_vocab_size``), so it is never a problem."""
+    if not isinstance(tp_size, int) or tp_size < 1:
+        return [f"the tensor-parallel size must be a positive integer, got {tp_size!r}"]
+    problems = []
+    if config.n_head % tp_size:
+        problems.append(f"model.n_head={config.n_head} is not divisible by the tensor-parallel size {tp_size} "
+                        f"(each rank must own whole attention heads)")
+    if config.d_inner % tp_size:
+        problems.append(f"model.d_inner={config.d_inner} is not divisible by the tensor-parallel size {tp_size}")
+    if config.n_layer < pipeline_stages:
+        problems.append(f"model.n_layer={config.n_layer} is fewer than the {pipeline_stages} pipeline stages "
+                        f"(each stage needs >= 1 layer)")
+    return problems
+
+
+def check_layout(config, tp_size: int = 1, pipeline_stages: int = 1) -> None:
+    """Raise ``ConfigError`` naming every ``layout_problems`` of the layout."""
+    problems = layout_problems(config, tp_size, pipeline_stages)
+    if problems:
+        raise ConfigError("impossible parallel layout: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -144,10 +175,8 @@ def sharding_table(config: LaMemoConfig, tp_size: int = 1, parts: list[range] | 
                    ) -> dict[str, ParamShard]:
     """Every parameter of ``LaMemoModel(config)``, in ``state_dict()`` order, laid out for ``tp_size`` TP ranks
     and the pipeline partition ``parts`` (default: one stage with every layer)."""
-    if tp_size < 1 or config.n_head % tp_size or config.d_inner % tp_size:
-        raise ValueError(f"n_head={config.n_head} and d_inner={config.d_inner} must be divisible by the "
-                         f"tensor-parallel size {tp_size}")
-    parts = _check_parts(config.n_layer, parts)
+    check_layout(config, tp_size)
+    parts = check_parts(config.n_layer, parts)
     first, last, every = 0, len(parts) - 1, tuple(range(len(parts)))
     V, d, H, dh, F = config.vocab_size, config.d_model, config.n_head, config.d_head, config.d_inner
     table: dict[str, ParamShard] = {}
@@ -215,84 +244,23 @@ def merge(entry: ParamShard, shards: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- names
-def tp_name(name: str) -> str:
-    """The name of a parameter in the tensor-parallel model: the single-device name (shapes are local)."""
-    return name
-
-
-def _plan_positions(config: LaMemoConfig, parts: list[range] | None) -> dict:
-    parts = _check_parts(config.n_layer, parts)
-    plan = stage_plan(config.n_layer, parts)
-    bounds = stage_bounds(config.n_layer, parts)
-    positions = {"biases": []}
-    for index, (kind, layer) in enumerate(plan):
-        if kind == "biases":
-            positions["biases"].append(index)
-        elif kind == "decoder":
-            positions[f"layers.{layer}"] = index
-        elif kind in ("embedding", "output"):
-            positions[kind] = index
-    positions["bounds"] = bounds
-    return positions
-
-
-def layer_locations(config: LaMemoConfig, name: str, parts: list[range] | None = None
-                    ) -> list[tuple[int, int, str]]:
-    """Where a single-device parameter lives in a pipeline: (stage, layer-list position, key inside that
-    layer's module) for every copy whose module owns the weight (the last stage's tied output weight is the
-    embedding module's, held at the first stage's position; it is not listed again)."""
-    pos = _plan_positions(config, parts)
-    n_stages = len(pos["bounds"]) - 1
-    if name == "embedding.weight":
-        return [(0, pos["embedding"], "embedding.weight")]
-    if name in BIAS_NAMES:
-        return [(s, pos["biases"][s], name) for s in range(n_stages)]
-    if name == "output_bias":
-        return [(n_stages - 1, pos["output"], "output_bias")]
-    if name.startswith("layers."):
-        layer, rest = name[len("layers."):].split(".", 1)
-        index = pos[f"layers.{layer}"]
-        stage = max(s for s in range(n_stages) if pos["bounds"][s] <= index)
-        return [(stage, index, f"layer.{rest}")]
-    raise KeyError(f"{name} is not a parameter of a LaMemo model")
-
-
-def layer_key(config: LaMemoConfig, name: str, parts: list[range] | None = None) -> tuple[int, str]:
-    """(layer-list position, key) of the copy DeepSpeed's layer files hold for ``name`` (the first stage's
-    for a tied tensor): ``layer_file(position, tp_rank)`` holds it under ``key``."""
-    _, index, key = layer_locations(config, name, parts)[0]
-    return index, key
-
-
 def pipeline_name(config: LaMemoConfig, name: str, stage: int, parts: list[range] | None = None) -> str:
     """The name ``name`` has in pipeline stage ``stage``'s ``named_parameters()`` (DeepSpeed's module names:
-    tied modules under ``tied_modules.<key>``, others under their layer-list position)."""
+    tied modules under ``tied_modules.<key>``, others under their layer-list position in ``stage_plan``)."""
     if name == "embedding.weight":
         return "tied_modules.embedding.embedding.weight"
     if name in BIAS_NAMES:
         return f"tied_modules.biases.{name}"
-    for s, index, key in layer_locations(config, name, parts):
-        if s == stage:
-            return f"{index}.{key}"
-    raise KeyError(f"{name} is not held by pipeline stage {stage}")
-
-
-def single_device_name(config: LaMemoConfig, module_name: str, parts: list[range] | None = None) -> str:
-    """Inverse of ``pipeline_name``: a stage's parameter name -> the single-device name."""
-    if module_name.startswith("tied_modules.embedding."):
-        return "embedding.weight"
-    if module_name.startswith("tied_modules.biases."):
-        return module_name[len("tied_modules.biases."):]
-    index, key = module_name.split(".", 1)
-    kind, layer = stage_plan(config.n_layer, _check_parts(config.n_layer, parts))[int(index)]
-    if kind == "decoder" and key.startswith("layer."):
-        return f"layers.{layer}.{key[len('layer.'):]}"
-    if kind == "output" and key == "output_bias":
-        return "output_bias"
-    raise KeyError(f"{module_name} is not a parameter name of a LaMemo pipeline stage")
-
-
-def layer_file(position: int, tp_rank: int) -> str:
-    """DeepSpeed's file name for layer-list ``position`` on TP rank ``tp_rank`` (PipeModelDataParallelTopology:
-    the rank representation keeps the 'model' axis only)."""
-    return f"layer_{position:02d}-model_{tp_rank:02d}-model_states.pt"
+    parts = check_parts(config.n_layer, parts)
+    if name == "output_bias":
+        position, key = ("output", None), "output_bias"
+    elif name.startswith("layers."):
+        layer, rest = name[len("layers."):].split(".", 1)
+        position, key = ("decoder", int(layer)), f"layer.{rest}"
+    else:
+        raise KeyError(f"{name} is not a parameter of a LaMemo model")
+    index = stage_plan(config.n_layer, parts).index(position)
+    bounds = stage_bounds(config.n_layer, parts)
+    if not bounds[stage] <= index < bounds[stage + 1]:
+        raise KeyError(f"{name} is not held by pipeline stage {stage}")
+    return f"{index}.{key}"

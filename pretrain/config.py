@@ -436,3 +436,10 @@ def validate(config: TrainConfig) -> None:
             raise TrainConfigError(str(err)) from None
     if p.pipeline_partition is not None and any(n < 1 for n in p.pipeline_partition):
         raise TrainConfigError(f"parallel.pipeline_partition entries must be >= 1, got {p.pipeline_partition}")
+
+
+def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
+    """The model's config: every ``model.*`` key (``ModelSection`` is LaMemoConfig's fields, so a new field
+    passes through untouched), the resolved ``vocab_size``, and the lengths from the data section."""
+    return LaMemoConfig(**{**dataclasses.asdict(config.model), "vocab_size": vocab_size,
+                           "tgt_len": config.data.tgt_len, "mem_len": config.data.mem_len})

@@ -14,6 +14,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE, or SLURM_NTASKS under srun without torchrun),
+    read before any process group exists: the layout is checked against it before anything is built."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
     a bare single process gets a private 127.0.0.1 rendezvous so DeepSpeed and megatron-core work unchanged.
@@ -34,3 +44,19 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def first_problem(problem: str | None, *, name_rank: bool = False) -> str | None:
+    """Collective over every rank (each passes what it found, or None): the problem of the lowest rank that
+    found one, the same on every rank, so all stop together and none waits for another in vain; None when no
+    rank found one. ``name_rank``: prefix the message with that rank when not every rank saw a problem.
+    Without a process group (or with one process) it is ``problem`` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return problem
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    found = [(rank, p) for rank, p in enumerate(everyone) if p]
+    if not found:
+        return None
+    rank, message = found[0]
+    return f"rank {rank}: {message}" if name_rank and len(found) < len(everyone) else message

@@ -12,7 +12,7 @@ variable set every answer is "no", so a normal run never takes a fault path. The
     LAMEMO_FAULT_NAN_STEPS=3,4        ``nan_gradient_steps()``: the gradients are filled with NaN on those
                                       optimizer steps of the process (1-based, counted by the step guard,
                                       ``divergence.py``), so the divergence guard skips them and stops the run.
-                                      Used by ``tests/parallel/test_reliability.py`` (divergence stop).
+                                      Used by ``tests/trainer/test_reliability.py`` (divergence stop).
 
 See docs/reliability.md ("Fault injection").
 """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lamemo_parallel.sharding import layout_problems
+
 from .config import TrainConfig, TrainConfigError
 
 
@@ -19,15 +21,13 @@ class Layout:
 
 
 def resolve_layout(config: TrainConfig, world_size: int, *, cuda: bool) -> Layout:
+    """The layout of ``world_size`` processes, or ``TrainConfigError`` naming every reason it is impossible: the
+    one check of the layout, run by every entry point before anything is built."""
     p, m = config.parallel, config.model
     problems = []
     if world_size % (p.tensor * p.pipeline):
         problems.append(f"world size {world_size} is not divisible by tensor x pipeline = {p.tensor} x {p.pipeline}")
-    n_head = m.n_head
-    if n_head % p.tensor:
-        problems.append(f"model.n_head={n_head} is not divisible by parallel.tensor={p.tensor}")
-    if m.n_layer < p.pipeline:
-        problems.append(f"model.n_layer={m.n_layer} is fewer than parallel.pipeline={p.pipeline} stages")
+    problems += layout_problems(m, p.tensor, p.pipeline)     # heads, FFN units, layers per stage
     if p.pipeline_partition is not None:
         if len(p.pipeline_partition) != p.pipeline or sum(p.pipeline_partition) != m.n_layer \
                 or min(p.pipeline_partition) < 1:
@@ -38,6 +38,9 @@ def resolve_layout(config: TrainConfig, world_size: int, *, cuda: bool) -> Layou
                         f"{p.pipeline}); use parallel.zero_stage=1 or 0")
     if p.precision == "fp16" and not cuda:
         problems.append("parallel.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    if p.attention_backend == "flex" and not cuda:
+        problems.append("parallel.attention_backend=flex needs a GPU to train (FlexAttention has no backward pass "
+                        "on CPU); use auto or eager")
     if problems:
         raise TrainConfigError("impossible parallel layout: " + "; ".join(problems))
     return Layout(world_size, p.tensor, p.pipeline, world_size // (p.tensor * p.pipeline))

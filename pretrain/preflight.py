@@ -16,11 +16,19 @@ import math
 import os
 from dataclasses import dataclass
 
+import psutil
 import torch
+import yaml
 
 from lamemo_parallel.config import variant_traits
+from lamemo_parallel.sharding import sharding_table
 
-from .config import TrainConfig, TrainConfigError
+from .config import TrainConfig, TrainConfigError, model_config
+from .data.errors import DataError
+from .data.indexed import _paths, load_tokens
+from .data.sources import expand_prefixes, load_sources, parse_sources
+from .data.tokenizer import check_vocab_matches, load_tokenizer
+from .distributed import first_problem
 from .layout import Layout, split_layers
 
 GiB = 1024 ** 3
@@ -37,7 +45,6 @@ class RunData:
 
 
 def token_file_bytes(prefix: str) -> int:
-    from .data.indexed import _paths
     return sum(p.stat().st_size for p in _paths(prefix)[:2] if p.is_file())
 
 
@@ -52,10 +59,6 @@ def checksum_wanted(config: TrainConfig, prefixes: list[str]) -> bool:
 def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> RunData:
     """Tokenizer and both splits, checked as described in the module docstring; raises DataError /
     TrainConfigError naming the file and the problem."""
-    from .data.errors import DataError
-    from .data.indexed import load_tokens
-    from .data.sources import expand_prefixes, load_sources, parse_sources
-    from .data.tokenizer import check_vocab_matches, load_tokenizer
     d = config.data
     if not d.tokenizer:
         raise TrainConfigError("data.tokenizer is not set (the directory written by tools/train_tokenizer.py)")
@@ -130,8 +133,6 @@ def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
     """Parameters one tensor-parallel rank of each pipeline stage holds, read off the sharding table (the tied
     embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
     the model, even on the meta device, costs seconds of imports in every process of every launch."""
-    from lamemo_parallel.sharding import sharding_table
-    from .engines import model_config
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
     table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
     return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)
@@ -201,7 +202,6 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free), f"free memory of GPU {torch.cuda.current_device()}"
-    import psutil
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     available = psutil.virtual_memory().available
     return int(available // local), f"available host memory / {local} rank(s) on this node"
@@ -222,26 +222,14 @@ def check_memory(config: TrainConfig, layout: Layout, device: torch.device) -> M
 # ---------------------------------------------------------------------------------------------- agreement
 def agree(problem: str | None) -> None:
     """Collective: raise TrainConfigError on every rank when any rank found a problem (the lowest rank's
-    message, prefixed with its rank when it was not seen everywhere), so no rank waits for another in vain."""
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if problem:
-            raise TrainConfigError(problem)
-        return
-    everyone: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, problem)
-    found = [(rank, p) for rank, p in enumerate(everyone) if p]
-    if not found:
-        return
-    rank, message = found[0]
-    if len(found) < len(everyone):
-        message = f"rank {rank}: {message}"
-    raise TrainConfigError(message)
+    message, prefixed with its rank when it was not seen everywhere: ``distributed.first_problem``)."""
+    message = first_problem(problem, name_rank=True)
+    if message:
+        raise TrainConfigError(message)
 
 
 def dry_run_report(config: TrainConfig, layout: Layout, estimate: MemoryEstimate, steps_per_epoch: int,
                    device: torch.device) -> str:
-    import yaml
     data = config.to_dict()
     data["optim"]["betas"] = list(data["optim"]["betas"])
     params = parameters_per_stage(config, layout)

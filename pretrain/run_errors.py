@@ -1,13 +1,25 @@
-"""How a run that started fails: one line for the user naming where it can continue from, the traceback in
-``<run.dir>/error-rank<R>.log``; and the stop signals that end a run cleanly with a checkpoint."""
+"""How a run fails: the user's errors (``USER_ERRORS``: one ``error:`` line, exit 2); after start-up one line for
+the user naming where it can continue from, the traceback in ``<run.dir>/error-rank<R>.log``; and the stop
+signals that end a run cleanly with a checkpoint."""
 from __future__ import annotations
 
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from lamemo_parallel import ConfigError
+
+from .checkpoint import CheckpointError, complete_checkpoints
+from .config import TrainConfigError
+from .data.errors import DataError
+
+#: What is the user's to fix (config, layout, data, checkpoint), reported as one ``error:`` line with exit code 2
+#: (docs/reliability.md): the one list, used by start-up checks and the entry points.
+USER_ERRORS = (TrainConfigError, DataError, ConfigError, CheckpointError)
 
 
 class RunFailed(RuntimeError):
@@ -23,7 +35,6 @@ class RunFailed(RuntimeError):
 def newest_checkpoint_note(run_dir: Path) -> str:
     """Where the run can continue from. Not collective (a failing rank may be alone): the newest checkpoint with
     a completion marker; resuming verifies it and falls back past a damaged one."""
-    from .checkpoint import complete_checkpoints
     try:
         found = complete_checkpoints(run_dir)
     except OSError:                        # the note must never hide the original failure
@@ -36,7 +47,6 @@ def newest_checkpoint_note(run_dir: Path) -> str:
 
 def failure(err: BaseException, what: str, rank: int, run_dir: Path) -> RunFailed:
     """An unexpected exception as one line; its traceback goes to ``<run.dir>/error-rank<R>.log``."""
-    import traceback
     trace = run_dir / f"error-rank{rank}.log"
     try:
         trace.write_text(traceback.format_exc())

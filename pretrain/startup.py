@@ -7,16 +7,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from lamemo_parallel import ConfigError
-
-from .checkpoint import CheckpointError
 from .config import TrainConfig, TrainConfigError
-from .data.errors import DataError
+from .distributed import launch_world_size
 from .layout import Layout, resolve_layout
 from .preflight import agree
-
-# What a start-up check may raise: the user's to fix, reported as one line (exit code 2).
-USER_ERRORS = (TrainConfigError, DataError, ConfigError, CheckpointError)
+from .run_errors import USER_ERRORS
 
 
 def log(message: str) -> None:
@@ -89,7 +84,7 @@ def dry_run(config: TrainConfig) -> int:
     from .data.mixture import build_streams, mixture_report
     from .preflight import check_data, check_memory, dry_run_report, estimate_memory
     device = resolve_device(config)
-    layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), cuda=device.type == "cuda")
+    layout = resolve_layout(config, launch_world_size(), cuda=device.type == "cuda")
     data = check_data(config, verify_checksums=False)
     streams = build_streams(data.train, config.data, dp_size=layout.data, dp_rank=0)
     estimate = estimate_memory(config, layout)

@@ -14,13 +14,9 @@ import sys
 
 import torch.distributed as dist
 
-from lamemo_parallel import ConfigError
-
-from .checkpoint import CheckpointError
 from .cli_args import OneLineParser
-from .config import TrainConfigError, load_config
-from .data.errors import DataError
-from .run_errors import RunFailed
+from .config import load_config
+from .run_errors import USER_ERRORS, RunFailed
 from .startup import dry_run
 from .trainer import run
 
@@ -40,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(config)
         run(config)
-    except (TrainConfigError, DataError, ConfigError, CheckpointError, OSError) as err:
+    except (*USER_ERRORS, OSError) as err:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         if rank == 0:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)

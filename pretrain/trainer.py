@@ -19,12 +19,13 @@ from lamemo_parallel.inference import EvalResult, split_streams
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .distributed import init_distributed
+from .distributed import init_distributed, launch_world_size
 from .layout import Layout, resolve_layout
 from .profiling import StepProfiler
-from .run_errors import RunFailed, StopSignal, failure, newest_checkpoint_note
-from .startup import (USER_ERRORS, checked, claim_run_dir, init_model_parallel, log, resolve_device,
+from .run_errors import USER_ERRORS, RunFailed, StopSignal, failure, newest_checkpoint_note
+from .startup import (checked, claim_run_dir, init_model_parallel, log, resolve_device,
                       set_cpu_threads)
+from .tracking.metrics_rewind import rewind_metrics
 
 
 def run(config: TrainConfig) -> Path:
@@ -33,9 +34,11 @@ def run(config: TrainConfig) -> Path:
     from .run_lock import RunLock
     import_deepspeed(tracking=config.run.mlflow and "mlflow" in config.run.loggers)
     device = resolve_device(config)
+    # Before the process group: a layout every rank finds impossible stops each rank alone (a rank that left a
+    # half-made process group would make the others fail inside gloo's rendezvous with a traceback).
+    layout = resolve_layout(config, launch_world_size(), cuda=device.type == "cuda")
     set_cpu_threads(device)
     rank, world = init_distributed(device)
-    layout = resolve_layout(config, world, cuda=device.type == "cuda")
     run_dir = Path(config.run.dir)
     lock = RunLock(run_dir)          # held by global rank 0 for the trainer's life (pretrain/run_lock.py)
     try:
@@ -145,7 +148,6 @@ class Trainer:
         self.check_inputs()
         self.build_engine()
         if self.rank == 0:
-            from .run_lock import rewind_metrics
             rewound = rewind_metrics(self.run_dir, self.start_step)
             if rewound:
                 log(f"metrics.jsonl: {rewound} record(s) past step {self.start_step} (trained again now) moved "

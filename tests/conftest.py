@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, WIKITEXT2, free_port, shakespeare_text
+from helpers import ROOT, WIKITEXT2, free_port, shakespeare_text, tiny_config as _tiny_config
 
 from pretrain.data.tokenizer import train_tokenizer
 
@@ -72,3 +72,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train_tokenizer("byte", [work / "train.txt"], work / "tok")
     preprocess([work / "train.txt"], work / "tok", work / "train", workers=1)
     return work
+
+
+@pytest.fixture
+def tiny_config():
+    """The one tiny-model factory: ``tiny_config(vocab_size, **overrides)`` -> LaMemoConfig (tests/helpers.py)."""
+    return _tiny_config

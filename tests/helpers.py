@@ -57,6 +57,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
 
 
+#: The tiny model of the tests that need "some LaMemo model" (2 layers, d_model 16, 2 heads of 8, d_inner 32).
+TINY_MODEL = dict(n_layer=2, d_model=16, n_head=2, d_inner=32)
+
+
+def tiny_config(vocab_size: int, **overrides):
+    """The one tiny-model factory (also the ``tiny_config`` fixture of tests/conftest.py): ``TINY_MODEL`` with
+    ``vocab_size`` and any overrides (variant, lengths, or the size a test is about)."""
+    from lamemo_parallel import LaMemoConfig
+    return LaMemoConfig(**{**TINY_MODEL, "vocab_size": vocab_size, **overrides})
+
+
 BASE_STEPS = 5
 
 
@@ -76,6 +87,29 @@ def launch(nproc: int, overrides: list[str], timeout: float = 300, env_extra: di
            f"--master-port={free_port()}", "-m", "pretrain.train", "--config", str(config), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(**(env_extra or {})),
                           timeout=timeout, cwd=ROOT)
+
+
+def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
+    """The command line of ``launcher``."""
+    return [sys.executable, "-m", "pretrain.launch", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "-m", "pretrain.train", "--config", str(TINY_CONFIG), *overrides]
+
+
+def launcher(nproc: int, overrides: list[str], env_extra: dict | None = None,
+             timeout: float = 400) -> subprocess.CompletedProcess:
+    """One run of the project's launcher, ``python -m pretrain.launch`` (torchrun that forwards SIGTERM and
+    reports a failed trainer in one line), with ``nproc`` trainers on the tiny config (gloo on CPU)."""
+    return subprocess.run(launcher_cmd(nproc, overrides), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=subprocess_env(**(env_extra or {})))
+
+
+def one_error(result: subprocess.CompletedProcess) -> str:
+    """The trainer's single ``error:`` line of a failed launch (the launcher's own summary line aside), and no
+    traceback anywhere."""
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error: ") and "trainer rank" not in x]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -21,6 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..distributed import first_problem
 from .errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
@@ -149,11 +150,7 @@ def _agreed_error(ckpt: Path) -> str | None:
         check_files(ckpt, read_marker(ckpt), rank=rank, world=world)
     except CheckpointError as err:
         error = str(err)
-    if distributed:
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    return error
+    return first_problem(error)
 
 
 def find_resume_checkpoint(run_dir: str | Path, resume: str, log=print) -> Path | None:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import faults
+from ..distributed import first_problem
 from . import safe_load
 from .format import (FORMAT_VERSION, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
                      listed_files, rank_state_path, sha256_file, shard_index_path, share_of, step_tag)
@@ -51,9 +52,7 @@ def _coordinates(engine) -> dict:
 
 
 def _agree(failure: str | None) -> str | None:
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    return next((f for f in failures if f), None)
+    return first_problem(failure)
 
 
 def _write_own_files(ckpt: Path, engine, streams, config, step, layout, tracker_run_id) -> None:

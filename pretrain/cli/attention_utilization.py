@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError) as err:      # missing files, ConfigError, DataError, mismatches
                 raise UsageError(str(err)) from None
             tgt_len = args.tgt_len or model.config.tgt_len
-            mem_len = args.mem_len if args.mem_len is not None else (
-                model.config.mem_len if model.config.mem_len is not None else tgt_len)
+            mem_len = model.resolve_mem_len(args.mem_len, tgt_len)      # the model's default; 0 = no memory
             label = args.label[i] if args.label else model_dir.resolve().name
             try:
                 results.append(measure(model, tokens, label=label, tgt_len=tgt_len, mem_len=mem_len,

@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clamp_len is not None:
         model.config.clamp_len = args.clamp_len
     tgt_len = args.tgt_len or model.config.tgt_len
-    mem_len = args.mem_len if args.mem_len is not None else (model.config.mem_len if model.config.mem_len is not None
-                                                             else tgt_len)
     try:
+        mem_len = model.resolve_mem_len(args.mem_len, tgt_len)          # the model's default; 0 = no memory
         result = evaluate_tokens(model, tokens, tgt_len=tgt_len, mem_len=mem_len, batch_size=args.batch_size,
                                  device=args.device, progress=None if args.json else progress_bar)
     except ValueError as err:          # ConfigError too; e.g. more streams than tokens

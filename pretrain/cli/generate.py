@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clamp_len is not None:
         model.config.clamp_len = args.clamp_len
     segment_len = args.segment_len or model.config.tgt_len
-    mem_len = args.mem_len if args.mem_len is not None else (model.config.mem_len or segment_len)
     try:
+        mem_len = model.resolve_mem_len(args.mem_len, segment_len)      # the model's default; 0 = no memory
         new = generate(model, torch.tensor([ids], device=args.device), max_new_tokens=args.max_new_tokens,
                        segment_len=segment_len, mem_len=mem_len, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)

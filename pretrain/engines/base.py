@@ -7,12 +7,14 @@ object stays inside ``pretrain/engines/`` (``EngineBase`` is the one place that 
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+import deepspeed.ops
 import torch
+from deepspeed.utils import logger as deepspeed_logger
 
 from lamemo_parallel import LaMemoConfig
 from lamemo_parallel.inference import EvalResult
@@ -20,13 +22,6 @@ from lamemo_parallel.inference import EvalResult
 from ..config import TrainConfig
 from ..divergence import StepGuard
 from ..layout import Layout
-
-
-def model_config(config: TrainConfig, vocab_size: int) -> LaMemoConfig:
-    """The model's config: every ``model.*`` key (``ModelSection`` is LaMemoConfig's fields, so a new field
-    passes through untouched), the resolved ``vocab_size``, and the lengths from the data section."""
-    return LaMemoConfig(**{**dataclasses.asdict(config.model), "vocab_size": vocab_size,
-                           "tgt_len": config.data.tgt_len, "mem_len": config.data.mem_len})
 
 
 def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
@@ -89,13 +84,9 @@ def precision_config(precision: str, zero_stage: int) -> dict:
 
 
 def _quiet_deepspeed() -> None:
-    import logging
-
-    import deepspeed.ops
     # DeepSpeed builds its shm_comm C++ op on every init (~45 s on CPU) unless told it is incompatible.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from deepspeed.utils import logger
-    logger.setLevel(logging.WARNING)
+    deepspeed_logger.setLevel(logging.WARNING)
 
 
 @dataclass
@@ -161,7 +152,7 @@ class EngineBase:
 
     @property
     def tp_rank(self) -> int:
-        return int(getattr(self.module, "tp_rank", 0) or 0)
+        return self.module.parallel.tp_rank
 
     def set_step(self, step: int) -> None:
         """The optimizer-step count DeepSpeed keeps (a resharded load continues from ``step``)."""

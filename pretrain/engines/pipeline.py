@@ -26,24 +26,28 @@ import os
 import time
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state as ps
 
 from lamemo_parallel import LaMemoMemory
 from lamemo_parallel.inference import EvalResult, segments
+from lamemo_parallel.megatron_parts import is_split
 
 from .. import divergence
 from ..config import TrainConfig
-from ..layout import Layout, split_layers
+from ..layout import Layout
 from ..optim import build_optimizer, build_scheduler
-from .base import EngineBase, StepResult, _quiet_deepspeed, deepspeed_config, model_config
+from .base import EngineBase, StepResult, _quiet_deepspeed
+from .builder import ModelBuilder
 
 DUMP_MEMORY_ENV = "LAMEMO_DUMP_MEMORY"
 
 
 def check_groups_agree(grid) -> None:
     """Raise if DeepSpeed's pipeline grid and megatron-core's parallel_state disagree on this rank's groups."""
-    from megatron.core import parallel_state as ps
     ranks = dist.get_process_group_ranks
     megatron = {"tensor": ranks(ps.get_tensor_model_parallel_group()), "data": ranks(ps.get_data_parallel_group()),
                 "pipeline": ranks(ps.get_pipeline_model_parallel_group())}
@@ -59,33 +63,22 @@ class PipelineEngine(EngineBase):
     """Owns the DeepSpeed pipeline engine and this stage's memory store; ``train_step`` runs one step."""
 
     def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
-        import deepspeed
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-        from lamemo_parallel.pipeline import LaMemoPipelineModule
         _quiet_deepspeed()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
-        p, d = config.parallel, config.data
+        p = config.parallel
         self.config, self.layout, self.device = config, layout, device
-        self.model_config = model_config(config, vocab_size)
+        builder = ModelBuilder(config, layout, vocab_size, device)
+        self.model_config = builder.model_config
         topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
-        parts = split_layers(self.model_config.n_layer, layout.pipeline, p.pipeline_partition)
-        self.model = LaMemoPipelineModule(
-            self.model_config, topology=topology, parts=parts, micro_batches=d.micro_batches, mem_len=d.mem_len,
-            tensor_parallel=layout.tensor > 1, activation_checkpoint_interval=1 if p.activation_checkpointing else 0,
-            seed=config.run.seed)
+        # The single-device model's initial weights at run.seed, each rank drawing only the tensors it holds.
+        self.model = builder.pipeline_stage(topology)
         self.grid = self.model.mpu()
         check_groups_agree(self.grid)
-        # The single-device model's initial weights at run.seed, each rank drawing only the tensors it holds.
-        torch.manual_seed(config.run.seed)
-        self.model.initialize()
-        self.model.to(device)
 
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         scheduler = build_scheduler(optimizer, config.optim, config.run.steps)
-        ds_config = deepspeed_config(config, layout)
-        ds_config["pipeline"] = {"activation_checkpoint_interval": 1 if p.activation_checkpointing else 0}
+        ds_config = builder.deepspeed_config()
         self._clip_here = p.zero_stage == 0 and p.precision == "fp32"
         self._grad_norm: float | None = None
         if self._clip_here:
@@ -161,7 +154,6 @@ class PipelineEngine(EngineBase):
         """Global gradient norm over the whole model (all stages, TP shards once, tied copies once), then
         clip to optim.clip_grad as torch.nn.utils.clip_grad_norm_ does. Runs inside DeepSpeed's optimizer
         step, where gradients are already averaged over data-parallel ranks and tied copies summed."""
-        from lamemo_parallel.tensor_parallel import is_split
         tp_rank = self.grid.get_slice_parallel_rank()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         counted = [p.grad for p in self.model.parameters() if p.grad is not None

@@ -5,45 +5,38 @@ from __future__ import annotations
 
 import time
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.utils import get_flattened_grad_norm
+from megatron.core import parallel_state
 
-from lamemo_parallel import LaMemoModel, LaMemoMemory
+from lamemo_parallel import LaMemoMemory
 from lamemo_parallel.inference import EvalResult, evaluate_streams
-from lamemo_parallel.init import draw_init_seed, initialise_parameters
-from lamemo_parallel.sharding import sharding_table
 
 from .. import divergence
 from ..config import TrainConfig
 from ..layout import Layout
+from ..megatron_mpu import MegatronMPU
 from ..optim import build_optimizer, build_scheduler
-from .base import EngineBase, StepResult, _quiet_deepspeed, attention_backend, deepspeed_config, model_config
+from .base import EngineBase, StepResult, _quiet_deepspeed
+from .builder import ModelBuilder
 
 
 class PlainEngine(EngineBase):
     """Owns the DeepSpeed engine and the per-slot memory; ``train_step`` runs one optimizer step."""
 
     def __init__(self, config: TrainConfig, layout: Layout, vocab_size: int, device: torch.device):
-        import deepspeed
         _quiet_deepspeed()
         self.config, self.layout, self.device = config, layout, device
-        self.model_config = model_config(config, vocab_size)
+        self._builder = builder = ModelBuilder(config, layout, vocab_size, device)
+        self.model_config = builder.model_config
         # Identical initial weights on every rank (the single-device model's at run.seed); a tensor-parallel
-        # rank draws each tensor in full, one at a time, and keeps its slice.
-        torch.manual_seed(config.run.seed)
-        init_seed = draw_init_seed()
-        if layout.tensor > 1:
-            from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel as model_class
-        else:
-            model_class = LaMemoModel
-        if config.parallel.zero_stage == 3 and layout.tensor == 1:
-            # (with tensor parallelism a rank builds only its 1/TP shard, partitioned by deepspeed.initialize)
-            model = self._partitioned_model(model_class, init_seed)
-        else:
-            model = model_class(self.model_config, init_seed=init_seed).to(device)
-        model.activation_checkpointing = config.parallel.activation_checkpointing
-        model.attention_backend = attention_backend(config.parallel.attention_backend, device)
-        self.model = model
+        # rank draws each tensor in full, one at a time, and keeps its slice. ZeRO-3 without tensor parallelism
+        # partitions every parameter over the data-parallel ranks as soon as its module is built (with tensor
+        # parallelism a rank builds only its 1/TP shard, partitioned by deepspeed.initialize).
+        partition = self._zero3_init if config.parallel.zero_stage == 3 and layout.tensor == 1 else None
+        self.model = builder.model(partition=partition)
         optimizer = build_optimizer(self.model.parameters(), config.optim, device)
         scheduler = build_scheduler(optimizer, config.optim, config.run.steps)
         if config.parallel.zero_stage == 3:
@@ -51,52 +44,39 @@ class PlainEngine(EngineBase):
             deepspeed.zero.register_external_parameter(self.model, self.model.embedding.weight)
         self._deepspeed, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(config, layout), mpu=self._mpu(), dist_init_required=False)
+            config=builder.deepspeed_config(), mpu=self._mpu(), dist_init_required=False)
         self.guard = divergence.install(optimizer, config, device)   # skips bad steps (pretrain/divergence.py)
         self.memories: list[LaMemoMemory | None] = [None] * config.data.micro_batches
         # Dropout differs across data-parallel ranks, agrees across tensor-parallel ranks (split regions
         # are forked inside the tensor-parallel model).
         torch.manual_seed(config.run.seed + 1 + self.dp_rank)
 
-    def _partitioned_model(self, model_class, init_seed: int):
-        """ZeRO-3: every parameter is partitioned over the data-parallel ranks as soon as its module is built
-        (``deepspeed.zero.Init``), then filled one tensor at a time (gathered, set from its per-tensor seed,
-        partitioned again), so no rank ever holds the whole model, not even at start-up."""
-        import deepspeed
-        ds_config = deepspeed_config(self.config, self.layout)
+    def _zero3_init(self):
+        """``deepspeed.zero.Init`` for this run: parameters partitioned over the data-parallel ranks as their
+        modules are built, so no rank ever holds the whole model, not even at start-up."""
+        ds_config = self._builder.deepspeed_config()
         # zero.Init reads only the ZeRO and precision keys; the batch keys it would check against a world size
         # it cannot know yet (DeepSpeed's communication layer starts in deepspeed.initialize).
         for key in ("train_batch_size", "gradient_accumulation_steps"):
             ds_config.pop(key, None)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=self._mpu()):
-            model = model_class(self.model_config, initialize=False)
-        table = sharding_table(self.model_config, model.linears.tp_size)
-        for name, param in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                initialise_parameters({name: param}, table, init_seed=init_seed,
-                                      init_std=self.model_config.init_std, tp_rank=model.linears.tp_rank,
-                                      tp_size=model.linears.tp_size)
-        return model
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=self._mpu())
 
     # ------------------------------------------------------------------ parallel pieces
     @property
     def dp_rank(self) -> int:
         if self.layout.tensor > 1 or self.layout.pipeline > 1:
-            from megatron.core import parallel_state
             return parallel_state.get_data_parallel_rank()
         return dist.get_rank()
 
     @property
     def dp_group(self):
         if self.layout.tensor > 1 or self.layout.pipeline > 1:
-            from megatron.core import parallel_state
             return parallel_state.get_data_parallel_group()
         return None
 
     def _mpu(self):
         if self.layout.tensor == 1:
             return None
-        from ..megatron_mpu import MegatronMPU
         return MegatronMPU()
 
     # ------------------------------------------------------------------ training
@@ -135,7 +115,6 @@ class PlainEngine(EngineBase):
         p = self.config.parallel
         if p.zero_stage > 0 or p.precision != "fp32":
             return None
-        from deepspeed.runtime.utils import get_flattened_grad_norm
         params = [q for q in self._deepspeed.module.parameters() if q.grad is not None]
         return float(get_flattened_grad_norm(params, mpu=self._deepspeed.mpu))
 

@@ -92,9 +92,10 @@ def test_results_do_not_depend_on_which_shapes_ran_before(variant):
     for seg_len, mem_len in [(4, 8), (3, 12), (8, 16)]:
         run_segments(model, tokens, seg_len, mem_len)
     again = run_segments(model, tokens, 6, 12, return_logits=True)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert torch.equal(a.logits, b.logits)
-        assert all(torch.equal(x, y) for x, y in zip(a.memory.tensors().values(), b.memory.tensors().values()))
+        assert all(torch.equal(x, y)
+                   for x, y in zip(a.memory.tensors().values(), b.memory.tensors().values(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- one-pass lse

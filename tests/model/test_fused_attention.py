@@ -33,8 +33,11 @@ def run(model, tokens, seg_len, mem_len, backend):
 
 
 def assert_same(fused, eager, rtol, atol):
-    for f, e in zip(fused, eager):
+    """Segment by segment the same logits and memory; the two sides must hold the same segments and tensors."""
+    assert len(fused) == len(eager) > 0, f"{len(fused)} segments against {len(eager)}"
+    for f, e in zip(fused, eager, strict=True):
         torch.testing.assert_close(f.logits, e.logits, rtol=rtol, atol=atol)
+        assert f.memory.tensors().keys() == e.memory.tensors().keys()
         for name, t in e.memory.tensors().items():
             torch.testing.assert_close(f.memory.tensors()[name], t, rtol=rtol, atol=atol, msg=name)
 
@@ -75,7 +78,7 @@ def test_fused_equals_eager_on_cuda_forward_and_backward(variant, dtype):
         sum(o.nll.float().mean() for o in outs).backward()
         results[backend] = (outs, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None})
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for f, e in zip(results["flex"][0], results["eager"][0]):
+    for f, e in zip(results["flex"][0], results["eager"][0], strict=True):
         torch.testing.assert_close(f.nll.float(), e.nll.float(), **tol)
     for name, g in results["eager"][1].items():
         torch.testing.assert_close(results["flex"][1][name], g, **(tol if dtype == torch.float32 else

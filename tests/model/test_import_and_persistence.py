@@ -8,7 +8,7 @@ import torch
 from lamemo_parallel import CheckpointMismatchError, LaMemoConfig, LaMemoModel
 from lamemo_parallel.convert import OfficialImportError, import_official, to_official_state_dict
 
-from helpers import ROOT
+from helpers import ROOT, tiny_config
 
 
 
@@ -48,7 +48,7 @@ def test_import_tool_save_load_round_trip_is_exact(variant, tmp_path):
     c = imported.config
     assert (c.variant, c.n_layer, c.d_model, c.n_head, c.d_head, c.d_inner, c.vocab_size) == (variant, 2, 16, 2, 8, 24, 29)
     assert c.pre_lnorm == (variant == 31) and c.clamp_len == (3 if variant == 32 else -1)
-    for (name, a), (name_b, b) in zip(model.state_dict().items(), imported.state_dict().items()):
+    for (name, a), (name_b, b) in zip(model.state_dict().items(), imported.state_dict().items(), strict=True):
         assert name == name_b and torch.equal(a, b), name
     tokens = torch.randint(0, 29, (2, 21))
     assert torch.equal(outputs(model, tokens), outputs(imported, tokens))
@@ -125,7 +125,7 @@ def test_from_pretrained_names_bad_tensors(tmp_path):
 def test_memory_state_dict_round_trip_continues_identically(variant, tmp_path):
     """LaMemoMemory.state_dict -> torch.save / load(weights_only) -> from_state_dict gives the same next segment."""
     torch.manual_seed(0)
-    model = LaMemoModel(LaMemoConfig(vocab_size=17, n_layer=2, d_model=16, n_head=2, d_inner=32, variant=variant))
+    model = LaMemoModel(tiny_config(17, variant=variant))
     tokens = torch.randint(0, 17, (2, 12))
     memory = model(tokens[:, :6], targets=tokens[:, 1:7]).memory
     torch.save(memory.state_dict(), tmp_path / "memory.pt")

@@ -310,9 +310,9 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients(variant):
         grads = [p.grad.clone() for p in model.parameters()]
         results.append((losses, grads, memory))
     (l0, g0, m0), (l1, g1, m1) = results
-    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g0, g1))
-    assert all(torch.equal(a, b) for a, b in zip(m0.tensors().values(), m1.tensors().values()))
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g0, g1, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(m0.tensors().values(), m1.tensors().values(), strict=True))
 
 
 @pytest.mark.parametrize("variant,seg_len,mem_len", [
@@ -343,7 +343,7 @@ def test_top_layer_step_skips_only_the_discarded_memory_rows(variant, seg_len, m
     (h_full, mem_full, gx_full, g_full), (h_top, mem_top, gx_top, g_top) = results
     # fp32: the top step runs W_q on the current rows apart from the memory rows (other matmul blocking).
     torch.testing.assert_close(h_top, h_full, rtol=1e-6, atol=1e-6)
-    for a, b in zip(mem_top, mem_full):
+    for a, b in zip(mem_top, mem_full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx_top, gx_full, rtol=1e-5, atol=1e-6)
     assert set(g_top) <= set(g_full)

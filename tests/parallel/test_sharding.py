@@ -15,8 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
-from lamemo_parallel.sharding import (ParamShard, layer_file, layer_key, merge, pipeline_name, shard,
-                                      sharding_table, single_device_name, stage_names, stage_plan)
+from lamemo_parallel.sharding import ParamShard, merge, pipeline_name, shard, sharding_table, stage_names, stage_plan
 
 
 def make_config(variant, **overrides):
@@ -62,21 +61,23 @@ def test_fused_tensors_split_block_by_block():
     assert torch.equal(merge(entry, [shard(entry, full, r, 2) for r in range(2)]), full)
 
 
-def test_pipeline_names_round_trip_and_layer_files():
+def test_pipeline_names_follow_the_stage_plan():
     config = make_config(3)
     parts = [range(0, 2), range(2, 3)]
     plan = stage_plan(config.n_layer, parts)
     assert [k for k, _ in plan] == ["embedding", "biases", "decoder", "decoder", "exit",
                                     "biases", "decoder", "exit", "head", "output"]
     table = sharding_table(config, 2, parts)
-    for stage in (0, 1):
-        for name in stage_names(table, stage):
-            assert single_device_name(config, pipeline_name(config, name, stage, parts), parts) == name
+    assert stage_names(table, 0) == ["content_bias", "position_bias", "future_position_bias", "embedding.weight",
+                                     *[n for n in table if n.startswith(("layers.0.", "layers.1."))]]
     assert pipeline_name(config, "layers.2.attn.q_proj.weight", 1, parts) == "6.layer.attn.q_proj.weight"
-    assert layer_key(config, "output_bias", parts) == (9, "output_bias")
-    assert layer_file(6, 1) == "layer_06-model_01-model_states.pt"
-    with pytest.raises(KeyError):
-        pipeline_name(config, "layers.2.attn.q_proj.weight", 0, parts)
+    assert pipeline_name(config, "layers.1.ff.fc2.bias", 0, parts) == "3.layer.ff.fc2.bias"
+    assert pipeline_name(config, "output_bias", 1, parts) == "9.output_bias"
+    assert pipeline_name(config, "embedding.weight", 1, parts) == "tied_modules.embedding.embedding.weight"
+    assert pipeline_name(config, "future_position_bias", 1, parts) == "tied_modules.biases.future_position_bias"
+    for name, stage in [("layers.2.attn.q_proj.weight", 0), ("output_bias", 0), ("nothing", 1)]:
+        with pytest.raises(KeyError):
+            pipeline_name(config, name, stage, parts)
 
 
 def test_initial_weights_do_not_depend_on_the_global_rng_after_one_draw():
@@ -96,6 +97,8 @@ def test_initial_weights_do_not_depend_on_the_global_rng_after_one_draw():
 # ============================================================================ 4 ranks: TP 2 x PP 2
 PARTS = {3: [range(0, 2), range(2, 3)], 0: [range(0, 1), range(1, 3)], 32: [range(0, 1), range(1, 3)]}
 SEED = 777
+BUILDER_OVERRIDES = ["model.n_layer=2", "model.d_model=16", "model.n_head=4", "model.d_inner=32", "parallel.tensor=2",
+                     "parallel.pipeline=2", "data.tgt_len=8", "data.mem_len=5", "data.micro_batches=2"]
 
 
 def _worker(rank, world, port, out):
@@ -108,8 +111,14 @@ def _worker(rank, world, port, out):
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state
 
+    from helpers import TINY_CONFIG
+    from lamemo_parallel.attention import attention_backend_of
+    from lamemo_parallel.megatron_parts import MegatronParts, is_split
     from lamemo_parallel.pipeline import LaMemoPipelineModule
-    from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel, is_split
+    from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel
+    from pretrain.config import load_config
+    from pretrain.engines import ModelBuilder
+    from pretrain.layout import Layout
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
@@ -117,12 +126,12 @@ def _worker(rank, world, port, out):
         for variant, parts in PARTS.items():
             config = make_config(variant)
             topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1)
-            module = LaMemoPipelineModule(config, topology=topology, parts=parts, micro_batches=1, mem_len=4,
-                                          tensor_parallel=True)
+            module = LaMemoPipelineModule(config, topology=topology, parts=parts, micro_batches=1,
+                                          parallel=MegatronParts())
             module.initialize(SEED)
             tp_model = TensorParallelLaMemoModel(config, init_seed=SEED)
             results[variant] = {
-                "stage": module.stage_id, "tp_rank": module.tp_rank,
+                "stage": module.stage_id, "tp_rank": module.parallel.tp_rank,
                 "pipeline": {name: p.detach().clone() for name, p in module.named_model_parameters().items()},
                 "pipeline_module_names": {name for name, _ in module.named_parameters()},
                 "pipeline_split": {name: (getattr(p, "partition_dim", None) if is_split(p) else None)
@@ -131,6 +140,17 @@ def _worker(rank, world, port, out):
                 "tp_split": {name: (p.partition_dim if is_split(p) else None)
                              for name, p in tp_model.named_parameters()},
             }
+        # Both engines' model builder: the backend asked for and data.mem_len reach every stage and the TP model.
+        train_config = load_config(TINY_CONFIG, [*BUILDER_OVERRIDES, "parallel.attention_backend=flex"])
+        builder = ModelBuilder(train_config, Layout(world_size=4, tensor=2, pipeline=2, data=1), 41,
+                               torch.device("cpu"))
+        stage = builder.pipeline_stage(PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1))
+        tp_model = builder.model()
+        results["builder"] = {"stage_backends": attention_backend_of(stage),
+                              "stage_mem_len": stage.runtime.memory.mem_len,
+                              "stage_layers": len(list(stage.runtime.layers)),
+                              "model_backends": attention_backend_of(tp_model),
+                              "model_mem_len": tp_model.config.mem_len, "model_tp": tp_model.parallel.tp_size}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         parallel_state.destroy_model_parallel()
@@ -169,3 +189,17 @@ def test_parallel_models_hold_the_tables_slices_of_the_single_device_init(four_r
     for name in table:          # merging the TP ranks' shards gives back the single-device init
         shards = [next(rr[variant]["tp"][name] for rr in four_ranks if rr[variant]["tp_rank"] == t) for t in (0, 1)]
         assert torch.equal(merge(table[name], shards), full[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_model_builder_gives_every_stage_the_backend_and_memory_asked_for(four_ranks):
+    """``ModelBuilder`` (both engines) with parallel.attention_backend=flex and data.mem_len=5 builds every
+    pipeline stage and the tensor-parallel model with flex attention in every layer and a memory of 5 rows (on
+    CPU the builder is tested directly: training with flex on CPU is refused at start-up, see
+    tests/trainer/test_reliability.py)."""
+    for rank_results in four_ranks:
+        b = rank_results["builder"]
+        assert b["stage_backends"] == {"flex"} and b["stage_layers"] == 1
+        assert b["model_backends"] == {"flex"} and b["model_tp"] == 2
+        assert b["stage_mem_len"] == 5 and b["model_mem_len"] == 5

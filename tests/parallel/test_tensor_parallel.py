@@ -58,7 +58,8 @@ def _worker(rank, world, port, workdir, cases):
     from megatron.core import parallel_state
 
     from lamemo_parallel import CheckpointMismatchError
-    from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel, is_split
+    from lamemo_parallel.megatron_parts import is_split
+    from lamemo_parallel.tensor_parallel import TensorParallelLaMemoModel
 
     workdir = Path(workdir)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -78,7 +79,7 @@ def _worker(rank, world, port, workdir, cases):
                 "memory": [m.tensors() for m in gathered],
                 "memory_round_trip": all(
                     all(torch.equal(a, b) for a, b in zip(model.shard_memory(g).tensors().values(),
-                                                          m.tensors().values()))
+                                                          m.tensors().values(), strict=True))
                     for g, m in zip(gathered, memories)),
                 "grads": model.to_full_layout({n: p.grad for n, p in params.items()}),
                 "replicated_grads": {n: p.grad.clone() for n, p in params.items() if not is_split(p)},
@@ -273,10 +274,10 @@ def test_tp_dropout_masks(tp2):
     runs = [r["dropout"] for r in ranks]
     for rank_runs in runs:
         a, b, c = rank_runs["a"], rank_runs["b"], rank_runs["c"]
-        assert all(torch.equal(x, y) for x, y in zip(a["nll"], b["nll"]))
+        assert all(torch.equal(x, y) for x, y in zip(a["nll"], b["nll"], strict=True))
         assert a["captured"].keys() == b["captured"].keys()
         for key in a["captured"]:
-            for (_, out_a), (_, out_b) in zip(a["captured"][key], b["captured"][key]):
+            for (_, out_a), (_, out_b) in zip(a["captured"][key], b["captured"][key], strict=True):
                 assert torch.equal(out_a, out_b), key
         assert not torch.equal(a["nll"][0], c["nll"][0])
     for run in ("a", "c"):
@@ -287,12 +288,12 @@ def test_tp_dropout_masks(tp2):
         for key, calls in first["captured"].items():
             assert len(calls) == len(second["captured"][key])
             if key.startswith("replicated"):
-                for (in0, out0), (in1, out1) in zip(calls, second["captured"][key]):
+                for (in0, out0), (in1, out1) in zip(calls, second["captured"][key], strict=True):
                     assert torch.equal(in0, in1) and torch.equal(out0, out1), key
                     assert (out0 == 0).any() and (out0 != 0).any(), key       # dropout really acted
             else:
                 differ = 0
-                for (in0, out0), (in1, out1) in zip(calls, second["captured"][key]):
+                for (in0, out0), (in1, out1) in zip(calls, second["captured"][key], strict=True):
                     both = (in0 != 0) & (in1 != 0)
                     differ += int(((out0 == 0) != (out1 == 0))[both].sum())
                 assert differ > 0, key
@@ -319,12 +320,18 @@ def test_split_dropout_single_process():
     assert torch.equal(torch.get_rng_state(), state)                  # exactly one draw, whatever the body does
 
 
-def test_config_check_without_process_group():
-    from lamemo_parallel.tensor_parallel import check_tensor_parallel_config, padded_vocab_size
+def test_layout_check_without_process_group():
+    """``sharding.check_layout``: the one place the divisibility rules are written (one ConfigError naming
+    every problem); the vocabulary is padded, never a problem."""
+    from lamemo_parallel.sharding import check_layout, padded_vocab_size
 
     with pytest.raises(ConfigError, match="n_head=3 is not divisible by the tensor-parallel size 2"):
-        check_tensor_parallel_config(make_config(3, n_head=3), 2)
+        check_layout(make_config(3, n_head=3), 2)
     with pytest.raises(ConfigError, match="d_inner=22 is not divisible by the tensor-parallel size 4"):
-        check_tensor_parallel_config(make_config(3, n_head=4, d_inner=22), 4)
-    check_tensor_parallel_config(make_config(3, n_head=4), 4)
+        check_layout(make_config(3, n_head=4, d_inner=22), 4)
+    with pytest.raises(ConfigError, match="n_layer=2 is fewer than the 3 pipeline stages"):
+        check_layout(make_config(3, n_head=4, n_layer=2), 1, 3)
+    with pytest.raises(ConfigError, match="positive integer"):
+        check_layout(make_config(3), 0)
+    check_layout(make_config(3, n_head=4, vocab_size=41), 4)
     assert padded_vocab_size(41, 4) == 44 and padded_vocab_size(40, 4) == 40

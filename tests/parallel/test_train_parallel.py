@@ -18,7 +18,8 @@ from pretrain.layout import resolve_layout, split_layers
 from train_reference import reference_run
 
 from helpers import BASE_STEPS as STEPS
-from helpers import ROOT, assert_eval_matches_export, base_overrides, eval_overrides, launch, read_losses
+from helpers import (ROOT, assert_eval_matches_export, base_overrides, eval_overrides, launch, launcher, one_error,
+                     read_losses, subprocess_env)
 
 LAYOUTS = [  # (tensor, pipeline, data, zero stage)
     (1, 1, 1, 0),
@@ -61,10 +62,15 @@ def test_impossible_layouts_fail_with_one_message():
         return resolve_layout(load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides), world, cuda=False)
 
     assert layout(8, tensor=2, pipeline=2).data == 2
-    with pytest.raises(TrainConfigError, match="n_head=4 is not divisible by parallel.tensor=3"):
+    with pytest.raises(TrainConfigError, match="n_head=4 is not divisible by the tensor-parallel size 3"):
         layout(3, tensor=3)
-    with pytest.raises(TrainConfigError, match="fewer than parallel.pipeline=8"):
+    with pytest.raises(TrainConfigError, match="n_layer=4 is fewer than the 8 pipeline stages"):
         layout(8, pipeline=8)
+    with pytest.raises(TrainConfigError, match="d_inner=1022 is not divisible by the tensor-parallel size 4"):
+        resolve_layout(load_config(ROOT / "configs" / "tiny-cpu.yaml", ["parallel.tensor=4", "model.d_inner=1022"]),
+                       4, cuda=False)
+    with pytest.raises(TrainConfigError, match="attention_backend=flex needs a GPU to train"):
+        layout(1, attention_backend="flex")
     with pytest.raises(TrainConfigError, match="world size 6 is not divisible"):
         layout(6, tensor=4)
     with pytest.raises(TrainConfigError, match="ZeRO stage 2 cannot be combined with pipelining"):
@@ -77,11 +83,17 @@ def test_impossible_layouts_fail_with_one_message():
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_trainer_reports_bad_layout_and_config_at_startup(corpus, tmp_path):
-    result = launch(2, base_overrides(corpus, tmp_path / "r") + ["parallel.pipeline=2", "parallel.zero_stage=3"])
-    assert result.returncode != 0
-    assert "ZeRO stage 3 cannot be combined with pipelining" in result.stderr
-    # torchrun prints its own summary of a failed child; no frame of our code may appear (a clean exit 2)
-    assert str(ROOT / "pretrain") not in result.stderr and "exitcode  : 2" in result.stderr
+    """An indivisible layout stops all 4 trainers under the project's launcher before anything is built, with
+    one error line (the launcher's summary aside), exit 2; ``--dry-run`` says the same in one process."""
+    bad_layout = ["parallel.tensor=4", "model.d_inner=1022"]
+    result = launcher(4, base_overrides(corpus, tmp_path / "r") + bad_layout)
+    expected = "model.d_inner=1022 is not divisible by the tensor-parallel size 4"
+    assert result.returncode == 2 and expected in one_error(result), result.stderr[-3000:]
+    assert str(ROOT / "pretrain") not in result.stderr and not (tmp_path / "r").exists()
+    dry = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
+                          "--dry-run", *base_overrides(corpus, tmp_path / "r"), *bad_layout],
+                         capture_output=True, text=True, cwd=ROOT, env=subprocess_env(WORLD_SIZE="4"))
+    assert dry.returncode == 2 and dry.stderr.splitlines() == [one_error(result)], dry.stderr
     bad = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "config file not found" in bad.stderr and "Traceback" not in bad.stderr

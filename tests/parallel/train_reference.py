@@ -7,7 +7,7 @@ import torch
 from lamemo_parallel import LaMemoModel
 from pretrain.data.indexed import load_tokens
 from pretrain.data.streams import SegmentStreams
-from pretrain.engines import model_config
+from pretrain.config import model_config
 from pretrain.optim import build_optimizer, build_scheduler
 
 

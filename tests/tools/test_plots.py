@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, tiny_config
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel import LaMemoModel
 from pretrain.cli import attention_utilization, plot_runs
 from pretrain.tracking import Tracker
 
@@ -102,8 +102,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     for name, variant in (("lamemo", 3), ("xl", 0)):
-        config = LaMemoConfig(vocab_size=40, n_layer=2, d_model=16, n_head=2, d_inner=32, variant=variant,
-                              tgt_len=6, mem_len=6)
+        config = tiny_config(40, variant=variant, tgt_len=6, mem_len=6)
         LaMemoModel(config).save_pretrained(root / name)
     ids = root / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(0, 40, 61))
@@ -160,8 +159,7 @@ def test_attention_utilization_errors_and_text_input(models, tmp_path, capsys):
     # --text goes through the model's tokenizer (here a byte tokenizer: a model with 257 ids).
     from pretrain.data.tokenizer import ByteTokenizer
     model_dir = tmp_path / "bytes"
-    LaMemoModel(LaMemoConfig(vocab_size=257, n_layer=1, d_model=8, n_head=2, d_inner=16, tgt_len=8)).save_pretrained(
-        model_dir)
+    LaMemoModel(tiny_config(257, n_layer=1, tgt_len=8)).save_pretrained(model_dir)
     ByteTokenizer().save(model_dir / "tokenizer")
     text = tmp_path / "t.txt"
     text.write_text("look-ahead memory\nrefreshes the memory states\n")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_tool
+from helpers import load_tool, tiny_config
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel import LaMemoModel
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def model_dir(tmp_path_factory):
     from pretrain.data.tokenizer import train_tokenizer
     out = tmp_path_factory.mktemp("tool-model") / "model"
     torch.manual_seed(0)
-    LaMemoModel(LaMemoConfig(vocab_size=257, n_layer=1, d_model=16, n_head=2, d_inner=32, tgt_len=8)).save_pretrained(out)
+    LaMemoModel(tiny_config(257, n_layer=1, tgt_len=8)).save_pretrained(out)
     train_tokenizer("byte", [], out / "tokenizer")
     return out
 

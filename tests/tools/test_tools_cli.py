@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel import LaMemoModel
 
-from helpers import ROOT, load_tool
+from helpers import ROOT, load_tool, tiny_config
 
 
 
@@ -19,8 +19,7 @@ def make_model_dir(tmp_path, vocab_size):
     from pretrain.data.tokenizer import train_tokenizer
     torch.manual_seed(0)
     out = tmp_path / "model"
-    LaMemoModel(LaMemoConfig(vocab_size=vocab_size, n_layer=2, d_model=16, n_head=2, d_inner=32,
-                             tgt_len=8)).save_pretrained(out)
+    LaMemoModel(tiny_config(vocab_size, tgt_len=8)).save_pretrained(out)
     train_tokenizer("byte", [], out / "tokenizer")
     return out
 
@@ -95,3 +94,30 @@ def test_every_tool_is_an_installed_command_and_a_script(monkeypatch, capsys):
             runpy.run_path(str(tool), run_name="__main__")
         assert exit_.value.code == 0, tool.name
         assert capsys.readouterr().out.startswith("usage: "), tool.name
+
+
+def test_a_model_saved_without_memory_evaluates_and_generates_without_memory(tmp_path, monkeypatch, capsys):
+    """``mem_len: 0`` in a saved model means no memory for every tool (``config.resolve_mem_len``): evaluate and
+    generate run every forward with mem_len 0, and evaluate's loss is the memoryless one."""
+    from pretrain.cli import evaluate as evaluate_cli
+    from pretrain.cli import generate as generate_cli
+    model_dir = make_model_dir(tmp_path, 257)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "mem_len": 0}))
+    text = tmp_path / "valid.txt"
+    text.write_text("To be, or not to be, that is the question.\n")
+    seen = []
+    forward = LaMemoModel.forward
+
+    def spy(self, *args, mem_len=None, **kwargs):
+        out = forward(self, *args, mem_len=mem_len, **kwargs)
+        seen.append((mem_len, out.memory.length))
+        return out
+
+    monkeypatch.setattr(LaMemoModel, "forward", spy)
+    assert evaluate_cli.main([str(model_dir), "--text", str(text), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["mem_len"] == 0 and seen and all(s == (0, 0) for s in seen), seen
+    seen.clear()
+    assert generate_cli.main([str(model_dir), "--prompt", "To be, or not", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert len(seen) == 2 + 5 and all(s == (0, 0) for s in seen), seen     # 13 prompt bytes in segments of 8

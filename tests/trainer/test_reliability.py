@@ -14,31 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY_CONFIG, base_overrides, free_port, subprocess_env
+from helpers import ROOT, TINY_CONFIG, base_overrides, free_port, launcher, launcher_cmd, one_error, subprocess_env
 
 from lamemo_parallel import LaMemoModel
 from pretrain.cli.status import render, run_status
 from pretrain.config import TrainConfigError, load_config
-
-
-def launcher_cmd(nproc: int, overrides: list[str]) -> list[str]:
-    """``python -m pretrain.launch`` (torchrun that forwards SIGTERM and reports a failed trainer in one line)."""
-    return [sys.executable, "-m", "pretrain.launch", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", "-m", "pretrain.train", "--config", str(TINY_CONFIG), *overrides]
-
-
-def launch(nproc: int, overrides: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(launcher_cmd(nproc, overrides), capture_output=True, text=True, timeout=400, cwd=ROOT,
-                          env=subprocess_env(**(env_extra or {})))
-
-
-def one_error(result: subprocess.CompletedProcess) -> str:
-    """The trainer's single ``error:`` line of a failed launch (the launcher's own summary line aside), and no
-    traceback anywhere."""
-    lines = [x for x in result.stderr.splitlines() if x.startswith("error: ") and "trainer rank" not in x]
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[0]
 
 
 def metric_steps(run_dir: Path) -> list[int]:
@@ -123,7 +103,8 @@ def test_dry_run_prints_the_plan_and_builds_nothing(corpus, tmp_path, capsys):
 
 
 def test_run_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
-    from pretrain.run_lock import LOCK_NAME, RunLock, RunLockError, rewind_metrics
+    from pretrain.run_lock import LOCK_NAME, RunLock, RunLockError
+    from pretrain.tracking.metrics_rewind import rewind_metrics
     first = RunLock(tmp_path)
     first.acquire()
     with pytest.raises(RunLockError, match=f"in use by another trainer \\(pid {os.getpid()} on"):
@@ -154,7 +135,7 @@ def test_divergence_stops_cleanly_and_keeps_the_checkpoint_before_it(corpus, tmp
     a loss spike and is skipped, the third in a row stops the run with exit 3; the checkpoint written after the
     wrecking update is moved aside, nothing is exported."""
     run_dir = tmp_path / "run"
-    result = launch(2, [*base_overrides(corpus, run_dir), "parallel.pipeline=2", "optim.lr=1000",
+    result = launcher(2, [*base_overrides(corpus, run_dir), "parallel.pipeline=2", "optim.lr=1000",
                         "run.save_interval=1", "run.steps=10"])
     assert result.returncode == 3, result.stderr[-3000:]
     line = one_error(result)
@@ -180,7 +161,7 @@ def test_non_finite_gradient_skips_the_update_under_zero(corpus, tmp_path):
     the final checkpoint's weights equal those after step 3 exactly, the run finishes and exports."""
     from pretrain.checkpoint.export import export_checkpoint
     run_dir = tmp_path / "run"
-    result = launch(2, [*base_overrides(corpus, run_dir), "parallel.zero_stage=2", "run.save_interval=1",
+    result = launcher(2, [*base_overrides(corpus, run_dir), "parallel.zero_stage=2", "run.save_interval=1",
                         "run.steps=4", "run.keep_checkpoints=4"], env_extra={"LAMEMO_FAULT_NAN_STEPS": "4"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: step 4 skipped (non-finite gradient); weights unchanged" in result.stdout
@@ -200,11 +181,11 @@ def test_non_finite_gradient_skips_the_update_under_zero(corpus, tmp_path):
 def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     run_dir = tmp_path / "run"
     base = [*base_overrides(corpus, run_dir), "run.steps=4", "run.save_interval=1"]
-    first = launch(1, [*base, "run.exit_after=3"])
+    first = launcher(1, [*base, "run.exit_after=3"])
     assert first.returncode == 0, first.stderr[-3000:]
     # the newest checkpoint is damaged: the resume falls back to step 2 and steps 3.. are trained again, once
     (run_dir / "checkpoints" / "step_00000003" / "COMPLETE.json").unlink()
-    again = launch(1, [*base, "optim.lr=0.001", "optim.weight_decay=0.01"])
+    again = launcher(1, [*base, "optim.lr=0.001", "optim.weight_decay=0.01"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "optim.lr 0.003 -> 0.001" in again.stdout and "optim.weight_decay 0.0 -> 0.01" in again.stdout
     assert "resumed from" in again.stdout and "step_00000002" in again.stdout
@@ -215,7 +196,7 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     expected = 0.001 * lr_factor(2, total_steps=4, warmup_steps=0, schedule="cosine", lr=0.001, min_lr=0.0)
     assert records[3]["lr"] == pytest.approx(expected, rel=1e-9)
     # an unreachable MLflow server: retried for run.mlflow_connect_timeout_s, then one line; nothing is lost
-    unreachable = launch(1, [*base, "run.mlflow=true", "run.mlflow_connect_timeout_s=2"],
+    unreachable = launcher(1, [*base, "run.mlflow=true", "run.mlflow_connect_timeout_s=2"],
                          env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 2 and "is not reachable" in one_error(unreachable)
     # a logger that cannot start (W&B refuses its settings): one line before step 1, nothing changed
@@ -223,9 +204,9 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     assert no_wandb.returncode == 2 and "cannot start the W&B run" in one_error(no_wandb)
     assert metric_steps(run_dir) == [1, 2, 3, 4] and (run_dir / "checkpoints" / "step_00000004").is_dir()
     # run.resume=never in a used directory: refused; with run.overwrite=true the old run is moved aside whole
-    refused = launch(1, [*base, "run.resume=never"])
+    refused = launcher(1, [*base, "run.resume=never"])
     assert refused.returncode == 2 and "run.overwrite=true" in one_error(refused)
-    fresh = launch(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
+    fresh = launcher(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000004").is_dir()
@@ -245,7 +226,7 @@ def test_second_trainer_is_refused_and_sigterm_under_the_launcher_exits_zero(cor
         while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
             time.sleep(1)
-        second = launch(1, args)
+        second = launcher(1, args)
         assert second.returncode == 2
         assert "is in use by another trainer" in one_error(second)
         running = run_status(run_dir)        # lamemo-status: the live trainer (rank 0) holds the lock

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
-from pretrain.config import MODEL_KEYS_ELSEWHERE, ModelSection, load_config
-from pretrain.engines import model_config
+from pretrain.config import MODEL_KEYS_ELSEWHERE, ModelSection, load_config, model_config
 from pretrain.layout import resolve_layout
 
 from helpers import ROOT
