@@ -108,7 +108,7 @@ class Utilization:
 # ---------------------------------------------------------------------------------------------- measuring
 @torch.no_grad()
 def measure(model: LaMemoModel, tokens: torch.Tensor, *, label: str, tgt_len: int, mem_len: int,
-            batch_size: int, device, progress: bool) -> Utilization:
+            batch_size: int, device, show_progress: bool) -> Utilization:
     model.eval()
     n_layer = model.config.n_layer
     lookahead_offset = mem_len + tgt_len            # covers variant 33's non-positive distances
@@ -117,7 +117,7 @@ def measure(model: LaMemoModel, tokens: torch.Tensor, *, label: str, tgt_len: in
     streams = split_streams(tokens, batch_size).to(device)
     memory = None
     for inputs, targets in progress(segments(streams, tgt_len), total=segment_count(streams, tgt_len),
-                                desc=f"attention {label}", unit="segment", disable=not progress, file=sys.stderr):
+                                desc=f"attention {label}", unit="segment", disable=not show_progress, file=sys.stderr):
         out = model(inputs, targets=targets, memory=memory, mem_len=mem_len, return_attention=True)
         memory = out.memory
         result.nll_sum += out.nll.double().sum().item()
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results.append(measure(model, tokens, label=label, tgt_len=tgt_len, mem_len=mem_len,
                                        batch_size=args.batch_size, device=args.device,
-                                       progress=not args.no_progress))
+                                       show_progress=not args.no_progress))
             except ValueError as err:                  # e.g. too few tokens for the streams, variant 33 limits
                 raise UsageError(f"{model_dir}: {err}") from None
         write_csv(results, csv_path)
