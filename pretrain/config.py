@@ -189,6 +189,10 @@ class RunSection:
     memory_check: bool = True
     """Refuse at start-up a layout whose estimated memory per rank exceeds what the device has
     (pretrain/preflight.py documents the estimate)."""
+    data_changed: str = "refuse"
+    """What resuming does when data.train / data.valid differ from the checkpoint's data (sha256, tokenizer,
+    size; pretrain/data/identity.py): ``refuse`` (stop before step 1, naming the data), or
+    ``restart_streams`` (new data: positions from zero, memory emptied, one logged line)."""
 
 
 @dataclass
@@ -296,11 +300,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise TrainConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise TrainConfigError(f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); "
+                                   f"--config takes a YAML file") from None
+        except OSError as err:
+            raise TrainConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
         except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path} is not valid YAML: {err}") from None
+            first = " ".join(str(err).split())          # the parser's message spans several lines
+            raise TrainConfigError(f"{path} is not valid YAML: {first}") from None
         if not isinstance(data, dict):
-            raise TrainConfigError(f"{path} must hold a mapping of sections")
+            raise TrainConfigError(f"{path} must hold a mapping of sections ({SECTIONS}), not a "
+                                   f"{type(data).__name__}")
         for section, values in data.items():
             if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
                 raise TrainConfigError(f"unknown config section '{section}' in {path} (sections: {SECTIONS})")
@@ -386,6 +397,8 @@ def validate(config: TrainConfig) -> None:
         (r.spike_factor == 0 or r.spike_factor > 1,
          f"run.spike_factor must be 0 (off) or > 1, got {r.spike_factor}"),
         (r.spike_window >= 1, f"run.spike_window must be >= 1, got {r.spike_window}"),
+        (r.data_changed in ("refuse", "restart_streams"),
+         f"run.data_changed must be refuse or restart_streams, got {r.data_changed!r}"),
     ]
     for ok, message in checks:
         if not ok:

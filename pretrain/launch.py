@@ -11,6 +11,7 @@ is torchrun's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -52,8 +53,16 @@ def install() -> None:
         sys.argv.insert(1, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
+class _DropChildFailure(logging.Filter):
+    """torchrun's own "failed (exitcode: N) local_rank ..." record: ``main`` says it in one ``error:`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode")
+
+
 def main() -> None:
     install()
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropChildFailure())
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
     try:

@@ -126,6 +126,9 @@ class Trainer:
         """Data, resume point, engine (and the checkpoint loaded into it), metrics, tracking, throughput."""
         self.check_inputs()
         self.build_engine()
+        # Only an accepted start is recorded: a refused one (data, model, settings) leaves the run directory as
+        # it was.
+        checked(lambda: self.config.save(self.run_dir / "config.yaml") if self.rank == 0 else None)
         if self.rank == 0:
             from .run_lock import rewind_metrics
             rewound = rewind_metrics(self.run_dir, self.start_step)
@@ -141,6 +144,7 @@ class Trainer:
         from .checkpoint import find_resume_checkpoint
         from .data.streams import SegmentStreams
         from .preflight import check_data, check_memory
+        from .resume_settings import check_data_on_resume
         config, layout, d = self.config, self.layout, self.config.data
         dp_rank = init_model_parallel(layout)
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
@@ -152,7 +156,8 @@ class Trainer:
             f"variant {config.model.variant}; {self.streams.steps_per_epoch} steps per epoch; memory estimate "
             f"{estimate.describe()}")
         self.resume_from = checked(find_resume_checkpoint, self.run_dir, config.run.resume, log=log)
-        checked(lambda: config.save(self.run_dir / "config.yaml") if self.rank == 0 else None)
+        self.restart_streams = self.resume_from is not None and checked(check_data_on_resume, self.resume_from,
+                                                                        config, log=log)
         self.stop = StopSignal()
 
     def build_engine(self) -> None:
@@ -166,7 +171,7 @@ class Trainer:
             log(f"model: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters on this rank")
             if self.resume_from is not None:
                 meta = load_checkpoint(self.resume_from, engine=self.engine, streams=self.streams,
-                                       layout=self.layout, log=log)
+                                       layout=self.layout, log=log, restore_streams=not self.restart_streams)
                 self.start_step = meta["step"]
                 checked(apply_changed_settings, self.resume_from, config, self.engine, log=log)
                 log(f"resumed from {self.resume_from} at step {self.start_step}")
@@ -257,9 +262,9 @@ class Trainer:
 
     def confirm(self) -> None:
         """An accepted step confirms the newest checkpoint: the extra one kept for it can go."""
-        from .divergence import prune_checkpoints
+        from .checkpoint import rotate_checkpoints
         if self.unconfirmed and self.rank == 0:
-            prune_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
+            rotate_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
         self.unconfirmed = False
 
     # ------------------------------------------------------------------ end
@@ -276,7 +281,7 @@ class Trainer:
     def diverged(self, err: BaseException, step: int) -> RunFailed:
         """Divergence (exit code 3): checkpoints written since the trouble began are quarantined, nothing is
         exported, the tracker is tagged."""
-        from .divergence import quarantine_checkpoints
+        from .checkpoint import quarantine_checkpoints
         note = ""
         if self.rank == 0 and self.guard.first_bad_step is not None:
             moved = quarantine_checkpoints(self.run_dir, self.guard.first_bad_step - 1)

@@ -73,11 +73,11 @@ def test_kill_during_save_resumes_from_previous_checkpoint(corpus, tmp_path):
 def _resign(ckpt, *names):
     """Rewrite the manifest entries of ``names`` as an attacker with write access would (sizes and sha256 of
     the files as they are now), so only the pickle safety check stands between the file and a load."""
-    from pretrain.checkpoint.format import sha256_file
+    from pretrain.checkpoint.format import sealed, sha256_file
     marker = json.loads((ckpt / "COMPLETE.json").read_text())
     for name in names:
         marker["files"][name] = {"size": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
-    (ckpt / "COMPLETE.json").write_text(json.dumps(marker))
+    (ckpt / "COMPLETE.json").write_text(json.dumps(sealed(marker)))
 
 
 def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
