@@ -5,45 +5,89 @@
         [--tgt-len 128] [--mem-len 256] [--clamp-len 400] [--batch-size 1] [--device cuda] [--json]
 
 Fixed-length segments with streaming memory; every token is scored once (the last segment may be shorter).
+With --text, bits per character, per byte and per word divide by exactly the text the scored tokens encode
+(cut by --max-tokens, and by the at most batch-size - 1 tokens that do not fill the streams evenly). The
+tokenizer must be the model's (vocabulary size, and the fingerprint its export recorded); a model directory
+without tokenizer/ needs --tokenizer, or --tokens.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
+import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lamemo_parallel import LaMemoModel
 from lamemo_parallel.inference import evaluate_tokens
 from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
+from pretrain.cli.model_inputs import load_model
 
 
 progress_bar = functools.partial(tqdm, desc="evaluate", unit="segment")
 
 
-def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, int | None]:
-    """The token ids to score and, when known, the number of characters they encode (for bpc)."""
-    from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
-    tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
+class EncodedText:
+    """A text file's token ids (each line's ids, then one ``<eos>`` standing for its line ending) and which
+    text any prefix of them encodes, so that per-character, per-byte and per-word figures divide by exactly
+    the text that was scored (``--max-tokens`` and the batch's uneven tail cut it short). A last line without
+    a line ending gets no ``<eos>``: the text of any prefix of the ids encodes to that same prefix."""
+
+    def __init__(self, text: str, tokenizer):
+        self.tokenizer = tokenizer
+        self.lines = text.splitlines(keepends=True)
+        self.line_ids = [self._line(line) for line in self.lines]
+        self.ends = list(itertools.accumulate(len(ids) for ids in self.line_ids))
+
+    def _line(self, line: str) -> list[int]:
+        content = line.splitlines()[0] if line.splitlines() else ""
+        ids = self.tokenizer.encode(content)
+        if ids and ids[-1] == self.tokenizer.eos_id:
+            ids.pop()                                 # the word tokenizer ends every line with <eos> itself
+        return ids + [self.tokenizer.eos_id] if len(content) < len(line) else ids
+
+    def ids(self) -> torch.Tensor:
+        return torch.tensor([i for ids in self.line_ids for i in ids], dtype=torch.long)
+
+    def text_of(self, n_tokens: int) -> str:
+        """The text the first ``n_tokens`` ids encode: whole lines, then the decoded start of a cut line."""
+        whole = bisect.bisect_right(self.ends, n_tokens)
+        start = self.ends[whole - 1] if whole else 0
+        cut = self.line_ids[whole][:n_tokens - start] if whole < len(self.lines) and n_tokens > start else []
+        return "".join(self.lines[:whole]) + (self.tokenizer.decode(cut) if cut else "")
+
+
+def load_eval_tokens(args, model_dir: Path, vocab_size: int) -> tuple[torch.Tensor, EncodedText | None]:
+    """The token ids to score and, for --text, what text each prefix of them encodes."""
+    from .model_inputs import check_token_file, model_tokenizer
     if args.tokens:
         from pretrain.data.indexed import load_tokens
-        # With the model's tokenizer at hand, a token file made with another one (same vocabulary size or not)
-        # is refused by its fingerprint instead of being scored as nonsense.
-        tokenizer = load_tokenizer(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
-        tokens = torch.from_numpy(load_tokens(args.tokens, tokenizer=tokenizer).astype("int64"))
-        return tokens, None
-    tokenizer = load_tokenizer(tokenizer_dir)
-    check_vocab_matches(tokenizer, vocab_size)
-    text = Path(args.text).read_text(encoding="utf-8")
-    ids = []
-    for line in text.splitlines():
-        ids.extend(tokenizer.encode(line))
-        ids.append(tokenizer.eos_id)
-    return torch.tensor(ids, dtype=torch.long), len(text)
+        has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
+        tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size) if has_tokenizer else None
+        check_token_file(args.tokens, model_dir, tokenizer)
+        return torch.from_numpy(load_tokens(args.tokens).astype("int64")), None
+    tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size,
+                                alternative=", or score a preprocessed token file with --tokens")
+    encoded = EncodedText(Path(args.text).read_text(encoding="utf-8"), tokenizer)
+    return encoded.ids(), encoded
+
+
+def text_metrics(result, encoded: EncodedText) -> dict:
+    """Bits per character / byte / word of the text the scored ids encode: the first ``n_tokens + 1`` ids
+    (every scored id is a target; the first input is the context of the first target)."""
+    text = encoded.text_of(result.n_tokens + 1)
+    bits = result.nll_sum / math.log(2)
+    metrics = {"characters": len(text), "bits_per_character": bits / max(len(text), 1),
+               "bits_per_byte": bits / max(len(text.encode("utf-8")), 1)}
+    words = len(text.split())
+    if words:
+        metrics["bits_per_word"] = bits / words
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:
-        model = LaMemoModel.from_pretrained(args.model, device=args.device)
-        tokens, n_chars = load_eval_tokens(args, model.config.vocab_size)
+        model = load_model(args.model, device=args.device)
+        tokens, encoded = load_eval_tokens(args, Path(args.model), model.config.vocab_size)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -91,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"tokens": result.n_tokens, "loss": result.loss, "perplexity": result.perplexity,
               "bits_per_token": result.bits_per_token, "tgt_len": tgt_len, "mem_len": mem_len,
               "clamp_len": model.config.clamp_len}
-    if n_chars:
-        report["bits_per_character"] = result.bits_per_character(n_chars)
+    if encoded is not None:
+        report.update(text_metrics(result, encoded))
     if args.json:
         print(json.dumps(report))
     else:
