@@ -26,6 +26,7 @@ import torch
 
 from lamemo_parallel import LaMemoConfig
 
+from .. import faults
 from .format import SELF_HASH, CheckpointError, complete_checkpoints, validate
 from .shards import ShardReader
 
@@ -180,6 +181,21 @@ def verify_export(out: Path, reader: ShardReader) -> None:
         raise CheckpointError(f"export {out} does not hold the model's tensors")
 
 
+def _copy_or_raise(src: str, dst: str) -> None:
+    try:
+        shutil.copy2(src, dst)
+    except OSError as err:
+        raise _CopyFailed(err) from None
+
+
+class _CopyFailed(Exception):
+    """An OSError inside copytree, carried out of it unwrapped (copytree collects OSErrors only)."""
+
+    def __init__(self, err: OSError):
+        super().__init__(str(err))
+        self.err = err
+
+
 def tokenizer_record(ckpt: Path) -> dict:
     """The checkpoint's tokenizer as export.json records it (what the tools check a tokenizer against)."""
     from ..data.errors import DataError
@@ -216,15 +232,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         staging = staging_dir(out)
         write_streaming_safetensors(staging / WEIGHTS_NAME, reader.names,
                                     {n: list(e.shape) for n, e in reader.table.items()}, dtype, reader.full, info)
+        faults.kill_during_export("weights")
         if (ckpt / "tokenizer").is_dir():
-            shutil.copytree(ckpt / "tokenizer", staging / "tokenizer")
+            # file by file: copytree gathers its failures into one shutil.Error whose text is a list
+            shutil.copytree(ckpt / "tokenizer", staging / "tokenizer", copy_function=_copy_or_raise)
         names = sorted({p.name for p in staging.iterdir()} | {EXPORT_META, CONFIG_NAME})
         (staging / EXPORT_META).write_text(json.dumps({**record, "files": names}, indent=2) + "\n")
         verify_export(staging, reader)
+        faults.kill_during_export("record")
         reader.config.save(staging / CONFIG_NAME)        # last: a staging directory without it never loads
+        faults.kill_during_export("staged")
         put_in_place(staging, out)
-    except OSError as err:
-        where = err.filename or (staging or out)
+        faults.kill_during_export("swapped")
+    except (OSError, _CopyFailed) as failure:
+        err = failure.err if isinstance(failure, _CopyFailed) else failure
+        where = err.filename2 or err.filename or (staging or out)
         raise CheckpointError(f"cannot write the export to {out}: {where}: {err.strerror or err}; {out} was left "
                               f"as it was") from None
     finally:
