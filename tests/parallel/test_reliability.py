@@ -244,6 +244,9 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     other_data = launch(1, [*base, f"data.train={tmp_path / 'other'}", "run.steps=5"])
     line = one_error(other_data)
     assert other_data.returncode == 2 and "data.train" in line and "run.data_changed=restart_streams" in line
+    # under the project's launcher that line is the only one (no ChildFailedError report, no summary)
+    assert [x for x in other_data.stderr.splitlines() if x.startswith("error:")] == [line]
+    assert "ChildFailedError" not in other_data.stderr
     assert "step 1/" not in other_data.stdout and "step 5/" not in other_data.stdout
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     restarted = launch(1, [*base, f"data.train={tmp_path / 'other'}", "run.steps=5",
