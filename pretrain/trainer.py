@@ -21,8 +21,8 @@ from .config import TrainConfig
 from .distributed import init_distributed
 from .layout import Layout, resolve_layout
 from .run_errors import RunFailed, StopSignal, failure, newest_checkpoint_note
-from .startup import (USER_ERRORS, checked, claim_run_dir, init_model_parallel, log, resolve_device,
-                      set_cpu_threads)
+from .startup import (USER_ERRORS, checked, claim_run_dir, init_model_parallel, log, replace_previous_run,
+                      resolve_device, set_cpu_threads)
 
 
 def run(config: TrainConfig) -> Path:
@@ -126,9 +126,7 @@ class Trainer:
         """Data, resume point, engine (and the checkpoint loaded into it), metrics, tracking, throughput."""
         self.check_inputs()
         self.build_engine()
-        # Only an accepted start is recorded: a refused one (data, model, settings) leaves the run directory as
-        # it was.
-        checked(lambda: self.config.save(self.run_dir / "config.yaml") if self.rank == 0 else None)
+        checked(self.record_start)
         if self.rank == 0:
             from .run_lock import rewind_metrics
             rewound = rewind_metrics(self.run_dir, self.start_step)
@@ -159,6 +157,14 @@ class Trainer:
         self.restart_streams = self.resume_from is not None and checked(check_data_on_resume, self.resume_from,
                                                                         config, log=log)
         self.stop = StopSignal()
+
+    def record_start(self) -> None:
+        """Rank 0, once every start-up check has passed: the previous run moved aside (run.overwrite) and
+        config.yaml written. Only an accepted start changes the run directory; a refused one (data, model,
+        settings) leaves it as it was."""
+        if self.rank == 0:
+            replace_previous_run(self.config, self.run_dir)
+            self.config.save(self.run_dir / "config.yaml")
 
     def build_engine(self) -> None:
         """The engine for the layout; on resume, the checkpoint loaded into it and changed settings applied."""

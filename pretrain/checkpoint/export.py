@@ -27,6 +27,7 @@ import torch
 from lamemo_parallel import LaMemoConfig
 
 from .. import faults
+from ..run_lock import _alive as pid_alive      # the run lock's liveness test of a pid
 from .format import SELF_HASH, CheckpointError, complete_checkpoints, validate
 from .shards import ShardReader
 
@@ -87,23 +88,13 @@ def check_output(out: Path, overwrite: bool) -> None:
                               f"choose a new or empty directory")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def staging_dir(out: Path) -> Path:
     """A fresh hidden directory beside ``out`` (same file system, so the final rename is atomic); staging
     directories of earlier exports to ``out`` whose process is gone are removed first."""
     prefix = f".{out.name}.export-"
     for old in out.parent.glob(prefix + "*"):
         pid = old.name[len(prefix):]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     staging = out.parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -257,6 +257,12 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     # run.resume=never in a used directory: refused; with run.overwrite=true the old run is moved aside whole
     refused = launch(1, [*base, "run.resume=never"])
     assert refused.returncode == 2 and "run.overwrite=true" in one_error(refused)
+    # ... and with run.overwrite=true but a start refused later (here: data.valid missing), nothing is moved
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused_later = launch(1, [*base, "run.resume=never", "run.overwrite=true", f"data.valid={tmp_path / 'none'}"])
+    assert refused_later.returncode == 2 and "data.valid" in one_error(refused_later)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     fresh = launch(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
