@@ -298,7 +298,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise TrainConfigError(f"config file not found: {path}")
+            raise TrainConfigError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as err:

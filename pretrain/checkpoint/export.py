@@ -215,8 +215,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     out = Path(out)
     check_output(out, overwrite)
     info = {"format": "lamemo-v1", "step": str(meta["step"]), "dtype": dtype, "weights": "fp32 master",
-            "training_precision": str(meta["layout"].get("precision")), "checkpoint": str(ckpt)}
-    record = {**info, "checkpoint_manifest_sha256": meta[SELF_HASH], **tokenizer_record(ckpt)}
+            "training_precision": str(meta["layout"].get("precision")), "checkpoint": str(ckpt),
+            "checkpoint_manifest_sha256": meta[SELF_HASH]}      # in the weights' metadata and in export.json
+    record = {**info, **tokenizer_record(ckpt)}
     staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,18 +18,35 @@ from pretrain.data.errors import DataError
 
 def load_model(model_dir: str | Path, device=None) -> LaMemoModel:
     """``LaMemoModel.from_pretrained``; a missing, truncated or damaged file is an OSError / ValueError with
-    one line (lamemo_parallel.model_files)."""
-    return LaMemoModel.from_pretrained(model_dir, device=device)
+    one line (lamemo_parallel.model_files). For an export, the weights and export.json must name the same
+    source checkpoint (its manifest hash is in both)."""
+    from safetensors import safe_open
+
+    from lamemo_parallel.model_files import WEIGHTS_NAME, ModelFileError
+    model = LaMemoModel.from_pretrained(model_dir, device=device)
+    recorded = export_record(model_dir, "checkpoint_manifest_sha256")
+    if recorded is not None:
+        with safe_open(str(Path(model_dir) / WEIGHTS_NAME), framework="pt") as f:
+            in_weights = (f.metadata() or {}).get("checkpoint_manifest_sha256")
+        if in_weights != recorded:
+            raise ModelFileError(f"{model_dir}: {WEIGHTS_NAME} and export.json come from different checkpoints "
+                                 f"(manifest {str(in_weights)[:12]} against {recorded[:12]}); export it again")
+    return model
 
 
-def recorded_fingerprint(model_dir: str | Path) -> str | None:
-    """The tokenizer fingerprint the export recorded (None for a model directory without one)."""
+def export_record(model_dir: str | Path, key: str) -> str | None:
+    """One string field of the model directory's export.json (None without the file or the field)."""
     try:
         info = json.loads((Path(model_dir) / "export.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    value = info.get("tokenizer_fingerprint") if isinstance(info, dict) else None
+    value = info.get(key) if isinstance(info, dict) else None
     return value if isinstance(value, str) else None
+
+
+def recorded_fingerprint(model_dir: str | Path) -> str | None:
+    """The tokenizer fingerprint the export recorded (None for a model directory without one)."""
+    return export_record(model_dir, "tokenizer_fingerprint")
 
 
 def model_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None, vocab_size: int, *,

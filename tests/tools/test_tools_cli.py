@@ -153,6 +153,9 @@ def _damage(model_dir, how):
     elif how == "no tokenizer":
         import shutil
         shutil.rmtree(model_dir / "tokenizer")
+    elif how == "mixed export":
+        # weights of one export, export.json of another (what a non-atomic --force could leave)
+        (model_dir / "export.json").write_text(json.dumps({"checkpoint_manifest_sha256": "1" * 64}))
     elif how == "foreign tokenizer":
         # the export recorded another tokenizer than the one now in tokenizer/ (same vocabulary size)
         (model_dir / "export.json").write_text(json.dumps({"tokenizer_fingerprint": "0" * 64}))
@@ -162,6 +165,7 @@ def _damage(model_dir, how):
                                        ("corrupted header", "truncated or damaged"),
                                        ("integer dtype", "not floating point"),
                                        ("no tokenizer", "has no tokenizer/"),
+                                       ("mixed export", "come from different checkpoints"),
                                        ("foreign tokenizer", "is not the one")])
 def test_every_tool_that_loads_a_model_refuses_damage_in_one_line(tmp_path, capsys, how, named):
     """evaluate, generate and the attention tool given a damaged model file or a tokenizer that does not belong
