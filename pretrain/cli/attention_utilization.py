@@ -163,10 +163,10 @@ def _add_lookahead(result: Utilization, layer: int, probs: torch.Tensor, window:
 def load_token_ids(args, model_dir: Path, vocab_size: int) -> torch.Tensor:
     if args.tokens:
         from pretrain.data.indexed import load_tokens          # lazily: only this input needs it
-        check_token_file(args.tokens, model_dir,
-                         model_tokenizer(model_dir, args.tokenizer, vocab_size)
-                         if args.tokenizer or (model_dir / "tokenizer").is_dir() else None)
-        ids = np.asarray(load_tokens(args.tokens))
+        check_token_file(args.tokens, model_dir)
+        has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
+        ids = np.asarray(load_tokens(args.tokens, tokenizer=model_tokenizer(model_dir, args.tokenizer, vocab_size)
+                                     if has_tokenizer else None))
     elif args.ids:
         try:
             ids = np.load(args.ids, allow_pickle=False)

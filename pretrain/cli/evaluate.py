@@ -69,8 +69,8 @@ def load_eval_tokens(args, model_dir: Path, vocab_size: int) -> tuple[torch.Tens
         from pretrain.data.indexed import load_tokens
         has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
         tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size) if has_tokenizer else None
-        check_token_file(args.tokens, model_dir, tokenizer)
-        return torch.from_numpy(load_tokens(args.tokens).astype("int64")), None
+        check_token_file(args.tokens, model_dir)
+        return torch.from_numpy(load_tokens(args.tokens, tokenizer=tokenizer).astype("int64")), None
     tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size,
                                 alternative=", or score a preprocessed token file with --tokens")
     encoded = EncodedText(Path(args.text).read_text(encoding="utf-8"), tokenizer)

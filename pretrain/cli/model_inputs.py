@@ -67,12 +67,11 @@ def model_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None, voc
     return tokenizer
 
 
-def check_token_file(prefix: str | Path, model_dir: str | Path, tokenizer=None) -> None:
-    """A token file made with another tokenizer than the model's is refused (by the given tokenizer's
-    fingerprint, else by the one the export recorded)."""
+def check_token_file(prefix: str | Path, model_dir: str | Path) -> None:
+    """Without a tokenizer at hand, a token file made with another tokenizer than the one the export recorded
+    is refused (with one, ``load_tokens(prefix, tokenizer=...)`` checks it)."""
     from pretrain.data.indexed import read_meta
-    expected = tokenizer.fingerprint() if tokenizer is not None else recorded_fingerprint(model_dir)
-    made_with = read_meta(prefix)["tokenizer_fingerprint"]
+    expected, made_with = recorded_fingerprint(model_dir), read_meta(prefix)["tokenizer_fingerprint"]
     if expected is not None and made_with != expected:
-        raise DataError(f"{prefix} was tokenized with another tokenizer than {model_dir}'s (fingerprint "
-                        f"{made_with[:12]}, the model's {expected[:12]})")
+        raise DataError(f"{prefix} was tokenized with a different tokenizer than the one {model_dir} was exported "
+                        f"with (fingerprint {made_with[:12]}, export.json records {expected[:12]})")

@@ -188,3 +188,8 @@ def test_every_tool_that_loads_a_model_refuses_damage_in_one_line(tmp_path, caps
         assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
     if how == "no tokenizer":
         _evaluate(capsys, model_dir, "--tokens", tmp_path / "tok", "--max-tokens", 20)
+        # a token file of another tokenizer than the one the export recorded: refused without a tokenizer too
+        (model_dir / "export.json").write_text(json.dumps({"tokenizer_fingerprint": "0" * 64}))
+        assert evaluate.main([str(model_dir), "--tokens", str(tmp_path / "tok")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "tokenized with a different tokenizer" in err
