@@ -6,6 +6,7 @@ Every optimizer step appends one JSON object to ``<run.dir>/metrics.jsonl`` (thr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -36,11 +37,15 @@ def run(config: TrainConfig) -> Path:
     layout = resolve_layout(config, world, cuda=device.type == "cuda")
     run_dir = Path(config.run.dir)
     lock = RunLock(run_dir)          # held by global rank 0 for the trainer's life (pretrain/run_lock.py)
+    created = rank == 0 and not run_dir.exists()
     try:
         checked(lambda: claim_run_dir(config, run_dir, lock) if rank == 0 else None)
         return Trainer(config, device, rank, world, layout, run_dir).run()
     finally:
         lock.release()
+        if created:                  # a start refused before writing anything leaves no directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()      # only ever removes an empty directory
 
 
 def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int = 0) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .errors import CheckpointError
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
 TRAINER_META = "trainer.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3                 # 3: COMPLETE.json carries its own sha256 and the data's identity
 SELF_HASH = "manifest_sha256"
 
 
@@ -104,6 +104,10 @@ def read_marker(ckpt: Path) -> dict:
                                     and isinstance(v.get("sha256"), str) for v in files.values()):
         raise CheckpointError(f"checkpoint {ckpt}: {MARKER} is damaged (it needs 'step' and 'files' with the size "
                               f"and sha256 of every file; format {FORMAT_VERSION})")
+    if SELF_HASH not in meta and meta.get("format") == 2:
+        raise CheckpointError(f"checkpoint {ckpt} was written by an older version (format 2: no {SELF_HASH}, so "
+                              f"an edit of {MARKER} cannot be told from the original); resume or export it with "
+                              f"that version")
     if meta.get(SELF_HASH) != manifest_hash(meta):
         raise CheckpointError(f"checkpoint {ckpt}: {MARKER} was edited or damaged (its content does not match its "
                               f"{SELF_HASH}" + ("" if SELF_HASH in meta else ": none recorded") + ")")

@@ -130,8 +130,12 @@ def test_an_edited_manifest_is_a_damaged_one(tmp_path):
         (tmp_path / "COMPLETE.json").write_text(json.dumps({**marker, key: value}))
         with pytest.raises(CheckpointError, match="COMPLETE.json was edited or damaged"):
             read_marker(tmp_path)
-    (tmp_path / "COMPLETE.json").write_text(json.dumps({k: v for k, v in marker.items() if k != SELF_HASH}))
+    unsealed = {k: v for k, v in marker.items() if k != SELF_HASH}
+    (tmp_path / "COMPLETE.json").write_text(json.dumps(unsealed))
     with pytest.raises(CheckpointError, match="none recorded"):
+        read_marker(tmp_path)
+    (tmp_path / "COMPLETE.json").write_text(json.dumps({"format": 2, **unsealed}))   # before the self-hash
+    with pytest.raises(CheckpointError, match="older version"):
         read_marker(tmp_path)
 
 

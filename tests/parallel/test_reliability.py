@@ -263,6 +263,9 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     assert refused_later.returncode == 2 and "data.valid" in one_error(refused_later)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    # a refused first start in a new directory leaves no directory behind
+    new_dir = launch(1, [*base_overrides(corpus, tmp_path / "new"), f"data.valid={tmp_path / 'none'}"])
+    assert new_dir.returncode == 2 and "data.valid" in one_error(new_dir) and not (tmp_path / "new").exists()
     fresh = launch(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
