@@ -189,6 +189,14 @@ class RunSection:
     memory_check: bool = True
     """Refuse at start-up a layout whose estimated memory per rank exceeds what the device has
     (pretrain/preflight.py documents the estimate)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """``[first, last]``: record optimizer steps first..last (inclusive) with torch.profiler on every rank into
+    ``run.dir/profile/rank<R>/`` (chrome traces for Perfetto / TensorBoard; a CUDA memory snapshot on GPU);
+    ``[]``: off (docs/tracking.md)."""
+    loggers: list[str] = field(default_factory=lambda: ["mlflow"])
+    """Where rank 0 sends metrics.jsonl's scalars and the resolved config: any of mlflow, tensorboard (event files
+    in run.dir/tensorboard/, needs the [tensorboard] extra), wandb (files in run.dir, needs the [wandb] extra;
+    WANDB_MODE / WANDB_PROJECT as usual). ``run.mlflow: false`` takes mlflow out of the list."""
     data_changed: str = "refuse"
     """What resuming does when data.train / data.valid differ from the checkpoint's data (sha256, tokenizer,
     size; pretrain/data/identity.py): ``refuse`` (stop before step 1, naming the data), or
@@ -221,6 +229,7 @@ class TrainConfig:
 
 
 SECTIONS = "model, data, optim, parallel, run"
+LOGGERS = ("mlflow", "tensorboard", "wandb")     # run.loggers (pretrain/tracking)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -403,5 +412,11 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TrainConfigError(message)
+    if r.profile_steps and not (len(r.profile_steps) == 2 and 1 <= r.profile_steps[0] <= r.profile_steps[1]):
+        raise TrainConfigError(f"run.profile_steps must be [] (off) or [first, last] with 1 <= first <= last, got "
+                               f"{list(r.profile_steps)}")
+    unknown = [name for name in r.loggers if name not in LOGGERS]
+    if unknown or len(set(r.loggers)) != len(r.loggers):
+        raise TrainConfigError(f"run.loggers must name each of {', '.join(LOGGERS)} at most once, got {list(r.loggers)}")
     if p.pipeline_partition is not None and any(n < 1 for n in p.pipeline_partition):
         raise TrainConfigError(f"parallel.pipeline_partition entries must be >= 1, got {p.pipeline_partition}")

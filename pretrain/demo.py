@@ -17,6 +17,8 @@ import functools
 import sys
 from pathlib import Path
 
+from .progress import progress
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
-    from tqdm import tqdm
 
     from lamemo_parallel import LaMemoModel
     from lamemo_parallel.inference import evaluate_tokens
@@ -74,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint.export import export_checkpoint
     from .data.indexed import load_tokens
     export = run_dir / "export"
-    export_checkpoint(run_dir, export, overwrite=True)       # the newest checkpoint -> single-device format
+    export_checkpoint(run_dir, export, overwrite=True, show_progress=True)       # the newest checkpoint -> single-device format
     print(f"[demo] exported the newest checkpoint of {run_dir} to {export}", flush=True)
     model = LaMemoModel.from_pretrained(export)
     tokens = torch.from_numpy(load_tokens(data_dir / "test").astype("int64"))[:20001]
     result = evaluate_tokens(model, tokens, tgt_len=config.data.tgt_len, mem_len=config.data.mem_len,
-                             progress=functools.partial(tqdm, desc="evaluate", unit="segment"))
+                             progress=functools.partial(progress, desc="evaluate", unit="segment"))
     print(f"[demo] exported model {export}: test loss {result.loss:.4f} nats/token, perplexity "
           f"{result.perplexity:.2f} over {result.n_tokens} tokens", flush=True)
     print(f"[demo] metrics: {run_dir / 'metrics.jsonl'}; sample with: python tools/generate.py {export} "

@@ -176,3 +176,18 @@ def rewind_metrics(run_dir: Path, start_step: int) -> int:
     tmp.write_text("".join(keep), encoding="utf-8")
     os.replace(tmp, path)
     return len(dropped)
+
+
+def lock_holder(run_dir: str | Path) -> tuple[dict, str | None] | None:
+    """Who holds ``run_dir``'s lock, as recorded (host, pid, since, command), and why that holder is dead (None:
+    it may be alive, by the rules :class:`RunLock` takes a lock over with); None when the directory is not locked.
+    Read-only: for ``lamemo-status``."""
+    lock = RunLock(run_dir)
+    try:
+        holder = json.loads(lock.path.read_text() or "{}")
+        return (holder, lock._stale_reason(holder)) if isinstance(holder, dict) and holder else \
+            ({}, "the lock file is unreadable")
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return {}, "the lock file is unreadable"

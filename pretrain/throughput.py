@@ -41,6 +41,8 @@ import torch
 
 from lamemo_parallel.flops import StepShape, training_flops
 
+from .durations import format_duration  # noqa: F401  (re-exported: callers import it from here)
+
 GIB = float(1 << 30)
 
 #: Dense (no sparsity) peak TFLOP/s of one device by name fragment, for (bf16/fp16 tensor cores, fp32).
@@ -238,16 +240,6 @@ def _si(value: float) -> str:
         if abs(value) >= factor:
             return f"{value / factor:.1f}{suffix}"
     return f"{value:.0f}"
-
-
-def format_duration(seconds: float) -> str:
-    """12:03:04 or 2d 03:04:05."""
-    seconds = int(round(max(seconds, 0.0)))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours:d}:{minutes:02d}:{secs:02d}"
-    return f"{days}d {clock}" if days else clock
 
 
 def _number(value: float) -> str:

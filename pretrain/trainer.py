@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .distributed import init_distributed
 from .layout import Layout, resolve_layout
+from .profiling import StepProfiler
 from .run_errors import RunFailed, StopSignal, failure, newest_checkpoint_note
 from .startup import (USER_ERRORS, checked, claim_run_dir, init_model_parallel, log, replace_previous_run,
                       resolve_device, set_cpu_threads)
@@ -30,7 +31,7 @@ def run(config: TrainConfig) -> Path:
     """The whole run on this rank (every rank calls it): process set-up, the run directory's lock, training."""
     from .deepspeed_import import import_deepspeed
     from .run_lock import RunLock
-    import_deepspeed(tracking=config.run.mlflow)
+    import_deepspeed(tracking=config.run.mlflow and "mlflow" in config.run.loggers)
     device = resolve_device(config)
     set_cpu_threads(device)
     rank, world = init_distributed(device)
@@ -106,7 +107,9 @@ class Trainer:
         status, step = "FINISHED", self.start_step
         try:
             for step in range(self.start_step + 1, self.config.run.steps + 1):
-                if self.step(step):
+                with self.profiler.step(step):          # run.profile_steps (pretrain/profiling.py)
+                    stopping = self.step(step)
+                if stopping:
                     status = "KILLED"
                     return self.run_dir
             self.finish()
@@ -123,6 +126,7 @@ class Trainer:
             status = "FAILED"
             raise failure(err, f"training failed at step {step}", self.rank, self.run_dir) from err
         finally:
+            self.profiler.close()                       # a run that ends inside the window keeps its trace
             self.tracker.finish(status)
         return self.run_dir
 
@@ -141,6 +145,7 @@ class Trainer:
         self.start_tracking()
         self.meter = self.throughput_meter()
         self.guard = self.engine.guard.guard
+        self.profiler = StepProfiler(self.config.run.profile_steps, self.run_dir, self.rank, self.device, log)
 
     def check_inputs(self) -> None:
         """Every rank agrees the data, the memory estimate and the resume point are usable before building."""
@@ -192,10 +197,12 @@ class Trainer:
             raise failure(err, "start-up failed", self.rank, self.run_dir) from err
 
     def start_tracking(self) -> None:
-        from .tracking import Tracker
+        from .tracking import Tracker, resolve_loggers
         config, run_dir = self.config, self.run_dir
-        self.tracker = Tracker(run_dir, run_name=run_dir.name, enabled=self.rank == 0, mlflow=config.run.mlflow,
-                               connect_timeout_s=config.run.mlflow_connect_timeout_s)
+        loggers = resolve_loggers(config.run.loggers, config.run.mlflow)
+        self.tracker = Tracker(run_dir, run_name=run_dir.name, enabled=self.rank == 0, mlflow="mlflow" in loggers,
+                               connect_timeout_s=config.run.mlflow_connect_timeout_s,
+                               loggers=[name for name in loggers if name != "mlflow"])
         self.run_id = checked(self.tracker.start, config.flat(), resume=self.resume_from is not None)
         if self.rank == 0 and self.resume_from is None:
             self.tracker.log_artifact(run_dir / "config.yaml")

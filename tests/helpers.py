@@ -94,6 +94,27 @@ def read_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in lines if "loss" in r]
 
 
+def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value, read back from the event files with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return {tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+            for tag in events.Tags()["tensors"] if not tag.startswith("config")}
+
+
+def jsonl_values(run_dir: Path) -> dict[str, dict[int, float]]:
+    """key -> step -> value of every metric in metrics.jsonl (a later record of the same step wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key not in ("step", "time"):
+                out.setdefault(key, {})[record["step"]] = float(value)
+    return out
+
+
 EVAL_TOKENS, EVAL_STREAMS = 300, 2
 
 

@@ -27,6 +27,7 @@ import torch
 from lamemo_parallel import LaMemoConfig
 
 from .. import faults
+from ..progress import progress
 from ..run_lock import _alive as pid_alive      # the run lock's liveness test of a pid
 from .format import SELF_HASH, CheckpointError, complete_checkpoints, validate
 from .shards import ShardReader
@@ -134,9 +135,10 @@ def put_in_place(staging: Path, out: Path) -> None:
 
 
 def write_streaming_safetensors(path: Path, names: list[str], shapes: dict[str, list[int]], dtype: str,
-                                produce, metadata: dict[str, str]) -> None:
+                                produce, metadata: dict[str, str], show_progress: bool = False) -> None:
     """safetensors without holding the tensors: the header is known up front (shapes, dtype), then
-    ``produce(name)`` gives each tensor in turn and its bytes are appended."""
+    ``produce(name)`` gives each tensor in turn and its bytes are appended (``show_progress``: a progress
+    display per tensor, pretrain.progress)."""
     torch_dtype, code = DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     header, offset = {"__metadata__": metadata}, 0
@@ -149,7 +151,7 @@ def write_streaming_safetensors(path: Path, names: list[str], shapes: dict[str, 
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for name in names:
+        for name in progress(names, desc=f"export {path.name}", unit="tensor", disable=not show_progress):
             tensor = produce(name).to(torch_dtype).contiguous()
             if list(tensor.shape) != list(shapes[name]):
                 raise CheckpointError(f"{name}: merged shape {list(tensor.shape)}, expected {shapes[name]}")
@@ -201,7 +203,7 @@ def tokenizer_record(ckpt: Path) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32",
-                      overwrite: bool = False) -> ExportResult:
+                      overwrite: bool = False, show_progress: bool = False) -> ExportResult:
     """Verify the checkpoint (manifest hash, sizes, sha256, pickle safety), then write model.safetensors (from
     the fp32 masters, cast to ``dtype``), tokenizer/, export.json and config.json into a staging directory
     and move it into place as ``out`` in one rename. Every failure is a :class:`CheckpointError` (one line)
@@ -223,7 +225,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = staging_dir(out)
         write_streaming_safetensors(staging / WEIGHTS_NAME, reader.names,
-                                    {n: list(e.shape) for n, e in reader.table.items()}, dtype, reader.full, info)
+                                    {n: list(e.shape) for n, e in reader.table.items()}, dtype, reader.full, info,
+                                    show_progress)
         faults.kill_during_export("weights")
         if (ckpt / "tokenizer").is_dir():
             # file by file: copytree gathers its failures into one shutil.Error whose text is a list

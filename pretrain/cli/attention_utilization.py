@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lamemo_parallel import LaMemoModel
 from lamemo_parallel.inference import segment_count, segments, split_streams
 from pretrain.cli.model_inputs import check_token_file, load_model, model_tokenizer
+from pretrain.progress import progress
 from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
 
 
@@ -117,7 +117,7 @@ def measure(model: LaMemoModel, tokens: torch.Tensor, *, label: str, tgt_len: in
                          lookahead=[Histogram(lookahead_offset) for _ in range(n_layer)])
     streams = split_streams(tokens, batch_size).to(device)
     memory = None
-    for inputs, targets in tqdm(segments(streams, tgt_len), total=segment_count(streams, tgt_len),
+    for inputs, targets in progress(segments(streams, tgt_len), total=segment_count(streams, tgt_len),
                                 desc=f"attention {label}", unit="segment", disable=not progress, file=sys.stderr):
         out = model(inputs, targets=targets, memory=memory, mem_len=mem_len, return_attention=True)
         memory = out.memory

@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lamemo_parallel.inference import evaluate_tokens
+from pretrain.progress import progress
 from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
 from pretrain.cli.model_inputs import load_model
 
 
-progress_bar = functools.partial(tqdm, desc="evaluate", unit="segment")
+progress_bar = functools.partial(progress, desc="evaluate", unit="segment")
 
 
 class EncodedText:

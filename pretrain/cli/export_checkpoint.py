@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint import CheckpointError
     from pretrain.checkpoint.export import export_checkpoint
     try:
-        result = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.force)
+        result = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.force,
+                                   show_progress=True)
     except (CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

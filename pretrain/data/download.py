@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pretrain.data.errors import DataError
+from pretrain.progress import progress as progress_display
 from pretrain.data.textio import PathLike
 
 SPLITS = ("train", "valid", "test")
@@ -144,8 +145,6 @@ def download(urls: tuple[str, ...], target: Path, sha256: str, *, timeout: float
     Raises:
         DataError: no URL reachable (the message says to use ``--from DIR``), or a checksum mismatch.
     """
-    from tqdm import tqdm
-
     failures: list[str] = []
     part = target.with_name(target.name + ".part")
     for url in urls:
@@ -153,7 +152,7 @@ def download(urls: tuple[str, ...], target: Path, sha256: str, *, timeout: float
             request = urllib.request.Request(url, headers={"User-Agent": "lamemo-pretrain/0.1"})
             with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
+                with progress_display(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
                     for block in iter(lambda: response.read(1 << 20), b""):
                         out.write(block)
                         bar.update(len(block))

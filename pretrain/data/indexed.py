@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.data.errors import DataError
+from pretrain.progress import progress as progress_display
 from pretrain.data.textio import (
     PathLike,
     check_not_empty,
@@ -231,8 +232,6 @@ def preprocess(
     Raises:
         DataError: missing or empty input, undecodable bytes, bad JSON line, unusable tokenizer.
     """
-    from tqdm import tqdm
-
     tokenizer_dir = Path(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     files = expand_inputs(inputs)
@@ -258,7 +257,7 @@ def preprocess(
     num_tokens = num_documents = 0
     builder = None
     total_bytes = sum(p.stat().st_size for p in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {bin_path.name}",
+    bar = progress_display(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {bin_path.name}",
                disable=not progress, file=sys.stderr)
     try:
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)

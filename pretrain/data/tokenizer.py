@@ -45,6 +45,7 @@ from typing import Any
 
 from pretrain.data.errors import DataError
 from pretrain.data.textio import PathLike, decode_utf8, expand_inputs, iter_lines
+from pretrain.progress import progress
 
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
@@ -376,7 +377,7 @@ def _train_sentencepiece(
         try:
             for path in paths:
                 n = 0
-                for line in iter_lines(path):
+                for line in progress(iter_lines(path), desc=f"tokenizer: read {Path(path).name}", unit="line"):
                     n += 1
                     if line:
                         yield line

@@ -24,6 +24,11 @@ retried (bounded), and :meth:`finish` waits at most ``flush_timeout_s``. ``metri
 synchronously and survives any MLflow outage. MLflow's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
 ``MLFLOW_HTTP_REQUEST_TIMEOUT``) decide how long one failed request takes.
 
+Other loggers (``loggers=["tensorboard", "wandb"]``, ``run.loggers``; ``scalar_loggers``) receive the values
+written to ``metrics.jsonl`` and the params, each through its own background queue with the same policy: one
+that cannot start raises :class:`TrackingError` from :meth:`Tracker.start`, later failures warn once and are
+retried.
+
 With ``enabled=False`` (every rank but 0) every method is a no-op.
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .delivery_queue import DeliveryQueue
+from .scalar_loggers import SCALAR_LOGGERS, LoggerStartError
 
 logger = logging.getLogger("pretrain.tracking")     # one logger for the package, as before the split
 
@@ -154,12 +160,13 @@ class Tracker:
         jsonl: False leaves ``metrics.jsonl`` to the caller.
         flush_timeout_s: the longest :meth:`flush` / :meth:`finish` wait for queued records.
         connect_timeout_s: how long :meth:`start` waits for an http(s) server to answer.
+        loggers: other loggers beside MLflow, by name: ``tensorboard``, ``wandb`` (``scalar_loggers``).
     """
 
     def __init__(self, run_dir: str | Path, *, run_name: str, enabled: bool, tracking_uri: str | None = None,
                  experiment: str = "lamemo", mlflow: bool = True, jsonl: bool = True,
                  flush_timeout_s: float = 60.0, connect_timeout_s: float = 15.0, max_pending: int = 10_000,
-                 retry_interval_s: float = 30.0):
+                 retry_interval_s: float = 30.0, loggers: tuple[str, ...] | list[str] = ()):
         self.run_dir = Path(run_dir)
         self.run_name = run_name
         self.enabled = bool(enabled)
@@ -177,8 +184,10 @@ class Tracker:
         self._jsonl = None
         self._started = False
         self._finished = False
-        self._warned = False
         self._queue: DeliveryQueue | None = None      # background delivery to MLflow, from start() on
+        self._others = [SCALAR_LOGGERS[name](self.run_dir, run_name) for name in loggers] if self.enabled else []
+        self._other_queues: list[DeliveryQueue] = []  # one per other logger, from start() on
+        self._warned_receivers: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -206,16 +215,33 @@ class Tracker:
             except Exception as err:   # MlflowException, SQLAlchemy / alembic errors, OSError ...
                 raise TrackingError(f"cannot start the MLflow run at {self.tracking_uri}: "
                                     f"{type(err).__name__}: {err}") from err
+        self._start_others(flatten_params(params), resume)
         if self.use_jsonl:
             self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._started = True
-        if not self.use_mlflow:
-            return None
-        self._queue = DeliveryQueue("MLflow", self.tracking_uri, warn_once=self._warn_once,
-                                    max_pending=self.max_pending, retry_interval_s=self.retry_interval_s,
-                                    thread_name="mlflow-tracker")
-        atexit.register(self._at_exit)
+        if self.use_mlflow:
+            self._queue = DeliveryQueue("MLflow", self.tracking_uri, warn_once=self._warn_once,
+                                        max_pending=self.max_pending, retry_interval_s=self.retry_interval_s,
+                                        thread_name="mlflow-tracker")
+        if self._queue is not None or self._other_queues:
+            atexit.register(self._at_exit)
         return self.run_id
+
+    def _start_others(self, params: dict[str, Any], resume: bool) -> None:
+        """Open every other logger now (a failure is a TrackingError before step 1), then give each its queue."""
+        for other in self._others:
+            try:
+                other.open(params, resume)
+            except LoggerStartError as err:
+                raise TrackingError(str(err)) from None
+            except Exception as err:
+                raise TrackingError(f"cannot start the {other.name} logger at {other.target}: "
+                                    f"{type(err).__name__}: {' '.join(str(err).split())[:500]}") from err
+            logger.info("%s logging to %s", other.name, other.target)
+            self._other_queues.append(DeliveryQueue(
+                other.name, other.target, warn_once=lambda message, name=other.name: self._warn_once(message, name),
+                max_pending=self.max_pending, retry_interval_s=self.retry_interval_s,
+                thread_name=f"{other.name.lower()}-logger"))
 
     def _open_run(self, params: dict[str, Any], resume: bool) -> None:
         from mlflow.tracking import MlflowClient
@@ -303,6 +329,8 @@ class Tracker:
             return
         now = time.time()
         self._write_jsonl(step, now, values)
+        for other, queue in zip(self._others, self._other_queues):     # the same values as metrics.jsonl
+            queue.submit(f"metrics at step {step}", lambda other=other: other.log(int(step), values, now))
         if not self.use_mlflow:
             return
         from mlflow.entities import Metric
@@ -368,6 +396,13 @@ class Tracker:
                                "(metrics.jsonl in %s has every metric)", self.tracking_uri, lost,
                                self.flush_timeout_s, self.run_dir)
             self._queue.stop()
+        for other, queue in zip(self._others, self._other_queues):
+            queue.submit(f"status {status}", lambda other=other: other.close(status))
+            if not queue.flush(self.flush_timeout_s):
+                logger.warning("%s at %s did not take %d queued record(s) within %.0f s; they are lost "
+                               "(metrics.jsonl in %s has every metric)", other.name, other.target,
+                               queue.outstanding, self.flush_timeout_s, self.run_dir)
+            queue.stop()
         self._finished = True
         if self._jsonl is not None:
             self._jsonl.close()
@@ -386,15 +421,17 @@ class Tracker:
             self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
     def _at_exit(self) -> None:
-        if self.active and self._queue is not None:
-            self.flush(min(self.flush_timeout_s, 10.0))
+        if not self.active:
+            return
+        for queue in ([self._queue] if self._queue is not None else []) + self._other_queues:
+            queue.flush(min(self.flush_timeout_s, 10.0))
 
     # ------------------------------------------------------------------ background delivery (delivery_queue)
     def _submit(self, what: str, op: Callable[[], Any]) -> None:
         self._queue.submit(what, op)
 
-    def _warn_once(self, message: str) -> None:
-        if not self._warned:
-            self._warned = True
-            logger.warning("%s; training continues (MLflow records may be incomplete; metrics.jsonl is not)",
-                           message)
+    def _warn_once(self, message: str, receiver: str = "MLflow") -> None:
+        if receiver not in self._warned_receivers:
+            self._warned_receivers.add(receiver)
+            logger.warning("%s; training continues (%s records may be incomplete; metrics.jsonl is not)",
+                           message, receiver)

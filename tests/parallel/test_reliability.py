@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import torch
 from helpers import ROOT, TINY_CONFIG, base_overrides, free_port, subprocess_env
 
 from lamemo_parallel import LaMemoModel
+from pretrain.cli.status import render, run_status
 from pretrain.config import TrainConfigError, load_config
 
 
@@ -184,6 +186,10 @@ def test_divergence_stops_cleanly_and_keeps_the_checkpoint_before_it(corpus, tmp
     assert steps == [1, 2, 3, 4]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped_steps", 0) for r in records] == [0, 1, 2, 3]
+    status = run_status(run_dir)          # lamemo-status names the quarantined checkpoint
+    assert status["state"] == "diverged" and status["checkpoints"]["quarantined"] == ["step_00000001"]
+    assert status["step"] == 4 and status["export"] is None and status["lock"] is None
+    assert "quarantined checkpoints/diverged/: step_00000001" in render(status)
 
 
 @pytest.mark.slow
@@ -231,6 +237,9 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     unreachable = launch(1, [*base, "run.mlflow=true", "run.mlflow_connect_timeout_s=2"],
                          env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 2 and "is not reachable" in one_error(unreachable)
+    # a logger that cannot start (W&B refuses its settings): one line before step 1, nothing changed
+    no_wandb = launch(1, [*base, "run.loggers=[wandb]"], env_extra={"WANDB_MODE": "bogus"})
+    assert no_wandb.returncode == 2 and "cannot start the W&B run" in one_error(no_wandb)
     assert metric_steps(run_dir) == [1, 2, 3, 4] and (run_dir / "checkpoints" / "step_00000004").is_dir()
     # other data of the same size and tokenizer: refused before step 1 by name, and the refused start changes
     # nothing in the run directory (config, metrics, lock, checkpoints); run.data_changed=restart_streams
@@ -289,6 +298,10 @@ def test_second_trainer_is_refused_and_sigterm_under_the_launcher_exits_zero(cor
         second = launch(1, args)
         assert second.returncode == 2
         assert "is in use by another trainer" in one_error(second)
+        running = run_status(run_dir)        # lamemo-status: the live trainer (rank 0) holds the lock
+        assert running["state"] == "running" and running["lock"]["host"] == socket.gethostname()
+        assert running["lock"]["pid"] != job.pid and running["total_steps"] == 100000 and running["step"] >= 1
+        assert f"[running: pid {running['lock']['pid']} on" in render(running)
         job.send_signal(signal.SIGTERM)
         out, err = job.communicate(timeout=180)
     finally:
@@ -299,3 +312,6 @@ def test_second_trainer_is_refused_and_sigterm_under_the_launcher_exits_zero(cor
     assert not (run_dir / "run.lock").exists()
     newest = sorted((run_dir / "checkpoints").iterdir())[-1]
     assert int(newest.name.split("_")[1]) == metric_steps(run_dir)[-1]
+    stopped = run_status(run_dir)
+    assert stopped["state"] == "stopped" and stopped["lock"] is None
+    assert stopped["checkpoints"]["newest"]["step"] == stopped["step"] == metric_steps(run_dir)[-1]

@@ -3,6 +3,7 @@
 a store that goes away never stops training."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -23,13 +24,15 @@ from pretrain.throughput import ThroughputMeter, format_console_line
 from pretrain.tracking import (
     METRICS_FILE,
     RUN_ID_FILE,
+    TENSORBOARD_DIR,
+    WANDB_RUN_ID_FILE,
     Tracker,
     TrackingError,
     embedded_tracking_uri,
     flatten_params,
 )
 
-from helpers import free_port
+from helpers import free_port, jsonl_values, subprocess_env, tensorboard_scalars
 
 PARAMS = {"model.variant": 3, "model.d_model": 16, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999),
           "data.eval_mem_len": None, "run.dir": "ignored"}
@@ -355,3 +358,91 @@ def test_server_going_away_does_not_stop_training(tmp_path, monkeypatch, mlflow_
     assert time.monotonic() - started < 20
     assert sum("failed" in r.getMessage() for r in caplog.records) == 1
     assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 3
+
+
+# ---------------------------------------------------------------------------------------------- other loggers
+@pytest.mark.slow
+def test_tensorboard_and_wandb_get_exactly_what_metrics_jsonl_gets(tmp_path, monkeypatch):
+    """run.loggers=[tensorboard, wandb] (no MLflow): every scalar of metrics.jsonl, at the same step, with the same
+    value (float64 event tensors), read back with EventAccumulator; the params as hparams; W&B in offline mode
+    writes an offline run with the config and the last values."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, run_name="tiny", enabled=True, mlflow=False, loggers=["tensorboard", "wandb"])
+    tracker.start(PARAMS, resume=False)
+    tiny_run(tracker, run_dir)
+    tracker.log_metrics(4, {"data/tokens/wiki": 1024})    # any key the trainer adds reaches every logger
+    tracker.finish("FINISHED")
+    expected = jsonl_values(run_dir)
+    assert expected["loss"].keys() == {1, 2, 3, 4} and "data/tokens/wiki" in expected
+    assert tensorboard_scalars(run_dir) == expected               # every tag, step and value, exactly
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    events.Reload()
+    hparams = [t for t in events.summary_metadata if t.startswith("_hparams_")]
+    assert hparams and "config" in "".join(events.Tags()["tensors"])
+
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    assert (run_dir / WANDB_RUN_ID_FILE).read_text().strip() in offline[0].name
+    # The run log is wandb's binary record stream (protobuf, read by `wandb sync`); its records hold keys and JSON
+    # values as text: the config's keys and every logged loss are in it.
+    log = next(offline[0].glob("run-*.wandb")).read_bytes()
+    assert b"model.d_model" in log and b"optim.betas" in log
+    assert all(json.dumps(expected["loss"][s]).encode() in log for s in (1, 2, 3, 4))
+
+    # a resumed job continues the same W&B run (its id kept in the run directory)
+    run_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
+    resumed = Tracker(run_dir, run_name="tiny", enabled=True, mlflow=False, loggers=["wandb"])
+    resumed.start(PARAMS, resume=True)
+    resumed.log_metrics(5, {"loss": 0.5})
+    resumed.finish("FINISHED")
+    assert (run_dir / WANDB_RUN_ID_FILE).read_text().strip() == run_id
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")) == [run_id, run_id]
+
+
+def test_a_logger_that_cannot_start_is_one_error_and_one_that_fails_later_is_retried(tmp_path, monkeypatch,
+                                                                                      caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)             # not installed
+    tracker = Tracker(tmp_path / "a", run_name="x", enabled=True, mlflow=False, loggers=["wandb"])
+    with pytest.raises(TrackingError, match=r"run.loggers has wandb but it cannot be imported.*\[wandb\]"):
+        tracker.start(PARAMS)
+
+    from pretrain.tracking.scalar_loggers import TensorBoardLogger
+    real_log, calls = TensorBoardLogger.log, []
+
+    def flaky(self, step, values, walltime):
+        calls.append(step)
+        if len(calls) <= 2:
+            raise OSError("disk quota exceeded")
+        real_log(self, step, values, walltime)
+
+    monkeypatch.setattr(TensorBoardLogger, "log", flaky)
+    run_dir = tmp_path / "b"
+    tracker = Tracker(run_dir, run_name="x", enabled=True, mlflow=False, loggers=["tensorboard"],
+                      retry_interval_s=0.05)
+    tracker.start(PARAMS)
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking"):
+        for step in range(1, 6):
+            tracker.log_metrics(step, {"loss": 1.0 / step})       # never raises, never blocks
+        tracker.finish("FINISHED")
+    warnings = [r.getMessage() for r in caplog.records if "disk quota" in r.getMessage()]
+    assert len(warnings) == 1 and "training continues (TensorBoard records" in warnings[0]
+    assert calls[:3] == [1, 1, 1] and sorted(set(calls)) == [1, 2, 3, 4, 5]   # the failed head retried in order
+    assert tensorboard_scalars(run_dir)["loss"] == {s: 1.0 / s for s in range(1, 6)}
+
+
+def test_training_without_the_extra_loggers_never_imports_them(tmp_path):
+    """The default loggers (MLflow, or none) never load tensorboard or wandb: the trainer's modules and a tracker
+    that starts, logs and finishes, in a fresh interpreter."""
+    probe = ("import sys\nimport pretrain.trainer\nfrom pretrain.tracking import Tracker\n"
+             "t = Tracker(sys.argv[1], run_name='x', enabled=True, mlflow=False)\nt.start({'a': 1})\n"
+             "t.log_metrics(1, {'loss': 1.0})\nt.finish()\n"
+             "loaded = [m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules]\n"
+             "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / METRICS_FILE).read_text().count('"loss": 1.0') == 1
