@@ -9,7 +9,10 @@ BPE. Throughput = input MB (10^6 bytes) / wall seconds, best of ``--repeats``, t
 import excluded (it is paid once per process, ~2.7 s here).
 
 Loader: ``SegmentStreams.next_step()`` on the memory-mapped WikiText-2 train tokens (word level) for a
-few layouts, mean over ``--steps`` steps after a warm-up. Prints Markdown rows for bench/RESULTS-data.md.
+few layouts, mean over ``--steps`` steps after a warm-up; for each layout also ``MixtureStreams.next_step()``
+on a three-source mixture of the same file (its first half, next quarter and last quarter as three sources,
+weights 0.5 / 0.3 / 0.2, default spans of 512 tokens). Prints Markdown rows for bench/RESULTS-data.md.
+``--loader-only`` skips the preprocessing rows.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.data.indexed import load_tokens, preprocess  # noqa: E402
+from pretrain.data.mixture import MixtureStreams  # noqa: E402
+from pretrain.data.sources import Source  # noqa: E402
 from pretrain.data.streams import SegmentStreams  # noqa: E402
 from pretrain.data.tokenizer import train_tokenizer  # noqa: E402
 
@@ -69,18 +74,24 @@ def bench_loader(prefix: Path, steps: int) -> list[str]:
     checksum_s = time.perf_counter() - start
     rows = []
     for name, tgt_len, dp, mb, mbs in LAYOUTS:
-        loader = SegmentStreams(tokens, tgt_len=tgt_len, dp_size=dp, dp_rank=0, micro_batches=mb,
+        single = SegmentStreams(tokens, tgt_len=tgt_len, dp_size=dp, dp_rank=0, micro_batches=mb,
                                 micro_batch_size=mbs, roll_seed=0)
-        steps_here = min(steps, 5 * loader.steps_per_epoch)  # wraps epochs (and re-rolls) if short
-        for _ in range(20):
-            loader.next_step()
-        start = time.perf_counter()
-        for _ in range(steps_here):
-            loader.next_step()
-        per_step = (time.perf_counter() - start) / steps_here
-        tokens_per_step = mb * mbs * tgt_len
-        rows.append(f"| {name} | {tgt_len} | {mb} x {mbs} | {per_step * 1e6:.0f} | "
-                    f"{tokens_per_step / per_step / 1e6:.1f} |")
+        half, three_quarters = len(tokens) // 2, 3 * len(tokens) // 4
+        sources = [Source("first-half", 0.5, tokens[:half]), Source("third-quarter", 0.3, tokens[half:three_quarters]),
+                   Source("last-quarter", 0.2, tokens[three_quarters:])]
+        mixture = MixtureStreams(sources, tgt_len=tgt_len, dp_size=dp, dp_rank=0, micro_batches=mb,
+                                 micro_batch_size=mbs, roll_seed=0)
+        for label, loader in ((name, single), (f"{name}, 3-source mixture", mixture)):
+            steps_here = min(steps, 5 * loader.steps_per_epoch)  # wraps epochs (and re-rolls) if short
+            for _ in range(20):
+                loader.next_step()
+            start = time.perf_counter()
+            for _ in range(steps_here):
+                loader.next_step()
+            per_step = (time.perf_counter() - start) / steps_here
+            tokens_per_step = mb * mbs * tgt_len
+            rows.append(f"| {label} | {tgt_len} | {mb} x {mbs} | {per_step * 1e6:.0f} | "
+                        f"{tokens_per_step / per_step / 1e6:.1f} |")
     rows.append(f"\n`load_tokens(verify=\"checksum\")` of the {len(tokens):,}-token file: {checksum_s * 1e3:.0f} ms "
                 f"(`verify=\"size\"`, the default, only stats the files).")
     return rows
@@ -90,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--loader-only", action="store_true", help="only the loader rows (no preprocessing rows)")
     args = parser.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -109,6 +121,10 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"Python {platform.python_version()}, load average at start {os.getloadavg()[0]:.2f}")
         print(f"tokenizer training on WikiText-2 train: word {word_s:.2f} s, bpe 8k {bpe_s:.2f} s\n")
+        if args.loader_only:
+            preprocess([text_file], tokenizers["word"], tmp / f"word{text_file.suffix}-1-0", workers=2, progress=False)
+            loader_rows(tmp / f"word{text_file.suffix}-1-0", args.steps)
+            return
         print("| tokenizer | tokens | 1 worker (s) | 1 worker (MB/s) | 2 workers (s) | 2 workers (MB/s) | speed-up |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for row in bench_preprocess(text_file, tokenizers, tmp, args.repeats):
@@ -120,11 +136,15 @@ def main() -> None:
         for row in bench_preprocess(big, {k: tokenizers[k] for k in ("word", "bpe 8k")}, tmp, 2,
                                     label=", WikiText-2 train x5 (54 MB)"):
             print(row)
-        print("\n| layout (per DP rank) | tgt_len | micro-batches x rows | loader us/step | M tokens/s |")
-        print("|---|---:|---:|---:|---:|")
-        for row in bench_loader(tmp / f"word{text_file.suffix}-1-0", args.steps):
-            print(row)
-        print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+        loader_rows(tmp / f"word{text_file.suffix}-1-0", args.steps)
+
+
+def loader_rows(prefix: Path, steps: int) -> None:
+    print("\n| layout (per DP rank) | tgt_len | micro-batches x rows | loader us/step | M tokens/s |")
+    print("|---|---:|---:|---:|---:|")
+    for row in bench_loader(prefix, steps):
+        print(row)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

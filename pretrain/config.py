@@ -18,6 +18,9 @@ import yaml
 
 from lamemo_parallel.config import LaMemoConfig, check_variant, variant_traits
 
+from .data.errors import DataError
+from .data.sources import DEFAULT_SPAN_LEN, parse_sources
+
 
 class TrainConfigError(ValueError):
     """A configuration problem, reported before any compute."""
@@ -58,10 +61,13 @@ ModelSection = _model_section()
 class DataSection:
     """Token files (prefixes of preprocessed .bin/.idx files) and the segment-recurrent batching."""
 
-    train: str = ""
-    """Prefix of the preprocessed training token files (``<prefix>.bin`` / ``.idx`` / ``.meta.json``)."""
-    valid: str = ""
-    """Prefix of the preprocessed validation token files (empty: no validation)."""
+    train: str | list = ""
+    """Prefix of the preprocessed training token files (``<prefix>.bin`` / ``.idx`` / ``.meta.json``), or a
+    mixture: a list of sources ``{name, path, weight}`` (``name`` defaults to the file stem, weights need not sum
+    to 1, ``path`` may be a list or a glob of shard prefixes read in order as one source); docs/data.md."""
+    valid: str | list = ""
+    """Prefix of the preprocessed validation token files (empty: no validation), or a list of sources as for
+    ``train`` (weights optional, unused): each is scored on its own (``valid/<name>/loss``)."""
     tokenizer: str = ""
     """Directory of the tokenizer the data was preprocessed with; saved with every run and export."""
     tgt_len: int = 128
@@ -82,6 +88,10 @@ class DataSection:
     (docs/data.md, tools/verify_data.py)."""
     verify_max_gb: float = 4.0
     """Largest total size of the token files (GB) that ``verify: auto`` still checksums."""
+    span_len: int = DEFAULT_SPAN_LEN
+    """Mixtures: tokens each stream reads from one source before the next span (rounded up to whole segments of
+    tgt_len); shorter follows the weights more closely over a short window, longer breaks the context less
+    often (docs/data.md)."""
 
 
 @dataclass
@@ -154,7 +164,7 @@ class RunSection:
     eval_interval: int = 0
     """Evaluate on data.valid every this many steps (0: only at the end)."""
     eval_tokens: int = 0
-    """Score at most this many validation tokens (0: the whole split)."""
+    """Score at most this many validation tokens of each validation source (0: the whole split)."""
     eval_batch_size: int = 1
     """Evaluation streams per data-parallel rank: the split is cut into eval_batch_size x DP contiguous streams,
     each with its own memory (Transformer-XL's evaluation); every token is scored once, except the at most
@@ -242,6 +252,11 @@ def _coerce(value, annotation, key: str):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
+        if str in inner and len(inner) > 1:      # str | list: a list stays a list, from YAML or the command line
+            if isinstance(value, str):
+                parsed = _yaml_or_none(value)
+                value = parsed if isinstance(parsed, list) else value
+            return value if isinstance(value, list) else _coerce(value, str, key)
         return _coerce(value, inner[0], key)
     if annotation is bool:
         if isinstance(value, bool):
@@ -288,6 +303,13 @@ def _coerce(value, annotation, key: str):
         items = [_coerce(v, item_type, key) for v in value]
         return tuple(items) if origin is tuple else items
     return value
+
+
+def _yaml_or_none(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def _apply(section_obj, values: dict, section: str) -> None:
@@ -418,5 +440,12 @@ def validate(config: TrainConfig) -> None:
     unknown = [name for name in r.loggers if name not in LOGGERS]
     if unknown or len(set(r.loggers)) != len(r.loggers):
         raise TrainConfigError(f"run.loggers must name each of {', '.join(LOGGERS)} at most once, got {list(r.loggers)}")
+    if d.span_len < 1:
+        raise TrainConfigError(f"data.span_len must be >= 1, got {d.span_len}")
+    for key, value, weighted in (("data.train", d.train, True), ("data.valid", d.valid, False)):
+        try:
+            parse_sources(value, key, weights_required=weighted)
+        except DataError as err:
+            raise TrainConfigError(str(err)) from None
     if p.pipeline_partition is not None and any(n < 1 for n in p.pipeline_partition):
         raise TrainConfigError(f"parallel.pipeline_partition entries must be >= 1, got {p.pipeline_partition}")

@@ -32,8 +32,8 @@ FRAMEWORK_BYTES = int(0.6 * GiB)
 @dataclass
 class RunData:
     tokenizer: object
-    train: object          # numpy memmap of the training split
-    valid: object | None   # numpy memmap of the validation split, or None
+    train: object          # numpy memmap of the training split, or a list of Source for a mixture
+    valid: object | None   # numpy memmap of the validation split, a list of Source, or None
 
 
 def token_file_bytes(prefix: str) -> int:
@@ -54,6 +54,7 @@ def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> Run
     TrainConfigError naming the file and the problem."""
     from .data.errors import DataError
     from .data.indexed import load_tokens
+    from .data.sources import expand_prefixes, load_sources, parse_sources
     from .data.tokenizer import check_vocab_matches, load_tokenizer
     d = config.data
     if not d.tokenizer:
@@ -70,19 +71,15 @@ def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> Run
         check_vocab_matches(tokenizer, config.model.vocab_size)
     except ValueError as err:
         raise TrainConfigError(f"model.vocab_size={config.model.vocab_size}: {err}") from None
-    prefixes = [p for p in (d.train, d.valid) if p]
+    prefixes = [p for key, value in (("data.train", d.train), ("data.valid", d.valid))
+                for spec in parse_sources(value, key, weights_required=False) for p in expand_prefixes(spec, key)]
     checksum = verify_checksums and checksum_wanted(config, prefixes)
     if verify_checksums and not checksum and d.verify == "auto":
         log(f"note: token files larger than data.verify_max_gb={d.verify_max_gb:g} GiB: sizes and index checked, "
             f"sha256 not (run tools/verify_data.py, or set data.verify=checksum)")
-    split = {}
-    for key, prefix in (("data.train", d.train), ("data.valid", d.valid)):
-        if not prefix:
-            continue
-        try:
-            tokens = load_tokens(prefix, verify="checksum" if checksum else "size", tokenizer=tokenizer)
-        except (DataError, OSError) as err:
-            raise DataError(f"{key}={prefix}: {err}") from None
+
+    def load(key: str, prefix: str):
+        tokens = load_tokens(prefix, verify="checksum" if checksum else "size", tokenizer=tokenizer)
         if len(tokens) < 2:
             raise TrainConfigError(f"{key}={prefix} holds {len(tokens)} token(s); at least 2 are needed")
         scored = tokens if key == "data.train" or not config.run.eval_tokens else tokens[:config.run.eval_tokens + 1]
@@ -90,7 +87,18 @@ def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> Run
         if top >= config.model.vocab_size:
             raise TrainConfigError(f"{key}={prefix} holds token id {top}, outside the vocabulary of "
                                    f"{config.model.vocab_size}: was it preprocessed with another tokenizer?")
-        split[key] = tokens
+        return tokens
+
+    split = {}
+    for key, value in (("data.train", d.train), ("data.valid", d.valid)):
+        if isinstance(value, list):         # a mixture: a list of Source (pretrain/data/sources.py)
+            specs = parse_sources(value, key, weights_required=key == "data.train")
+            split[key] = load_sources(specs, key, load=lambda prefix, key=key: load(key, prefix))
+        elif value:
+            try:
+                split[key] = load(key, value)
+            except (DataError, OSError) as err:
+                raise DataError(f"{key}={value}: {err}") from None
     return RunData(tokenizer=tokenizer, train=split["data.train"], valid=split.get("data.valid"))
 
 

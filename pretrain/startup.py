@@ -94,17 +94,16 @@ def checked(action, *args, **kwargs):
 
 def dry_run(config: TrainConfig) -> int:
     """--dry-run: every start-up check and the report, no process group, no engine, nothing written."""
-    from .data.streams import SegmentStreams
+    from .data.mixture import build_streams, mixture_report
     from .preflight import check_data, check_memory, dry_run_report, estimate_memory
     device = resolve_device(config)
     layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), cuda=device.type == "cuda")
     data = check_data(config, verify_checksums=False)
-    d = config.data
-    streams = SegmentStreams(data.train, tgt_len=d.tgt_len, dp_size=layout.data, dp_rank=0,
-                             micro_batches=d.micro_batches, micro_batch_size=d.micro_batch_size,
-                             roll_seed=d.roll_seed)
+    streams = build_streams(data.train, config.data, dp_size=layout.data, dp_rank=0)
     estimate = estimate_memory(config, layout)
     if int(os.environ.get("RANK", "0")) == 0:
         print(dry_run_report(config, layout, estimate, streams.steps_per_epoch, device), flush=True)
+        if isinstance(data.train, list):
+            print(mixture_report(streams, config.run.steps), flush=True)
     check_memory(config, layout, device)
     return 0

@@ -10,6 +10,7 @@ import contextlib
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,27 +58,40 @@ def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int =
     return streams[dp_rank * streams_per_rank:(dp_rank + 1) * streams_per_rank]
 
 
-def evaluate_validation(engine, config: TrainConfig) -> dict | None:
+def evaluate_validation(engine, config: TrainConfig, *, bits_per_char: bool = False) -> dict | None:
     """Validation loss of the current weights with streaming memory, through the parallel model: every stage
     and TP rank takes part, each data-parallel rank scores its own ``run.eval_batch_size`` streams (the
     single-device evaluation with batch size eval_batch_size x DP), and the sums are all-reduced over the
-    data-parallel group. The result is the same on every rank."""
+    data-parallel group. The result is the same on every rank.
+
+    Each validation source (``data.valid`` as a list; a prefix is one source named after its stem) is scored on
+    its own as ``valid/<name>/loss`` and ``valid/<name>/ppl`` (``bpc`` with ``bits_per_char``, for byte
+    tokenizers); ``valid/loss`` and the ``eval_*`` keys are the token-weighted total over the sources."""
     if not config.data.valid:
         return None
     from .data.indexed import load_tokens
-    tokens = torch.from_numpy(load_tokens(config.data.valid).astype("int64"))
-    if config.run.eval_tokens:
-        tokens = tokens[:config.run.eval_tokens + 1]
+    from .data.sources import expand_prefixes, parse_sources
     mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
     dp_size = engine.layout.data
-    streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
-    local = engine.evaluate(streams, tgt_len=config.data.tgt_len, mem_len=mem_len)
-    sums = torch.tensor([local.nll_sum, float(local.n_tokens)], dtype=torch.float64, device=engine.device)
-    if dp_size > 1:
-        dist.all_reduce(sums, group=engine.dp_group)
-    r = EvalResult(nll_sum=sums[0].item(), n_tokens=int(sums[1].item()))
+    out, nll_sum, n_tokens = {}, 0.0, 0
+    for spec in parse_sources(config.data.valid, "data.valid", weights_required=False):
+        parts = [load_tokens(prefix) for prefix in expand_prefixes(spec, "data.valid")]
+        tokens = torch.from_numpy((np.concatenate(parts) if len(parts) > 1 else parts[0]).astype("int64"))
+        if config.run.eval_tokens:
+            tokens = tokens[:config.run.eval_tokens + 1]
+        streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
+        local = engine.evaluate(streams, tgt_len=config.data.tgt_len, mem_len=mem_len)
+        sums = torch.tensor([local.nll_sum, float(local.n_tokens)], dtype=torch.float64, device=engine.device)
+        if dp_size > 1:
+            dist.all_reduce(sums, group=engine.dp_group)
+        r = EvalResult(nll_sum=sums[0].item(), n_tokens=int(sums[1].item()))
+        out[f"valid/{spec.name}/loss"] = r.loss
+        out[f"valid/{spec.name}/bpc" if bits_per_char else f"valid/{spec.name}/ppl"] = (
+            r.bits_per_token if bits_per_char else r.perplexity)
+        nll_sum, n_tokens = nll_sum + r.nll_sum, n_tokens + r.n_tokens
+    r = EvalResult(nll_sum=nll_sum, n_tokens=n_tokens)
     return {"eval_loss": r.loss, "eval_ppl": r.perplexity, "eval_bits_per_token": r.bits_per_token,
-            "eval_tokens": r.n_tokens}
+            "eval_tokens": r.n_tokens, "valid/loss": r.loss, **out}
 
 
 def export_final(run_dir: Path) -> Path:
@@ -150,15 +164,16 @@ class Trainer:
     def check_inputs(self) -> None:
         """Every rank agrees the data, the memory estimate and the resume point are usable before building."""
         from .checkpoint import find_resume_checkpoint
-        from .data.streams import SegmentStreams
+        from .data.mixture import build_streams, mixture_report
         from .preflight import check_data, check_memory
         from .resume_settings import check_data_on_resume
         config, layout, d = self.config, self.layout, self.config.data
         dp_rank = init_model_parallel(layout)
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
-        self.streams = checked(SegmentStreams, data.train, tgt_len=d.tgt_len, dp_size=layout.data,
-                               dp_rank=dp_rank, micro_batches=d.micro_batches,
-                               micro_batch_size=d.micro_batch_size, roll_seed=d.roll_seed)
+        self.streams = checked(build_streams, data.train, d, dp_size=layout.data, dp_rank=dp_rank)
+        self.bits_per_char = data.tokenizer.kind == "byte"
+        if isinstance(data.train, list):
+            log(mixture_report(self.streams, config.run.steps))
         estimate = checked(check_memory, config, layout, self.device)
         log(f"layout: {layout.describe()}; {config.model.n_layer} layers, d_model {config.model.d_model}, "
             f"variant {config.model.variant}; {self.streams.steps_per_epoch} steps per epoch; memory estimate "
@@ -222,16 +237,18 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> bool:
         """Train one optimizer step and do what follows it; True when the run stops here (checkpoint saved)."""
+        from .data.mixture import data_metrics
         from .throughput import format_console_line
         config, guard = self.config, self.guard
         self.meter.begin()
         result = self.engine.train_step(self.streams.next_step())
         self.meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
+        data_counts = data_metrics(self.streams, config.data.train)
         verdict = self.engine.guard.last
         skipped = verdict is not None and verdict.skipped
         metrics = {"loss": result.loss, "ppl": math.exp(result.loss) if result.loss < 100 else float("inf"),
                    "lr": result.lr, "grad_norm": result.grad_norm, **self.meter.interval_metrics(),
-                   "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds}
+                   "tokens_per_s": result.tokens / result.seconds, "step_time_s": result.seconds, **data_counts}
         if skipped or guard.skipped_total:
             metrics["skipped_steps"] = guard.skipped_total + (1 if skipped else 0)
         if skipped:
@@ -245,7 +262,8 @@ class Trainer:
         if not skipped:
             self.confirm()
         if step % config.run.log_interval == 0 or step == self.start_step + 1 or step == config.run.steps:
-            log(format_console_line(step, metrics, total_steps=config.run.steps))
+            shown = {k: v for k, v in metrics.items() if not k.startswith("data/")}   # per source: metrics.jsonl
+            log(format_console_line(step, shown, total_steps=config.run.steps))
         stopping = self.should_stop(step)
         self.maybe_save(step, stopping=stopping, skipped=skipped)
         if stopping:
@@ -257,7 +275,7 @@ class Trainer:
         """Validation metrics every run.eval_interval steps (the last step's come from ``finish``)."""
         every = self.config.run.eval_interval
         if every and step % every == 0 and step < self.config.run.steps:
-            return evaluate_validation(self.engine, self.config) or {}
+            return evaluate_validation(self.engine, self.config, bits_per_char=self.bits_per_char) or {}
         return {}
 
     def should_stop(self, step: int) -> bool:
@@ -288,7 +306,7 @@ class Trainer:
     # ------------------------------------------------------------------ end
     def finish(self) -> None:
         """After the last step: the final validation, the last confirmation, the export."""
-        final_eval = evaluate_validation(self.engine, self.config)
+        final_eval = evaluate_validation(self.engine, self.config, bits_per_char=self.bits_per_char)
         if final_eval:
             self.tracker.log_metrics(self.config.run.steps, final_eval)
             log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
+from pretrain.data.sources import DATA_CHANGED_HINT
 
 def stream_id(dp_rank: int, micro_batch: int, row: int, *, micro_batches: int, micro_batch_size: int) -> int:
     """The stream read by ``row`` of micro-batch ``micro_batch`` on data-parallel rank ``dp_rank``.
@@ -184,6 +185,9 @@ class SegmentStreams:
         fraction of it, rounded down to a whole step (the token sequence then differs from an
         uninterrupted run; the caller should reset the model's memory).
         """
+        if state.get("mixture"):
+            raise DataError("the checkpoint's loader state is a mixture's but data.train is one token file; "
+                            + DATA_CHANGED_HINT)
         offset = state.get("offset")
         if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
             raise DataError(f"invalid loader state: offset {offset!r} is not a non-negative integer")

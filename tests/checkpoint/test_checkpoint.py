@@ -27,14 +27,34 @@ def overrides(corpus, run_dir, *extra):
 
 #: Layouts whose straight run's shards also go through the offline export (one launch serves both tests).
 EXPORT_LAYOUTS = {(2, 2, 1, 0), (1, 2, 2, 1)}
+#: Layouts that train on a mixture (pretrain/data/mixture.py): the same file as two sources, weights 1 : 3, spans
+#: of 2 segments, so streams switch source at steps 3 and 5, across the resume at step 3.
+MIXTURE_LAYOUTS = {(1, 2, 2, 1)}
+
+
+def mixture(corpus):
+    return [f"data.train=[{{name: a, path: {corpus / 'train'}, weight: 1}}, {{name: b, path: {corpus / 'train'}, "
+            f"weight: 3}}]", "data.span_len=16"]
+
+
+def token_counts(run_dir):
+    """step -> {data/tokens/<name>: count}; a resumed run's later line for a step wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = {k: v for k, v in record.items() if k.startswith("data/tokens/")}
+    return out
 
 
 @pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 1, 0), (2, 2, 1, 0), (1, 2, 2, 1), (2, 1, 2, 1)])
 def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, zero):
     """Dropout on, 2 micro-batches: exact resume needs the RNG states, the data offset and the memory of every
-    micro-batch slot on every stage. For the layouts in ``EXPORT_LAYOUTS`` the straight run's newest checkpoint
+    micro-batch slot on every stage; per-source token counts resume too (a mixture on ``MIXTURE_LAYOUTS``). For the layouts in ``EXPORT_LAYOUTS`` the straight run's newest checkpoint
     is also exported offline (:func:`check_export_reproduces_eval_loss`)."""
     layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}"]
+    if (tp, pp, dp, zero) in MIXTURE_LAYOUTS:
+        layout += mixture(corpus)
     n = tp * pp * dp
     straight = launch(n, overrides(corpus, tmp_path / "straight", *layout))
     assert straight.returncode == 0, straight.stderr[-4000:]
@@ -47,6 +67,13 @@ def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, z
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     assert [a[s] for s in range(4, STEPS + 1)] == [b[s] for s in range(4, STEPS + 1)]    # bitwise
+    counts = token_counts(tmp_path / "straight")
+    assert counts == token_counts(tmp_path / "resumed")
+    final = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["valid/loss"] == final["eval_loss"] and final["valid/train/loss"] == final["eval_loss"]
+    assert final["valid/train/bpc"] == final["eval_bits_per_token"]       # byte tokenizer: bits per character
+    if (tp, pp, dp, zero) in MIXTURE_LAYOUTS:       # 8 streams x 8 tokens a step; both sources read by step 3
+        assert sum(counts[STEPS].values()) == STEPS * 64 and min(counts[3].values()) > 0
     wa = LaMemoModel.from_pretrained(tmp_path / "straight" / "final").state_dict()
     wb = LaMemoModel.from_pretrained(tmp_path / "resumed" / "final").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

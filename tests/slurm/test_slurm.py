@@ -174,3 +174,29 @@ def test_bad_config_and_impossible_layout_fail_fast(cluster, corpus, tmp_path):
         assert str(ROOT / "pretrain") not in text and "step 1" not in text   # no frame of ours: a clean exit 2
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run2" / "checkpoints").exists()
     assert time.monotonic() - start < 150
+
+
+def test_preprocess_array_job_writes_shards_read_as_one_source(cluster, corpus, tmp_path):
+    """slurm/preprocess.sbatch as a 3-task array job: one shard per input line, named so that a glob reads them
+    in the list's order; the shards together hold exactly the tokens of the whole text."""
+    import numpy as np
+
+    from pretrain.data.indexed import load_tokens, preprocess
+    from pretrain.data.sources import load_sources, parse_sources
+    text = (corpus / "train.txt").read_text()
+    parts = [text[:20000], text[20000:40000], text[40000:]]
+    for i, part in enumerate(parts):
+        (tmp_path / f"part{i}.txt").write_text(part)
+    (tmp_path / "inputs.txt").write_text("".join(f"{tmp_path / f'part{i}.txt'}\n" for i in range(3)))
+    job = sbatch("preprocess.sbatch", [tmp_path / "inputs.txt", corpus / "tok", tmp_path / "web" / "train"],
+                 "--array=0-2", "--cpus-per-task=1", f"--output={tmp_path / 'pre-%a.out'}")
+    for task in range(3):
+        info = wait_job(f"{job}_{task}", 120)
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"pre-{task}.out").read_text()[-2000:]
+    (source,) = load_sources(parse_sources([{"name": "web", "path": str(tmp_path / "web" / "train-*")}], "data.train"),
+                             "data.train", load=load_tokens)
+    assert source.prefixes == tuple(str(tmp_path / "web" / f"train-{i:05d}") for i in range(3))
+    preprocess([tmp_path / f"part{i}.txt" for i in range(3)], corpus / "tok", tmp_path / "whole", workers=1,
+               progress=False)
+    whole = np.asarray(load_tokens(tmp_path / "whole"))
+    assert len(source.tokens) == len(whole) and (source.tokens[np.arange(len(whole))] == whole).all()

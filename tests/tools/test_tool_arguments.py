@@ -61,6 +61,8 @@ def test_bad_arguments_of_every_tool_give_one_line(tmp_path, model_dir, corpus, 
          "--dpi"),
         (load_tool("export_checkpoint"), [], "required"),
         (load_tool("verify_data"), [str(tmp_path / "nope")], "meta.json is missing"),
+        (load_tool("prepare_mixture_example"), ["--vocab-size", "0"], "--vocab-size: must be >= 1"),
+        (load_tool("prepare_mixture_example"), ["--limit-chars", "-5"], "--limit-chars: must be >= 0"),
     ]
     for module, argv, expected in cases:
         line = one_error_line(capsys, lambda: module.main(argv))

@@ -1,0 +1,216 @@
+"""The mixture loader (pretrain/data/mixture.py) and its sources (pretrain/data/sources.py): shares follow the
+weights, no pair twice within a source's epoch, ranks agree, exact resume, the span sequence is a pure function,
+refusals; the config forms of data.train / data.valid."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from pretrain.config import TrainConfigError, load_config
+from pretrain.data.errors import DataError
+from pretrain.data.mixture import MixtureStreams, SpanSchedule, data_metrics
+from pretrain.data.sources import Source, TokenConcat, check_same_sources, parse_sources, sources_record
+from pretrain.data.streams import SegmentStreams
+
+BASE = 1_000_000     # token value = source * BASE + position: a delivered token says where it came from
+
+
+def sources(sizes=(40_000, 90_000), weights=(1, 3)) -> list[Source]:
+    return [Source(f"s{i}", float(w), np.arange(n, dtype=np.int64) + i * BASE)
+            for i, (n, w) in enumerate(zip(sizes, weights))]
+
+
+def loaders(srcs, *, dp_size=2, micro_batches=1, micro_batch_size=4, tgt_len=32, **kw) -> list[MixtureStreams]:
+    return [MixtureStreams(srcs, tgt_len=tgt_len, dp_size=dp_size, dp_rank=r, micro_batches=micro_batches,
+                           micro_batch_size=micro_batch_size, **kw) for r in range(dp_size)]
+
+
+def share(loader: MixtureStreams, index: int) -> float:
+    return loader.read[index] / sum(loader.read)
+
+
+@pytest.mark.parametrize("dp_size,micro_batch_size", [(2, 4), (2, 1), (1, 2)])
+def test_shares_follow_the_weights_within_400_steps(dp_size: int, micro_batch_size: int) -> None:
+    """Weights 1:3, 400 steps of 32 tokens, 8 or 2 streams: the second source's share is 0.75 +- 0.03, and it
+    stays near the weights over every window of 100 steps after the first span."""
+    ranks = loaders(sources(), dp_size=dp_size, micro_batch_size=micro_batch_size)
+    history = []
+    for _ in range(400):
+        for loader in ranks:
+            loader.next_step()
+        history.append(list(ranks[0].read))
+    assert all(loader.read == ranks[0].read for loader in ranks)          # every rank counts all streams
+    assert abs(share(ranks[0], 1) - 0.75) <= 0.03
+    assert sum(ranks[0].read) == 400 * 32 * ranks[0].num_streams
+    for start in range(50, 300, 50):
+        window = np.array(history[start + 100]) - np.array(history[start])
+        assert abs(window[1] / window.sum() - 0.75) <= 0.1
+
+
+def test_fewer_streams_than_sources_still_follow_the_weights() -> None:
+    srcs = sources(sizes=(30_000, 30_000, 60_000), weights=(0.2, 0.3, 0.5))
+    (loader,) = loaders(srcs, dp_size=1, micro_batch_size=2)
+    for _ in range(400):
+        loader.next_step()
+    for i, want in enumerate((0.2, 0.3, 0.5)):
+        assert abs(share(loader, i) - want) <= 0.03
+
+
+def test_no_pair_read_twice_within_a_source_epoch_and_every_pair_is_true() -> None:
+    """All ranks, several epochs of the small source (with a roll): within each (source, epoch) every (input,
+    target) pair is distinct, each span reads contiguous text, and the targets are the next tokens."""
+    srcs = sources(sizes=(6_000, 20_000), weights=(1, 1))
+    ranks = loaders(srcs, dp_size=2, micro_batch_size=2, tgt_len=16, span_len=100, roll_seed=7)
+    epoch_of_span = {}
+    schedule = ranks[0].schedule
+
+    def record():                           # which (source, epoch) each global span belongs to
+        taken = list(schedule.taken)
+        g, source, start = SpanSchedule.next(schedule)
+        epoch_of_span[g] = (source, (taken[source]) // schedule.spans_per_epoch[source])
+        return g, source, start
+    schedule.next = record
+    pairs = collections.defaultdict(list)
+    for _ in range(600):
+        for loader in ranks:
+            batches = loader.next_step()
+            spans = loader.stream_span
+            for m, (inputs, targets) in enumerate(batches):
+                assert (targets == inputs + 1).all()
+                for row in range(loader.micro_batch_size):
+                    sid = loader._local[m * loader.micro_batch_size + row]
+                    key = epoch_of_span[int(spans[sid])]
+                    assert (inputs[row] // BASE == key[0]).all()
+                    pairs[key].extend(inputs[row].tolist())
+    assert max(e for (s, e) in pairs if s == 0) >= 2          # the small source went round several times
+    for key, values in pairs.items():
+        assert len(values) == len(set(values)), key
+
+
+def test_resume_at_any_step_is_exact() -> None:
+    srcs = sources()
+    (straight,) = loaders(srcs, dp_size=1, micro_batch_size=3, roll_seed=3, span_len=64)
+    ref = [straight.next_step() for _ in range(40)]
+    for k in (0, 1, 5, 17, 39):
+        (first,) = loaders(srcs, dp_size=1, micro_batch_size=3, roll_seed=3, span_len=64)
+        for _ in range(k):
+            first.next_step()
+        state = first.state_dict()
+        (resumed,) = loaders(srcs, dp_size=1, micro_batch_size=3, roll_seed=3, span_len=64)
+        resumed.load_state_dict(state)
+        for step in range(k, 40):
+            for (a, b), (c, d) in zip(resumed.next_step(), ref[step]):
+                assert (a == c).all() and (b == d).all()
+        assert resumed.read == straight.read
+
+
+def test_span_sequence_is_a_pure_function_and_layout_independent() -> None:
+    """The g-th span a 2-stream run hands out is span_at(g) of an 8-stream run's schedule."""
+    srcs = sources()
+    (two,) = loaders(srcs, dp_size=1, micro_batch_size=2, roll_seed=5)
+    eight = loaders(srcs, dp_size=2, micro_batch_size=4, roll_seed=5)[1]
+    handed = []
+    original = two.schedule.next
+    two.schedule.next = lambda: handed.append(original()) or handed[-1]
+    for _ in range(200):
+        two.next_step()
+    assert len(handed) > 20
+    for g, source, start in handed:
+        assert eight.schedule.span_at(g) == (source, start)
+
+
+def test_sources_too_short_for_one_span_per_stream_are_refused() -> None:
+    with pytest.raises(DataError, match="source 's0' is too short.*fewer than one per stream"):
+        loaders(sources(sizes=(2_000, 90_000)), dp_size=2, micro_batch_size=4, span_len=512)
+
+
+def test_changed_sources_or_weights_are_refused_by_name() -> None:
+    (loader,) = loaders(sources(), dp_size=1)
+    loader.next_step()
+    state = loader.state_dict()
+    (reweighted,) = loaders(sources(weights=(1, 2)), dp_size=1)
+    with pytest.raises(DataError, match=r"s1 weight 3.0 -> 2.0.*run.data_changed=restart_streams"):
+        reweighted.load_state_dict(state)
+    renamed = sources()
+    renamed[0].name = "other"
+    with pytest.raises(DataError, match="s0 removed; other added"):
+        loaders(renamed, dp_size=1)[0].load_state_dict(state)
+    with pytest.raises(DataError, match="single-source"):
+        loader.load_state_dict(SegmentStreams(np.arange(9000), tgt_len=32, dp_size=1, dp_rank=0, micro_batches=1,
+                                              micro_batch_size=4).state_dict())
+    single = SegmentStreams(np.arange(9000), tgt_len=32, dp_size=1, dp_rank=0, micro_batches=1, micro_batch_size=4)
+    with pytest.raises(DataError, match="a mixture's but data.train is one token file.*restart_streams"):
+        single.load_state_dict(state)
+    check_same_sources(sources_record(sources()), sources_record(sources()))   # the same: accepted
+
+
+def test_changed_stream_count_is_refused_strictly_and_restarts_spans_otherwise() -> None:
+    (loader,) = loaders(sources(), dp_size=1, micro_batch_size=4)
+    for _ in range(7):
+        loader.next_step()
+    state = loader.state_dict()
+    (wider,) = loaders(sources(), dp_size=1, micro_batch_size=8)
+    with pytest.raises(DataError, match="num_streams 4 -> 8"):
+        wider.load_state_dict(state)
+    with pytest.warns(UserWarning, match="fresh span from global span"):
+        wider.load_state_dict(state, strict=False)
+    assert wider.read == loader.read and wider.schedule.next_span == loader.schedule.next_span
+    wider.next_step()
+    assert wider.stream_span.min() == loader.schedule.next_span
+
+
+def test_shards_are_read_as_one_source() -> None:
+    whole = np.arange(1000, dtype=np.uint16)
+    concat = TokenConcat([whole[:300], whole[300:301], whole[301:]])
+    index = np.array([[0, 299, 300, 301], [999, 5, 300, 700]])
+    assert len(concat) == 1000 and (concat[index] == index).all()
+    assert (concat[298:303] == np.arange(298, 303)).all()
+    srcs = [Source("a", 1.0, concat), Source("b", 1.0, np.arange(1000))]
+    (loader,) = loaders(srcs, dp_size=1, micro_batch_size=2, tgt_len=8, span_len=16)
+    for _ in range(200):                       # several epochs across the shard boundaries
+        for inputs, targets in loader.next_step():
+            assert (targets == inputs + 1).all()
+
+
+def test_single_source_metrics_use_the_prefix_stem() -> None:
+    streams = SegmentStreams(np.arange(9000), tgt_len=10, dp_size=2, dp_rank=1, micro_batches=1, micro_batch_size=2)
+    for _ in range(3):
+        streams.next_step()
+    assert data_metrics(streams, "data/wt2/train") == {"data/tokens/train": 120,
+                                                       "data/epoch/train": 30 / streams.stream_len}
+
+
+def test_config_takes_a_prefix_or_a_list_from_yaml_and_the_command_line(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train:\n    - {name: web, path: d/web/train, weight: 0.7}\n"
+                    "    - {path: [d/books/a, d/books/b], weight: 0.3}\n  valid: [d/web/valid]\n")
+    config = load_config(path)
+    assert config.data.train[0] == {"name": "web", "path": "d/web/train", "weight": 0.7}
+    specs = parse_sources(config.data.train, "data.train")
+    assert [(s.name, s.paths, s.weight) for s in specs] == [("web", ("d/web/train",), 0.7),
+                                                           ("a", ("d/books/a", "d/books/b"), 0.3)]
+    override = load_config(path, ["data.train=[{name: x, path: d/x, weight: 1}, {name: y, path: d/y, weight: 2}]",
+                                  "data.valid=[d/x/valid]"])
+    assert override.data.train == [{"name": "x", "path": "d/x", "weight": 1}, {"name": "y", "path": "d/y",
+                                                                                 "weight": 2}]
+    assert override.data.valid == ["d/x/valid"]                  # a list stays a list, not the string "[...]"
+    assert load_config(path, ["data.train=d/plain/train"]).data.train == "d/plain/train"
+    saved = tmp_path / "saved.yaml"
+    override.save(saved)
+    assert load_config(saved).data.train == override.data.train
+
+
+@pytest.mark.parametrize("value,message", [
+    ("[{path: a/x, weight: -1}, {path: b/y, weight: 1}]", r"data.train\[0\].weight must be >= 0"),
+    ("[{path: a/x, weight: lots}, {path: b/y, weight: 1}]", r"data.train\[0\].weight must be a number"),
+    ("[{path: a/x, weight: 0}, {path: b/y, weight: 0}]", "all weights are zero"),
+    ("[{path: a/train, weight: 1}, {path: b/train, weight: 1}]", "two sources are named 'train'"),
+    ("[{path: a/x, weigth: 1}]", "unknown field"),
+    ("[{path: a/x}, {path: b/y, weight: 1}]", "has no weight"),
+])
+def test_bad_source_lists_are_refused_at_load(value: str, message: str) -> None:
+    with pytest.raises(TrainConfigError, match=message):
+        load_config(None, [f"data.train={value}"])
