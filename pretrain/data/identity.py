@@ -1,19 +1,22 @@
 """What data a run trained on, as a checkpoint records it and a resume compares it.
 
 One token-file prefix is identified by its ``.meta.json`` (pretrain/data/indexed.py): the sha256 of its ``.bin``,
-the fingerprint of the tokenizer that made it and its token count. A run's data is a dict per split
-(``train``, ``valid``) keyed by source name (for a single prefix, the file's stem), so that a run with several
-weighted sources extends it without changing its shape. The path is recorded for messages only: a token file
+the fingerprint of the tokenizer that made it and its token count. A source of ``data.train`` / ``data.valid``
+(pretrain/data/sources.py: a plain prefix, or a named, weighted list of prefixes or globs) is identified by the
+same fields over its prefixes, plus its weight. A run's data is a dict per split (``train``, ``valid``) keyed by
+source name (a plain prefix is named after its file stem). The paths are recorded for messages only: a token file
 that moved is the same data.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .indexed import read_meta
+from .sources import expand_prefixes, parse_sources
 
 #: The fields that decide whether two sources are the same data (``path`` is only for the messages).
-COMPARED = ("sha256", "tokenizer", "tokens")
+COMPARED = ("sha256", "tokenizer", "tokens", "weight")
 
 
 def source_identity(prefix: str | Path) -> dict:
@@ -23,10 +26,23 @@ def source_identity(prefix: str | Path) -> dict:
             "tokens": meta["num_tokens"]}
 
 
+def sources_identity(prefixes: list[str], weight: float | None) -> dict:
+    """One source read from several prefixes in order (shards): one sha256 over theirs, the summed size."""
+    parts = [source_identity(p) for p in prefixes]
+    sha = parts[0]["sha256"] if len(parts) == 1 else \
+        hashlib.sha256(" ".join(p["sha256"] for p in parts).encode()).hexdigest()
+    return {"path": ", ".join(prefixes), "sha256": sha, "tokenizer": parts[0]["tokenizer"],
+            "tokens": sum(p["tokens"] for p in parts), "weight": weight}
+
+
 def data_identity(data) -> dict[str, dict[str, dict]]:
     """``{"train": {name: identity}, "valid": {...}}`` of a ``DataSection`` (``valid`` empty when unset)."""
-    return {split: ({Path(prefix).name: source_identity(prefix)} if prefix else {})
-            for split, prefix in (("train", data.train), ("valid", data.valid))}
+    identity = {}
+    for split, value in (("train", data.train), ("valid", data.valid)):
+        key = f"data.{split}"
+        specs = parse_sources(value, key, weights_required=split == "train") if value else []
+        identity[split] = {spec.name: sources_identity(expand_prefixes(spec, key), spec.weight) for spec in specs}
+    return identity
 
 
 def changed_sources(saved: dict, current: dict) -> dict[str, list[str]]:
@@ -46,8 +62,8 @@ def changed_sources(saved: dict, current: dict) -> dict[str, list[str]]:
             elif before is None:
                 lines.append(f"{name} ({after['path']}) is new")
             else:
-                differ = [f"{key} {_short(before.get(key))} -> {_short(after[key])}"
-                          for key in COMPARED if before.get(key) != after[key]]
+                differ = [f"{key} {_short(before.get(key))} -> {_short(after.get(key))}"
+                          for key in COMPARED if before.get(key) != after.get(key)]
                 if differ:
                     where = after["path"] if before.get("path") == after["path"] else \
                         f"{before.get('path')} -> {after['path']}"
