@@ -160,3 +160,10 @@ def test_data_identity_names_what_changed(corpus, tmp_path):
     text = describe(changed_sources(saved, other))
     assert "data.train: moved" in text and "sha256" in text and "tokens" not in text
     assert "data.valid: train" in text and "is new" in text
+    # a mixture: one entry per named source, its weight part of the identity
+    def mixture(weight):
+        return data_identity(load_config(None, [f"data.train=[{{name: a, path: {corpus / 'train'}, weight: {weight}}}, "
+                                                f"{{name: b, path: {tmp_path / 'moved'}, weight: 1}}]"]).data)
+    assert set(mixture(1)["train"]) == {"a", "b"} and changed_sources(mixture(1), mixture(1)) == {}
+    assert describe(changed_sources(mixture(1), mixture(2))) == "data.train: a (" + str(corpus / "train") + \
+        "): weight 1.0 -> 2.0"
