@@ -34,6 +34,10 @@ class CheckpointMismatchError(ValueError):
     """A state dict whose tensors do not match the model (missing, unexpected or mis-shaped)."""
 
 
+class ModelFileError(ValueError):
+    """A model directory whose files cannot be used (truncated or damaged weights, a non-float tensor)."""
+
+
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected_shapes: dict[str, tuple]) -> None:
     """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped tensor."""
     missing = sorted(set(expected_shapes) - set(state_dict))
@@ -102,4 +106,17 @@ def load_model_dir(path: str | Path) -> tuple[LaMemoConfig, dict[str, torch.Tens
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME}")
-    return LaMemoConfig.load(path / CONFIG_NAME), load_file(str(path / WEIGHTS_NAME), device="cpu")
+    config = LaMemoConfig.load(path / CONFIG_NAME)
+    weights_path = path / WEIGHTS_NAME
+    try:
+        weights = load_file(str(weights_path), device="cpu")
+    except Exception as err:         # safetensors' SafetensorError (truncated, bad header) is no OSError
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{weights_path} cannot be read ({first}): the file is truncated or damaged; "
+                             f"export the model again") from None
+    wrong = sorted(name for name, t in weights.items() if not t.is_floating_point())
+    if wrong:
+        raise ModelFileError(f"{weights_path}: tensors stored as integers, not floating point "
+                             f"({', '.join(f'{n} {weights[n].dtype}' for n in wrong[:3])}"
+                             f"{', ...' if len(wrong) > 3 else ''}): not a LaMemo model's weights")
+    return config, weights

@@ -207,6 +207,10 @@ class RunSection:
     """Where rank 0 sends metrics.jsonl's scalars and the resolved config: any of mlflow, tensorboard (event files
     in run.dir/tensorboard/, needs the [tensorboard] extra), wandb (files in run.dir, needs the [wandb] extra;
     WANDB_MODE / WANDB_PROJECT as usual). ``run.mlflow: false`` takes mlflow out of the list."""
+    data_changed: str = "refuse"
+    """What resuming does when data.train / data.valid differ from the checkpoint's data (sha256, tokenizer,
+    size; pretrain/data/identity.py): ``refuse`` (stop before step 1, naming the data), or
+    ``restart_streams`` (new data: positions from zero, memory emptied, one logged line)."""
 
 
 @dataclass
@@ -325,13 +329,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise TrainConfigError(f"config file not found: {path}")
+            raise TrainConfigError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise TrainConfigError(f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); "
+                                   f"--config takes a YAML file") from None
+        except OSError as err:
+            raise TrainConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
         except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path} is not valid YAML: {err}") from None
+            first = " ".join(str(err).split())          # the parser's message spans several lines
+            raise TrainConfigError(f"{path} is not valid YAML: {first}") from None
         if not isinstance(data, dict):
-            raise TrainConfigError(f"{path} must hold a mapping of sections")
+            raise TrainConfigError(f"{path} must hold a mapping of sections ({SECTIONS}), not a "
+                                   f"{type(data).__name__}")
         for section, values in data.items():
             if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
                 raise TrainConfigError(f"unknown config section '{section}' in {path} (sections: {SECTIONS})")
@@ -417,6 +428,8 @@ def validate(config: TrainConfig) -> None:
         (r.spike_factor == 0 or r.spike_factor > 1,
          f"run.spike_factor must be 0 (off) or > 1, got {r.spike_factor}"),
         (r.spike_window >= 1, f"run.spike_window must be >= 1, got {r.spike_window}"),
+        (r.data_changed in ("refuse", "restart_streams"),
+         f"run.data_changed must be refuse or restart_streams, got {r.data_changed!r}"),
     ]
     for ok, message in checks:
         if not ok:

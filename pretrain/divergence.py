@@ -12,15 +12,14 @@ non-finite gradient anywhere" flag, and a second one agrees on the verdict, so e
 
 After a skip the caller (pretrain/trainer.py) logs the step; checkpoints are written with one extra kept until the
 next accepted step confirms them (a spike shows the damage of the update *before* it), and on a divergence stop
-the unconfirmed ones are moved to ``checkpoints/diverged/`` so the newest checkpoint left predates the trouble.
+the unconfirmed ones are moved to ``checkpoints/diverged/`` (pretrain/checkpoint/rotation.py) so the newest
+checkpoint left predates the trouble.
 """
 from __future__ import annotations
 
 import collections
-import shutil
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -147,29 +146,3 @@ def install(optimizer: torch.optim.Optimizer, config, device: torch.device) -> S
     r = config.run
     return StepGuard(optimizer, DivergenceGuard(spike_factor=r.spike_factor, window=r.spike_window,
                                                 max_bad_steps=r.max_bad_steps), device)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints (rank 0)."""
-    from .checkpoint import complete_checkpoints
-    for old in complete_checkpoints(run_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def quarantine_checkpoints(run_dir: str | Path, from_step: int) -> list[Path]:
-    """Move the checkpoints of step >= ``from_step`` to ``checkpoints/diverged/`` (rank 0); returns them."""
-    from .checkpoint import checkpoint_root
-    root = checkpoint_root(run_dir)
-    moved = []
-    if not root.is_dir():
-        return moved
-    for ckpt in sorted(root.iterdir()):
-        if ckpt.is_dir() and ckpt.name.startswith("step_") and int(ckpt.name.split("_")[1]) >= from_step:
-            target = root / "diverged" / ckpt.name
-            target.parent.mkdir(exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            ckpt.rename(target)
-            moved.append(target)
-    return moved

@@ -13,6 +13,12 @@ variable set every answer is "no", so a normal run never takes a fault path. The
                                       optimizer steps of the process (1-based, counted by the step guard,
                                       ``divergence.py``), so the divergence guard skips them and stops the run.
                                       Used by ``tests/trainer/test_reliability.py`` (divergence stop).
+    LAMEMO_FAULT_KILL_DURING_EXPORT=M ``kill_during_export(M)``: the export SIGKILLs itself at moment M, one of
+                                      ``weights`` (model.safetensors written), ``record`` (export.json and
+                                      tokenizer/ written, config.json not), ``staged`` (everything written, not
+                                      yet moved into place), ``swapped`` (moved into place, the old export or
+                                      the staging directory not yet removed) (``checkpoint/export.py``).
+                                      Used by ``tests/checkpoint/test_checkpoint.py`` (atomic export).
 
 See docs/reliability.md ("Fault injection").
 """
@@ -23,6 +29,8 @@ import signal
 
 KILL_DURING_SAVE_ENV = "LAMEMO_FAULT_KILL_DURING_SAVE"
 NAN_STEPS_ENV = "LAMEMO_FAULT_NAN_STEPS"
+KILL_DURING_EXPORT_ENV = "LAMEMO_FAULT_KILL_DURING_EXPORT"
+EXPORT_MOMENTS = ("weights", "record", "staged", "swapped")
 
 
 def kill_during_save(step: int) -> None:
@@ -34,3 +42,9 @@ def kill_during_save(step: int) -> None:
 def nan_gradient_steps() -> set[int]:
     """The optimizer steps (1-based, of this process) whose gradients a test wants filled with NaN."""
     return {int(x) for x in os.environ.get(NAN_STEPS_ENV, "").split(",") if x.strip()}
+
+
+def kill_during_export(moment: str) -> None:
+    """SIGKILL this process if a test asked for a crash at this moment of an export (``EXPORT_MOMENTS``)."""
+    if os.environ.get(KILL_DURING_EXPORT_ENV) == moment:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -6,11 +6,12 @@ exited 0 (and a save that takes longer than the timeout is killed half-way). Thi
 change: the first SIGTERM (or SIGUSR1) is forwarded to the trainers and the agent keeps waiting for them; the
 trainers save at the step they agree on and exit 0 (pretrain/run_errors.py, StopSignal), so the job exits 0. A second
 SIGTERM, or SIGINT, falls back to torchrun's own shutdown. A trainer that fails ends the job with its exit code
-and one line instead of torchrun's traceback (the trainer's own ``error:`` line says what happened). Every argument
-is torchrun's.
+and one line instead of torchrun's traceback (the trainer's own ``error:`` line says what happened; for a refusal at
+start-up, exit code 2, that line is the only one). Every argument is torchrun's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -52,8 +53,16 @@ def install() -> None:
         sys.argv.insert(1, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
+class _DropChildFailure(logging.Filter):
+    """torchrun's own "failed (exitcode: N) local_rank ..." record: ``main`` says it in one ``error:`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode")
+
+
 def main() -> None:
     install()
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropChildFailure())
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
     try:
@@ -61,8 +70,9 @@ def main() -> None:
     except ChildFailedError as err:
         # The trainers said what went wrong (one ``error:`` line); torchrun's own report would add a traceback.
         rank, failure = err.get_first_failure()
-        print(f"error: trainer rank {rank} exited with code {failure.exitcode} (its message is above)",
-              file=sys.stderr, flush=True)
+        if failure.exitcode != 2:          # 2: a refusal, whose one error line the trainer printed already
+            print(f"error: trainer rank {rank} exited with code {failure.exitcode} (its message is above)",
+                  file=sys.stderr, flush=True)
         sys.exit(failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1)
 
 

@@ -11,6 +11,9 @@ the checkpoint's ``config.yaml`` with the current config and
   included: they take effect through the rebuilt schedule and the engine's clip);
 * refuses a changed ``optim.name`` (Adam's and AdamW's states are not interchangeable: weight decay enters
   the moments in one and not the other).
+
+It also compares the data: the checkpoint records the identity of every training and validation source
+(pretrain/data/identity.py); other data is refused by name unless ``run.data_changed=restart_streams``.
 """
 from __future__ import annotations
 
@@ -71,3 +74,31 @@ def apply_changed_settings(ckpt: Path, config: TrainConfig, engine, log=print) -
         listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
         log(f"resume: settings changed since {Path(ckpt).name}, applied from this step on: {listed}")
     return changes
+
+
+def check_data_on_resume(ckpt: Path, config: TrainConfig, log=print) -> bool:
+    """Compare the checkpoint's data with this run's. Same data: False. Other data: refused naming it and
+    ``run.data_changed``, or with ``run.data_changed=restart_streams`` one logged line and True when the
+    training streams must start at position zero with empty memory (a changed validation split alone only
+    makes the evaluation numbers incomparable)."""
+    from .checkpoint.format import read_marker
+    from .data.identity import changed_sources, data_identity, describe
+    saved = read_marker(Path(ckpt)).get("data")
+    if saved is None:
+        log(f"warning: checkpoint {ckpt} records no data identity (an older version wrote it): data.train and "
+            f"data.valid are not checked against it")
+        return False
+    changes = changed_sources(saved, data_identity(config.data))
+    if not changes:
+        return False
+    if config.run.data_changed != "restart_streams":
+        raise TrainConfigError(f"the data changed since checkpoint {ckpt} ({describe(changes)}): resuming would "
+                               f"continue at the old position with the old memory on other text; point the data "
+                               f"back at the checkpoint's, or set run.data_changed=restart_streams to train on the "
+                               f"new data from position 0 with empty memory")
+    restart = "train" in changes
+    log(f"run.data_changed=restart_streams: {describe(changes)} since checkpoint {ckpt}; "
+        + ("training starts the new data at position 0 with empty memory" if restart else
+           "only the validation data changed: training continues where it was (validation numbers are not "
+           "comparable with earlier ones)"))
+    return restart

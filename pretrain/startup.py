@@ -46,8 +46,9 @@ def init_model_parallel(layout: Layout) -> int:
 
 
 def claim_run_dir(config: TrainConfig, run_dir, lock) -> None:
-    """Rank 0: take the run directory's lock and apply the reuse rules (run.resume=never / run.overwrite)."""
-    from .run_lock import has_previous_run, move_previous_run_aside
+    """Rank 0: take the run directory's lock and check the reuse rules (run.resume=never / run.overwrite). The
+    previous run is moved aside later (``replace_previous_run``), once every start-up check has passed."""
+    from .run_lock import has_previous_run
     try:
         lock.acquire(log=log)
     except OSError as err:
@@ -62,8 +63,15 @@ def claim_run_dir(config: TrainConfig, run_dir, lock) -> None:
         raise TrainConfigError(f"run.dir={run_dir} already holds a run ({', '.join(previous)}) and "
                                f"run.resume=never: set run.overwrite=true to move it aside and start fresh, "
                                f"run.resume=auto to continue it, or choose another run.dir")
-    moved = move_previous_run_aside(run_dir)
-    log(f"run.overwrite: moved the previous run in {run_dir} to {moved}")
+
+
+def replace_previous_run(config: TrainConfig, run_dir) -> None:
+    """Rank 0, after the start was accepted: with run.resume=never run.overwrite=true, move the previous run
+    aside (a start refused before this point leaves the run directory as it was)."""
+    from .run_lock import has_previous_run, move_previous_run_aside
+    if config.run.resume == "never" and config.run.overwrite and has_previous_run(run_dir):
+        moved = move_previous_run_aside(run_dir)
+        log(f"run.overwrite: moved the previous run in {run_dir} to {moved}")
 
 
 def checked(action, *args, **kwargs):

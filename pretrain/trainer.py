@@ -6,6 +6,7 @@ Every optimizer step appends one JSON object to ``<run.dir>/metrics.jsonl`` (thr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .distributed import init_distributed, launch_world_size
 from .layout import Layout, resolve_layout
 from .profiling import StepProfiler
 from .run_errors import USER_ERRORS, RunFailed, StopSignal, failure, newest_checkpoint_note
-from .startup import (checked, claim_run_dir, init_model_parallel, log, resolve_device,
+from .startup import (checked, claim_run_dir, init_model_parallel, log, replace_previous_run, resolve_device,
                       set_cpu_threads)
 from .tracking.metrics_rewind import rewind_metrics
 
@@ -41,11 +42,15 @@ def run(config: TrainConfig) -> Path:
     rank, world = init_distributed(device)
     run_dir = Path(config.run.dir)
     lock = RunLock(run_dir)          # held by global rank 0 for the trainer's life (pretrain/run_lock.py)
+    created = rank == 0 and not run_dir.exists()
     try:
         checked(lambda: claim_run_dir(config, run_dir, lock) if rank == 0 else None)
         return Trainer(config, device, rank, world, layout, run_dir).run()
     finally:
         lock.release()
+        if created:                  # a start refused before writing anything leaves no directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()      # only ever removes an empty directory
 
 
 def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int = 0) -> torch.Tensor:
@@ -147,6 +152,7 @@ class Trainer:
         """Data, resume point, engine (and the checkpoint loaded into it), metrics, tracking, throughput."""
         self.check_inputs()
         self.build_engine()
+        checked(self.record_start)
         if self.rank == 0:
             rewound = rewind_metrics(self.run_dir, self.start_step)
             if rewound:
@@ -162,6 +168,7 @@ class Trainer:
         from .checkpoint import find_resume_checkpoint
         from .data.mixture import build_streams, mixture_report
         from .preflight import check_data, check_memory
+        from .resume_settings import check_data_on_resume
         config, layout, d = self.config, self.layout, self.config.data
         dp_rank = init_model_parallel(layout)
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
@@ -174,8 +181,17 @@ class Trainer:
             f"variant {config.model.variant}; {self.streams.steps_per_epoch} steps per epoch; memory estimate "
             f"{estimate.describe()}")
         self.resume_from = checked(find_resume_checkpoint, self.run_dir, config.run.resume, log=log)
-        checked(lambda: config.save(self.run_dir / "config.yaml") if self.rank == 0 else None)
+        self.restart_streams = self.resume_from is not None and checked(check_data_on_resume, self.resume_from,
+                                                                        config, log=log)
         self.stop = StopSignal()
+
+    def record_start(self) -> None:
+        """Rank 0, once every start-up check has passed: the previous run moved aside (run.overwrite) and
+        config.yaml written. Only an accepted start changes the run directory; a refused one (data, model,
+        settings) leaves it as it was."""
+        if self.rank == 0:
+            replace_previous_run(self.config, self.run_dir)
+            self.config.save(self.run_dir / "config.yaml")
 
     def build_engine(self) -> None:
         """The engine for the layout; on resume, the checkpoint loaded into it and changed settings applied."""
@@ -188,7 +204,7 @@ class Trainer:
             log(f"model: {sum(p.numel() for p in self.engine.module.parameters()):,} parameters on this rank")
             if self.resume_from is not None:
                 meta = load_checkpoint(self.resume_from, engine=self.engine, streams=self.streams,
-                                       layout=self.layout, log=log)
+                                       layout=self.layout, log=log, restore_streams=not self.restart_streams)
                 self.start_step = meta["step"]
                 checked(apply_changed_settings, self.resume_from, config, self.engine, log=log)
                 log(f"resumed from {self.resume_from} at step {self.start_step}")
@@ -284,9 +300,9 @@ class Trainer:
 
     def confirm(self) -> None:
         """An accepted step confirms the newest checkpoint: the extra one kept for it can go."""
-        from .divergence import prune_checkpoints
+        from .checkpoint import rotate_checkpoints
         if self.unconfirmed and self.rank == 0:
-            prune_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
+            rotate_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
         self.unconfirmed = False
 
     # ------------------------------------------------------------------ end
@@ -303,7 +319,7 @@ class Trainer:
     def diverged(self, err: BaseException, step: int) -> RunFailed:
         """Divergence (exit code 3): checkpoints written since the trouble began are quarantined, nothing is
         exported, the tracker is tagged."""
-        from .divergence import quarantine_checkpoints
+        from .checkpoint import quarantine_checkpoints
         note = ""
         if self.rank == 0 and self.guard.first_bad_step is not None:
             moved = quarantine_checkpoints(self.run_dir, self.guard.first_bad_step - 1)

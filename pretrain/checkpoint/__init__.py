@@ -6,6 +6,7 @@ resume is exact on the same layout and reshards on another, export reads the sha
     state       per-rank RNG as plain tensors
     shard_index where each rank's tensors lie in DeepSpeed's files (recorded at save time)
     save        the collective save (no gather), failure handling (full disk, permissions)
+    rotation    which old checkpoints go (rotation, interrupted saves) and quarantine after divergence
     load        same-layout load, or resharding (reshard)
     shards      the offline reader: one merged tensor at a time (export, resharding)
     export      the offline export to a single-device ``from_pretrained`` directory (import it as
@@ -14,9 +15,10 @@ resume is exact on the same layout and reshards on another, export reads the sha
 from .format import (CHECKPOINTS, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
                      find_resume_checkpoint, rank_state_path, step_tag, validate)
 from .load import load_checkpoint
+from .rotation import quarantine_checkpoints, rotate_checkpoints
 from .save import CheckpointSaveError, save_checkpoint, stage_sizes
 from .state import rng_state, set_rng_state
 
 __all__ = ["CHECKPOINTS", "MARKER", "TRAINER_META", "CheckpointError", "CheckpointSaveError", "checkpoint_root",
-           "complete_checkpoints", "find_resume_checkpoint", "load_checkpoint", "rank_state_path", "rng_state",
-           "save_checkpoint", "set_rng_state", "stage_sizes", "step_tag", "validate"]
+           "complete_checkpoints", "find_resume_checkpoint", "load_checkpoint", "quarantine_checkpoints", "rank_state_path",
+           "rotate_checkpoints", "rng_state", "save_checkpoint", "set_rng_state", "stage_sizes", "step_tag", "validate"]

@@ -6,10 +6,13 @@
         shards_rank_00000.json ...        per rank: where each of its tensors lies in DeepSpeed's files
         trainer.json, config.yaml, tokenizer/
         COMPLETE.json                     written LAST by rank 0: layout, the sharding table (every tensor:
-                                          full shape, dtype, TP split, where its pieces lie) and the size and
-                                          sha256 of every file. Its presence is the completion marker.
+                                          full shape, dtype, TP split, where its pieces lie), the identity of
+                                          the data (pretrain/data/identity.py), the size and sha256 of every
+                                          file, and the sha256 of its own content (``manifest_sha256``). Its
+                                          presence is the completion marker.
 
-A checkpoint is usable when COMPLETE.json parses, lists every file with the size and sha256 the file has now,
+A checkpoint is usable when COMPLETE.json parses, matches its own ``manifest_sha256`` (an edited model,
+layout or file list is a damaged manifest, not another model), lists every file with the size and sha256 the file has now,
 and no pickle in it names anything but tensors, plain containers and the few DeepSpeed records allow-listed
 in ``safe_load``. Anything else (interrupted save, truncated or corrupted file, damaged manifest, a planted
 pickle payload) is a :class:`CheckpointError` naming the problem; ``run.resume=auto`` skips such a
@@ -27,7 +30,8 @@ from .errors import CheckpointError
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
 TRAINER_META = "trainer.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3                 # 3: COMPLETE.json carries its own sha256 and the data's identity
+SELF_HASH = "manifest_sha256"
 
 
 def step_tag(step: int) -> str:
@@ -52,6 +56,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def manifest_hash(meta: dict) -> str:
+    """sha256 of a manifest's content without its own hash field (canonical JSON: sorted keys, no spaces)."""
+    body = {k: v for k, v in meta.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(meta: dict) -> dict:
+    """The manifest with its own hash added (what is written as COMPLETE.json)."""
+    return {**meta, SELF_HASH: manifest_hash(meta)}
 
 
 def listed_files(ckpt: Path) -> list[Path]:
@@ -90,6 +105,13 @@ def read_marker(ckpt: Path) -> dict:
                                     and isinstance(v.get("sha256"), str) for v in files.values()):
         raise CheckpointError(f"checkpoint {ckpt}: {MARKER} is damaged (it needs 'step' and 'files' with the size "
                               f"and sha256 of every file; format {FORMAT_VERSION})")
+    if SELF_HASH not in meta and meta.get("format") == 2:
+        raise CheckpointError(f"checkpoint {ckpt} was written by an older version (format 2: no {SELF_HASH}, so "
+                              f"an edit of {MARKER} cannot be told from the original); resume or export it with "
+                              f"that version")
+    if meta.get(SELF_HASH) != manifest_hash(meta):
+        raise CheckpointError(f"checkpoint {ckpt}: {MARKER} was edited or damaged (its content does not match its "
+                              f"{SELF_HASH}" + ("" if SELF_HASH in meta else ": none recorded") + ")")
     return meta
 
 

@@ -13,9 +13,11 @@ from .save import layout_record
 from .state import set_rng_state
 
 
-def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
+def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_streams: bool = True) -> dict:
     """Restore weights, optimizer, schedule and - for the same layout - memory, data offset and RNG exactly.
-    A changed layout reshards the weights and optimizer and resets the memory with a warning."""
+    A changed layout reshards the weights and optimizer and resets the memory with a warning.
+    ``restore_streams=False`` (the data changed, run.data_changed=restart_streams) keeps ``streams`` at
+    position zero and the memory empty."""
     meta = json.loads((ckpt / TRAINER_META).read_text())
     marker = json.loads((ckpt / MARKER).read_text())
     if meta["model"] != engine.model_config.to_dict():
@@ -26,8 +28,9 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
         safe_load.install(engine)
         engine.load_shards(ckpt.parent, ckpt.name)
         state = safe_load.safe_load(rank_state_path(ckpt, dist.get_rank()))
-        engine.load_memory_state(state["memory"])
-        streams.load_state_dict(state["streams"])
+        if restore_streams:
+            engine.load_memory_state(state["memory"])
+            streams.load_state_dict(state["streams"])
         set_rng_state(state["rng"])
     else:
         from .reshard import reshard_load
@@ -35,6 +38,7 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
         log(f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
             f"state from the shards; the memory starts empty")
         reshard_load(ckpt, marker, engine)
-        state = safe_load.safe_load(rank_state_path(ckpt, 0))
-        streams.load_state_dict(state["streams"], strict=False)
+        if restore_streams:
+            state = safe_load.safe_load(rank_state_path(ckpt, 0))
+            streams.load_state_dict(state["streams"], strict=False)
     return meta

@@ -21,9 +21,11 @@ import torch.distributed as dist
 
 from .. import faults
 from ..distributed import first_problem
+from ..data.identity import data_identity
 from . import safe_load
 from .format import (FORMAT_VERSION, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
-                     listed_files, rank_state_path, sha256_file, shard_index_path, share_of, step_tag)
+                     listed_files, rank_state_path, sealed, sha256_file, shard_index_path, share_of, step_tag)
+from .rotation import rotate_checkpoints
 from .shard_index import rank_pieces
 from .state import rng_state
 
@@ -142,8 +144,7 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
         raise CheckpointSaveError(f"could not save checkpoint {ckpt}: {failure}; the half-written checkpoint was "
                                   f"removed" + (f", the newest complete one is {previous[0]}" if previous else ""))
     if rank == 0:
-        for old in complete_checkpoints(config.run.dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(config.run.dir, keep)
         log(f"saved checkpoint {ckpt}")
     dist.barrier()
     return ckpt
@@ -157,7 +158,7 @@ def _write_marker(ckpt: Path, engine, config, layout, step: int, hashes: list[di
               "model": engine.model_config.to_dict(),
               "tensors": tensor_table(ckpt, engine.model_config, layout.tensor,
                                       split_layers(config.model.n_layer, p.pipeline, p.pipeline_partition)),
-              "files": dict(sorted(files.items()))}
+              "data": data_identity(config.data), "files": dict(sorted(files.items()))}
     tmp = ckpt / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker))
+    tmp.write_text(json.dumps(sealed(marker)))
     os.replace(tmp, ckpt / MARKER)

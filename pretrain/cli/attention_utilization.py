@@ -31,6 +31,7 @@ import torch
 
 from lamemo_parallel import LaMemoModel
 from lamemo_parallel.inference import segment_count, segments, split_streams
+from pretrain.cli.model_inputs import check_token_file, load_model, model_tokenizer
 from pretrain.progress import progress
 from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
 
@@ -162,7 +163,10 @@ def _add_lookahead(result: Utilization, layer: int, probs: torch.Tensor, window:
 def load_token_ids(args, model_dir: Path, vocab_size: int) -> torch.Tensor:
     if args.tokens:
         from pretrain.data.indexed import load_tokens          # lazily: only this input needs it
-        ids = np.asarray(load_tokens(args.tokens))
+        check_token_file(args.tokens, model_dir)
+        has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
+        ids = np.asarray(load_tokens(args.tokens, tokenizer=model_tokenizer(model_dir, args.tokenizer, vocab_size)
+                                     if has_tokenizer else None))
     elif args.ids:
         try:
             ids = np.load(args.ids, allow_pickle=False)
@@ -171,9 +175,8 @@ def load_token_ids(args, model_dir: Path, vocab_size: int) -> torch.Tensor:
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise UsageError(f"{args.ids} must hold a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
     else:
-        from pretrain.data.tokenizer import load_tokenizer
-        tokenizer_dir = Path(args.tokenizer) if args.tokenizer else model_dir / "tokenizer"
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size,
+                                    alternative=", or give the tokens with --tokens / --ids")
         ids = np.asarray(tokenizer.encode_document(Path(args.text).read_text(encoding="utf-8")), dtype=np.int64)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, model_dir in enumerate(args.models):
             model_dir = Path(model_dir)
             try:
-                model = LaMemoModel.from_pretrained(model_dir, device=args.device)
+                model = load_model(model_dir, device=args.device)
                 tokens = load_token_ids(args, model_dir, model.config.vocab_size)
             except (OSError, ValueError) as err:      # missing files, ConfigError, DataError, mismatches
                 raise UsageError(str(err)) from None

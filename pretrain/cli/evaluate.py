@@ -7,13 +7,19 @@
 Fixed-length segments with streaming memory; every token is scored once (the last segment may be shorter).
 ``--text`` reads the file as one document tokenised exactly as preprocessing does (``encode_document``: its
 ids and a final <eos>) after the <eos> that ends the document before it, so every id of the document is
-scored; ``word_perplexity`` is exp(total NLL / words), words counted as lm-evaluation-harness does
-(``len(re.split(r"\s+", text))``): the figure its rolling-loglikelihood tasks report for the same text.
+scored. Bits per character, per byte and per word, and ``word_perplexity`` (exp(total NLL / words), words
+counted as lm-evaluation-harness does, ``len(re.split(r"\s+", text))``: the figure its rolling-loglikelihood
+tasks report for the same text) divide by exactly the text the scored ids encode (cut by --max-tokens, and by
+the at most batch-size - 1 ids that do not fill the streams evenly). The tokenizer must be the model's
+(vocabulary size, and the fingerprint its export recorded); a model directory without tokenizer/ needs
+--tokenizer, or --tokens.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
+import itertools
 import json
 import math
 import re
@@ -22,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from lamemo_parallel import LaMemoModel
 from lamemo_parallel.inference import evaluate_tokens
 from pretrain.progress import progress
 from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
+from pretrain.cli.model_inputs import load_model
+from pretrain.data.tokenizer import split_lines_keepends
 
 
 progress_bar = functools.partial(progress, desc="evaluate", unit="segment")
@@ -36,23 +43,64 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def load_eval_tokens(args, vocab_size: int) -> tuple[torch.Tensor, str | None]:
-    """The token ids to score and, for ``--text``, the text they encode (for bpc and word perplexity)."""
-    from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_description
-    tokenizer_dir = Path(args.tokenizer or Path(args.model) / "tokenizer")
+class EncodedText:
+    """A text file as preprocessing tokenises it (``encode_document``; ``Tokenizer.encode`` works line by line),
+    preceded by the ``<eos>`` of the document before it, and which text any prefix of the document's ids
+    encodes, so that per-character, per-byte and per-word figures divide by exactly the text that was scored
+    (``--max-tokens`` and the batch's uneven tail cut it short)."""
+
+    def __init__(self, text: str, tokenizer):
+        self.text = text
+        self.tokenizer = tokenizer
+        self.lines = split_lines_keepends(text)
+        self.line_ids = [tokenizer.encode(line) for line in self.lines]
+        self.ends = list(itertools.accumulate(len(ids) for ids in self.line_ids))
+        body = [i for ids in self.line_ids for i in ids]
+        # what encode_document adds after the lines' ids (the final <eos>; nothing for the word tokenizer)
+        self.document = body + tokenizer.encode_document(text)[len(body):] if body else []
+
+    def ids(self) -> torch.Tensor:
+        """``<eos>`` then the document's ids (an empty document has nothing to score)."""
+        return torch.tensor([self.tokenizer.eos_id] + self.document if self.document else [], dtype=torch.long)
+
+    def text_of(self, n_ids: int) -> str:
+        """The text the first ``n_ids`` ids of the document encode: whole lines, then the decoded start of a cut
+        line (the final <eos> encodes no text)."""
+        if not self.ends or n_ids >= self.ends[-1]:
+            return self.text
+        whole = bisect.bisect_right(self.ends, n_ids)
+        start = self.ends[whole - 1] if whole else 0
+        cut = self.line_ids[whole][:n_ids - start] if n_ids > start else []
+        return "".join(self.lines[:whole]) + (self.tokenizer.decode(cut) if cut else "")
+
+
+def load_eval_tokens(args, model_dir: Path, vocab_size: int) -> tuple[torch.Tensor, EncodedText | None]:
+    """The token ids to score and, for --text, what text each prefix of them encodes."""
+    from .model_inputs import check_token_file, model_tokenizer
     if args.tokens:
         from pretrain.data.indexed import load_tokens
-        # With the model's tokenizer at hand, a token file made with another one (same vocabulary size or not)
-        # is refused by its fingerprint instead of being scored as nonsense.
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_description(tokenizer_dir) else None
-        tokens = torch.from_numpy(load_tokens(args.tokens, tokenizer=tokenizer).astype("int64"))
-        return tokens, None
-    tokenizer = load_tokenizer(tokenizer_dir)
-    check_vocab_matches(tokenizer, vocab_size)
-    text = Path(args.text).read_text(encoding="utf-8")
-    # an empty document has nothing to score (its <eos> alone is not a document)
-    ids = [tokenizer.eos_id] + tokenizer.encode_document(text) if tokenizer.encode(text) else []
-    return torch.tensor(ids, dtype=torch.long), text
+        has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
+        tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size) if has_tokenizer else None
+        check_token_file(args.tokens, model_dir)
+        return torch.from_numpy(load_tokens(args.tokens, tokenizer=tokenizer).astype("int64")), None
+    tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size,
+                                alternative=", or score a preprocessed token file with --tokens")
+    encoded = EncodedText(Path(args.text).read_text(encoding="utf-8"), tokenizer)
+    return encoded.ids(), encoded
+
+
+def text_metrics(result, encoded: EncodedText) -> dict:
+    """Bits per character / byte / word and the word perplexity of the text the scored ids encode (every scored
+    id is a target: the first ``n_tokens`` ids of the document)."""
+    text = encoded.text_of(result.n_tokens)
+    bits = result.nll_sum / math.log(2)
+    metrics = {"characters": len(text), "bits_per_character": bits / max(len(text), 1),
+               "bits_per_byte": bits / max(len(text.encode("utf-8")), 1)}
+    words = len(text.split())
+    if words:
+        metrics["bits_per_word"] = bits / words
+        metrics["word_perplexity"] = math.exp(min(result.nll_sum / count_words(text), 700.0))
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="from_pretrained directory (config.json + model.safetensors)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help="prefix of a preprocessed token file (PREFIX.bin / PREFIX.idx)")
-    source.add_argument("--text", help="a UTF-8 text file, tokenised with the model's tokenizer (one <eos> a line)")
+    source.add_argument("--text", help="a UTF-8 text file: one document, tokenised with the model's tokenizer as preprocessing does")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL/tokenizer)")
     parser.add_argument("--tgt-len", type=positive_int, default=None, help="segment length (default: the model's tgt_len)")
     parser.add_argument("--mem-len", type=non_negative_int, default=None, help="memory length (default: the model's mem_len)")
@@ -71,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:
-        model = LaMemoModel.from_pretrained(args.model, device=args.device)
-        tokens, text = load_eval_tokens(args, model.config.vocab_size)
+        model = load_model(args.model, device=args.device)
+        tokens, encoded = load_eval_tokens(args, Path(args.model), model.config.vocab_size)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -99,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"tokens": result.n_tokens, "loss": result.loss, "perplexity": result.perplexity,
               "bits_per_token": result.bits_per_token, "tgt_len": tgt_len, "mem_len": mem_len,
               "clamp_len": model.config.clamp_len}
-    if text:
-        report["bits_per_character"] = result.bits_per_character(len(text))
-        if args.max_tokens is None:
-            report["word_perplexity"] = math.exp(min(result.nll_sum / count_words(text), 700.0))
+    if encoded is not None:
+        report.update(text_metrics(result, encoded))
     if args.json:
         print(json.dumps(report))
     else:

@@ -10,10 +10,16 @@ every parameter is merged from its shards one tensor at a time (peak memory abou
 optimizer's fp32 master copy, cast to --dtype and appended to OUT/model.safetensors, with config.json,
 export.json (step, dtype, source) and tokenizer/. The result loads with lamemo_parallel.LaMemoModel, which needs
 neither deepspeed nor megatron-core.
+
+OUT is written atomically (a staging directory beside it, moved into place in one rename; with --force the
+old export is replaced only once the new one is complete): a kill, a full disk or a read-only directory
+leaves OUT as it was, and every failure is one ``error:`` line, exit 2. export.json records the source
+checkpoint's manifest hash and the tokenizer's fingerprint.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from pretrain.cli_args import OneLineParser
@@ -27,12 +33,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the exported weights (default float32, the master copy itself)")
     parser.add_argument("--force", action="store_true", help="replace a model already exported to OUT")
     args = parser.parse_args(argv)
+    # A file-size limit (ulimit -f) would otherwise kill the process with SIGXFSZ mid-write; ignored, the
+    # write fails with EFBIG and is reported like a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from pretrain.checkpoint import CheckpointError
     from pretrain.checkpoint.export import export_checkpoint
     try:
         result = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.force,
                                    show_progress=True)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     c = result.config

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from lamemo_parallel import LaMemoModel
 from pretrain.cli_args import (OneLineParser, clamp_len, device, non_negative_float, non_negative_int, positive_int,
                                probability)
 from lamemo_parallel.generation import generate
+from pretrain.cli.model_inputs import load_model, model_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
-        model = LaMemoModel.from_pretrained(args.model, device=args.device)
-        tokenizer = load_tokenizer(Path(args.tokenizer or Path(args.model) / "tokenizer"))
-        check_vocab_matches(tokenizer, model.config.vocab_size)
+        model = load_model(args.model, device=args.device)
+        tokenizer = model_tokenizer(args.model, args.tokenizer, model.config.vocab_size)
         prompt = Path(args.prompt[1:]).read_text(encoding="utf-8") if args.prompt.startswith("@") else args.prompt
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -100,22 +100,27 @@ def test_kill_during_save_resumes_from_previous_checkpoint(corpus, tmp_path):
 def _resign(ckpt, *names):
     """Rewrite the manifest entries of ``names`` as an attacker with write access would (sizes and sha256 of
     the files as they are now), so only the pickle safety check stands between the file and a load."""
-    from pretrain.checkpoint.format import sha256_file
+    from pretrain.checkpoint.format import sealed, sha256_file
     marker = json.loads((ckpt / "COMPLETE.json").read_text())
     for name in names:
         marker["files"][name] = {"size": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
-    (ckpt / "COMPLETE.json").write_text(json.dumps(marker))
+    (ckpt / "COMPLETE.json").write_text(json.dumps(sealed(marker)))
 
 
 def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
-    """One run saves 7 checkpoints; six are damaged in six ways (truncated shard, missing file, size-preserving
-    corruption, a manifest of {}, a garbage trainer.json of the same size, a planted pickle payload with a
-    re-signed manifest). Auto-resume skips each with a warning and lands on step 1; nothing runs."""
+    """One run saves 8 checkpoints (first used, intact, for the atomic-export checks); seven are damaged in seven
+    ways (truncated shard, missing file, size-preserving corruption, a manifest of {}, a garbage trainer.json of
+    the same size, a planted pickle payload with a re-signed manifest, a manifest whose model entry was edited).
+    Auto-resume skips each with a warning and lands on step 1; nothing runs."""
     run = tmp_path / "run"
-    result = launch(1, overrides(corpus, run, "run.save_interval=1", "run.keep_checkpoints=7", "run.steps=7"))
+    result = launch(1, overrides(corpus, run, "run.save_interval=1", "run.keep_checkpoints=8", "run.steps=8"))
     assert result.returncode == 0, result.stderr[-4000:]
     ckpts = run / "checkpoints"
-    step = {s: ckpts / f"step_{s:08d}" for s in range(1, 8)}
+    step = {s: ckpts / f"step_{s:08d}" for s in range(1, 9)}
+    check_export_is_atomic(step[6], step[7], tmp_path / "atomic")
+    edited = json.loads((step[8] / "COMPLETE.json").read_text())                  # an edited manifest: another
+    edited["model"]["d_inner"] = 64                                               # architecture, same weights
+    (step[8] / "COMPLETE.json").write_text(json.dumps(edited))
     shard = step[7] / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])                                  # truncated shard
     (step[6] / "trainer_state_rank_00000.pt").unlink()                           # missing file
@@ -134,11 +139,14 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     assert find_resume_checkpoint(run, "auto", log=messages.append) == step[1]
     text = "\n".join(messages)
     for expected in ("truncated", "missing trainer_state_rank_00000.pt", "mp_rank_00_model_states.pt is corrupted",
-                     "COMPLETE.json is damaged", "trainer.json is corrupted", "could run code"):
+                     "COMPLETE.json is damaged", "trainer.json is corrupted", "could run code",
+                     "COMPLETE.json was edited or damaged"):
         assert expected in text, (expected, text)
-    assert len(messages) == 6 and all(m.startswith("warning: skipping checkpoint") for m in messages)
+    assert len(messages) == 7 and all(m.startswith("warning: skipping checkpoint") for m in messages)
     with pytest.raises(CheckpointError, match="truncated"):
         validate(step[7])
+    with pytest.raises(CheckpointError, match="was edited"):                      # run.resume=PATH refuses it
+        find_resume_checkpoint(run, str(step[8]))
     # the loaders themselves refuse the payload too (weights_only + allow-list), in our code and DeepSpeed's
     from pretrain.checkpoint.safe_load import _safe_engine_class, safe_load
     with pytest.raises(CheckpointError, match="could run code"):
@@ -158,7 +166,7 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     # the export tool refuses the damaged checkpoints with one line each and exports the good one
     tool = [sys.executable, str(ROOT / "tools" / "export_checkpoint.py")]
     for broken, expected in ((step[7], "truncated"), (step[5], "corrupted"), (step[4], "damaged"),
-                             (step[2], "could run code")):
+                             (step[2], "could run code"), (step[8], "was edited")):
         refused = subprocess.run(tool + [str(broken), str(tmp_path / "x")], capture_output=True, text=True)
         assert refused.returncode == 2 and expected in refused.stderr and "Traceback" not in refused.stderr
         assert refused.stderr.count("\n") == 1
@@ -172,6 +180,81 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
         assert again.returncode == 2 and again.stderr.startswith("error: ") and again.stderr.count("\n") == 1
     assert (tmp_path / "file").read_text() == "keep me"
     assert subprocess.run(tool + [str(step[1]), str(tmp_path / "x"), "--force"]).returncode == 0
+
+
+def check_export_is_atomic(old_ckpt, new_ckpt, work):
+    """kill -9 at every moment of a plain export and of ``--force`` over an older export, a full disk, a file
+    size limit and a read-only directory: every directory left behind (OUT, and any hidden staging directory
+    beside it) either fails to load with one line or holds exactly one checkpoint's weights and its record
+    (export.json names that checkpoint and its manifest hash); a failure says one line and leaves OUT as it
+    was."""
+    import os
+    import signal
+
+    from pretrain import faults
+    from pretrain.checkpoint.export import export_checkpoint
+    from pretrain.checkpoint.format import SELF_HASH, read_marker
+    clean = {}
+    for ckpt in (old_ckpt, new_ckpt):
+        export_checkpoint(ckpt, work / f"clean-{ckpt.name}")
+        clean[ckpt.name] = LaMemoModel.from_pretrained(work / f"clean-{ckpt.name}").state_dict()
+
+    def consistent(directory):
+        """None: does not load (one line); else the checkpoint it holds, after checking weights and record."""
+        try:
+            weights = LaMemoModel.from_pretrained(directory).state_dict()
+        except (OSError, ValueError) as err:
+            assert "\n" not in str(err)
+            return None
+        info = json.loads((directory / "export.json").read_text())
+        source = next(c for c in (old_ckpt, new_ckpt) if c.name == os.path.basename(info["checkpoint"]))
+        assert info["checkpoint_manifest_sha256"] == read_marker(source)[SELF_HASH]
+        assert all(torch.equal(weights[k], clean[source.name][k]) for k in weights)
+        return source.name
+
+    def killed(moment, out, force):
+        pid = os.fork()
+        if pid == 0:                                      # the child dies by SIGKILL at ``moment``
+            os.environ[faults.KILL_DURING_EXPORT_ENV] = moment
+            try:
+                export_checkpoint(new_ckpt, out, overwrite=force)
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] & 0x7F == signal.SIGKILL
+
+    for moment in faults.EXPORT_MOMENTS:
+        for force in (False, True):
+            out = work / moment / ("forced" if force else "plain") / "model"
+            if force:
+                export_checkpoint(old_ckpt, out)
+            killed(moment, out, force)
+            left = [out, *out.parent.glob(".model.export-*")]
+            held = {d.name: consistent(d) for d in left if d.exists()}
+            expected_out = new_ckpt.name if moment == "swapped" else (old_ckpt.name if force else None)
+            assert held.get("model") == expected_out, (moment, force, held)
+            if len(held) > 1 or "model" not in held:                  # the next export cleans up the leftovers
+                export_checkpoint(new_ckpt, out, overwrite=True)
+                assert [p.name for p in out.parent.iterdir()] == ["model"] and consistent(out) == new_ckpt.name
+    # a failed write is one line and leaves OUT as it was: a file size limit (ulimit -f) ...
+    out = work / "limited" / "model"
+    export_checkpoint(old_ckpt, out)
+    tool = [sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), str(new_ckpt), str(out), "--force"]
+    limited = subprocess.run(["bash", "-c", 'ulimit -f 24; exec "$@"', "_", *tool], capture_output=True, text=True)
+    assert limited.returncode == 2 and limited.stderr.count("\n") == 1 and "File too large" in limited.stderr
+    assert consistent(out) == old_ckpt.name and [p.name for p in out.parent.iterdir()] == ["model"]
+    # ... a full disk and a read-only directory (a tmpfs, where mounting is allowed)
+    disk = work / "disk"
+    if _mount_tmpfs(disk, 20 * 1024):
+        try:
+            full = subprocess.run(tool[:3] + [str(disk / "model")], capture_output=True, text=True)
+            assert full.returncode == 2 and full.stderr.count("\n") == 1 and "No space left" in full.stderr
+            assert list(disk.iterdir()) == []
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            read_only = subprocess.run(tool[:3] + [str(disk / "model")], capture_output=True, text=True)
+            assert read_only.returncode == 2 and "Read-only file system" in read_only.stderr
+            assert read_only.stderr.count("\n") == 1 and list(disk.iterdir()) == []
+        finally:
+            subprocess.run(["umount", str(disk)], check=True)
 
 
 def check_export_reproduces_eval_loss(corpus, run, tmp_path, dp, zero):

@@ -1,7 +1,7 @@
 """``lamemo-status`` (pretrain/cli/status.py) on generated run directories: the tail reader, the states, the
 million-line ``metrics.jsonl`` in under a second without importing torch. The states of real runs (running,
 finished, diverged with a quarantined checkpoint) are checked where those runs are launched anyway:
-tests/parallel/test_reliability.py and tests/parallel/test_operations.py."""
+tests/trainer/test_reliability.py and tests/parallel/test_operations.py."""
 from __future__ import annotations
 
 import json

@@ -121,3 +121,104 @@ def test_a_model_saved_without_memory_evaluates_and_generates_without_memory(tmp
     seen.clear()
     assert generate_cli.main([str(model_dir), "--prompt", "To be, or not", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert len(seen) == 2 + 5 and all(s == (0, 0) for s in seen), seen     # 13 prompt bytes in segments of 8
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "Café au lait — naïve façade.\nYou are all resolved rather to die than to famish?\nResolved.")
+
+
+def _evaluate(capsys, *args) -> dict:
+    from pretrain.cli import evaluate
+    assert evaluate.main([*map(str, args), "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_text_metrics_divide_by_exactly_the_text_that_was_scored(tmp_path, capsys, batch_size):
+    """evaluate --text F --max-tokens N reports the bits per character / byte / word of scoring the text of the
+    first N ids as a file of its own: cut at a line end and inside a line, with the streams' uneven tail left
+    out (batch size 3), and the whole document with its final <eos>. The byte tokenizer makes the reference
+    independent of the tool: each byte is one id, so the first k scored ids encode the first k bytes."""
+    model_dir = make_model_dir(tmp_path, 257)
+    full = tmp_path / "full.txt"
+    full.write_text(TEXT, encoding="utf-8")
+    data = TEXT.encode()
+    at_line_end = data.index(b"\n", 40) + 1
+    for n in (at_line_end, 101, len(data), len(data) + 2):
+        report = _evaluate(capsys, model_dir, "--text", full, "--max-tokens", n, "--batch-size", batch_size)
+        scored = report["tokens"]             # the ids after the leading <eos>, each one a target
+        assert n - batch_size <= scored <= n - 1
+        cut = data[:scored].decode("utf-8")   # past the last byte: the final <eos>, which encodes no text
+        assert report["characters"] == len(cut)
+        (tmp_path / "cut.txt").write_bytes(cut.encode())
+        alone = _evaluate(capsys, model_dir, "--text", tmp_path / "cut.txt", "--max-tokens", scored + 1,
+                          "--batch-size", batch_size)
+        assert alone["tokens"] == report["tokens"] and alone["characters"] == len(cut)
+        for key in ("bits_per_character", "bits_per_byte", "bits_per_word", "word_perplexity"):
+            assert report[key] == pytest.approx(alone[key], rel=1e-6), key
+        bits = report["loss"] * report["tokens"] / math.log(2)
+        assert report["bits_per_character"] == pytest.approx(bits / len(cut), rel=1e-9)
+        assert report["bits_per_byte"] == pytest.approx(bits / len(cut.encode()), rel=1e-9)
+        assert report["bits_per_word"] == pytest.approx(bits / len(cut.split()), rel=1e-9)
+    # a token file has no text to divide by: no per-character figure rather than a wrong one
+    from pretrain.data.indexed import preprocess
+    preprocess([full], model_dir / "tokenizer", tmp_path / "tok", workers=1)
+    report = _evaluate(capsys, model_dir, "--tokens", tmp_path / "tok", "--max-tokens", 50)
+    assert report["tokens"] == 49 and "bits_per_character" not in report
+
+
+def _damage(model_dir, how):
+    from safetensors.torch import load_file, save_file
+    weights = model_dir / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif how == "corrupted header":
+        raw = bytearray(weights.read_bytes())
+        raw[12:24] = b"#" * 12
+        weights.write_bytes(bytes(raw))
+    elif how == "integer dtype":
+        tensors = load_file(str(weights))
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].to(torch.int32)
+        save_file(tensors, str(weights))
+    elif how == "no tokenizer":
+        import shutil
+        shutil.rmtree(model_dir / "tokenizer")
+    elif how == "mixed export":
+        # weights of one export, export.json of another (what a non-atomic --force could leave)
+        (model_dir / "export.json").write_text(json.dumps({"checkpoint_manifest_sha256": "1" * 64}))
+    elif how == "foreign tokenizer":
+        # the export recorded another tokenizer than the one now in tokenizer/ (same vocabulary size)
+        (model_dir / "export.json").write_text(json.dumps({"tokenizer_fingerprint": "0" * 64}))
+
+
+@pytest.mark.parametrize("how,named", [("truncated", "truncated or damaged"),
+                                       ("corrupted header", "truncated or damaged"),
+                                       ("integer dtype", "not floating point"),
+                                       ("no tokenizer", "has no tokenizer/"),
+                                       ("mixed export", "come from different checkpoints"),
+                                       ("foreign tokenizer", "is not the one")])
+def test_every_tool_that_loads_a_model_refuses_damage_in_one_line(tmp_path, capsys, how, named):
+    """evaluate, generate and the attention tool given a damaged model file or a tokenizer that does not belong
+    to the model: one ``error:`` line, exit 2, no traceback (a token file needs no tokenizer)."""
+    from pretrain.cli import attention_utilization, evaluate, generate
+    model_dir = make_model_dir(tmp_path, 257)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    if how == "no tokenizer":
+        from pretrain.data.indexed import preprocess
+        preprocess([text], model_dir / "tokenizer", tmp_path / "tok", workers=1)
+        capsys.readouterr()                               # its progress bar
+    _damage(model_dir, how)
+    calls = [(evaluate.main, [model_dir, "--text", text]), (generate.main, [model_dir, "--prompt", "To be"]),
+             (attention_utilization.main, [model_dir, "--text", text, "--out", tmp_path / "a.png",
+                                           "--no-progress"])]
+    for main, args in calls:
+        assert main(list(map(str, args))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    if how == "no tokenizer":
+        _evaluate(capsys, model_dir, "--tokens", tmp_path / "tok", "--max-tokens", 20)
+        # a token file of another tokenizer than the one the export recorded: refused without a tokenizer too
+        (model_dir / "export.json").write_text(json.dumps({"tokenizer_fingerprint": "0" * 64}))
+        assert evaluate.main([str(model_dir), "--tokens", str(tmp_path / "tok")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "tokenized with a different tokenizer" in err

@@ -43,6 +43,25 @@ def test_every_config_value_is_range_checked(override, named):
         load_config(TINY_CONFIG, [override])
 
 
+@pytest.mark.parametrize("content,named", [
+    (b"\xff\xfe\x00\x01binary", "is not a UTF-8 text file"), (b"model: [1\n", "is not valid YAML"),
+    (b"model:\x00 1\n", "is not valid YAML"), (b"- 1\n- 2\n", "must hold a mapping of sections"),
+    (b"just text\n", "must hold a mapping of sections"), (b"modle:\n  d_model: 8\n", "unknown config section"),
+    (b"model: 3\n", "section 'model'"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, content, named):
+    """--config given a binary, non-UTF-8, non-YAML or non-mapping file: one line, exit 2, no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(TrainConfigError, match=named) as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+    if named == "is not a UTF-8 text file":           # and through the command: exit 2, one line
+        result = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(bad), "--dry-run"],
+                                capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
 def test_preflight_refuses_data_and_memory_problems_before_compute(corpus, bpe_dir, tmp_path):
     from pretrain.data.errors import DataError
     from pretrain.data.indexed import preprocess
@@ -200,16 +219,47 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
                          env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 2 and "is not reachable" in one_error(unreachable)
     # a logger that cannot start (W&B refuses its settings): one line before step 1, nothing changed
-    no_wandb = launch(1, [*base, "run.loggers=[wandb]"], env_extra={"WANDB_MODE": "bogus"})
+    no_wandb = launcher(1, [*base, "run.loggers=[wandb]"], env_extra={"WANDB_MODE": "bogus"})
     assert no_wandb.returncode == 2 and "cannot start the W&B run" in one_error(no_wandb)
     assert metric_steps(run_dir) == [1, 2, 3, 4] and (run_dir / "checkpoints" / "step_00000004").is_dir()
+    # other data of the same size and tokenizer: refused before step 1 by name, and the refused start changes
+    # nothing in the run directory (config, metrics, lock, checkpoints); run.data_changed=restart_streams
+    # continues on it from position 0 with empty memory and says so
+    from pretrain.data.indexed import preprocess
+    (tmp_path / "other.txt").write_text((corpus / "train.txt").read_text()[::-1])
+    preprocess([tmp_path / "other.txt"], corpus / "tok", tmp_path / "other", workers=1)
+    assert json.loads((tmp_path / "other.meta.json").read_text())["num_tokens"] == \
+        json.loads((corpus / "train.meta.json").read_text())["num_tokens"]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    other_data = launcher(1, [*base, f"data.train={tmp_path / 'other'}", "run.steps=5"])
+    line = one_error(other_data)
+    assert other_data.returncode == 2 and "data.train" in line and "run.data_changed=restart_streams" in line
+    # under the project's launcher that line is the only one (no ChildFailedError report, no summary)
+    assert [x for x in other_data.stderr.splitlines() if x.startswith("error:")] == [line]
+    assert "ChildFailedError" not in other_data.stderr
+    assert "step 1/" not in other_data.stdout and "step 5/" not in other_data.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    restarted = launcher(1, [*base, f"data.train={tmp_path / 'other'}", "run.steps=5",
+                           "run.data_changed=restart_streams"])
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "run.data_changed=restart_streams: data.train" in restarted.stdout and "position 0" in restarted.stdout
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5]
     # run.resume=never in a used directory: refused; with run.overwrite=true the old run is moved aside whole
     refused = launcher(1, [*base, "run.resume=never"])
     assert refused.returncode == 2 and "run.overwrite=true" in one_error(refused)
+    # ... and with run.overwrite=true but a start refused later (here: data.valid missing), nothing is moved
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused_later = launcher(1, [*base, "run.resume=never", "run.overwrite=true", f"data.valid={tmp_path / 'none'}"])
+    assert refused_later.returncode == 2 and "data.valid" in one_error(refused_later)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    # a refused first start in a new directory leaves no directory behind
+    new_dir = launcher(1, [*base_overrides(corpus, tmp_path / "new"), f"data.valid={tmp_path / 'none'}"])
+    assert new_dir.returncode == 2 and "data.valid" in one_error(new_dir) and not (tmp_path / "new").exists()
     fresh = launcher(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
-    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000004").is_dir()
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000005").is_dir()
     assert metric_steps(run_dir) == [1, 2]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
 
