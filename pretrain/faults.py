@@ -13,6 +13,10 @@ variable set every answer is "no", so a normal run never takes a fault path. The
                                       optimizer steps of the process (1-based, counted by the step guard,
                                       ``divergence.py``), so the divergence guard skips them and stops the run.
                                       Used by ``tests/parallel/test_reliability.py`` (divergence stop).
+    LAMEMO_FAULT_DROP_MEMORY=1        ``drop_memory_on_resume(engine)``: a resume on another layout empties the
+                                      memory it has just resharded (what resuming did before the memory was
+                                      resharded), so a test can show that the memory matters.
+                                      Used by ``tests/checkpoint/test_checkpoint.py`` (resharded resume).
 
 See docs/reliability.md ("Fault injection").
 """
@@ -23,6 +27,7 @@ import signal
 
 KILL_DURING_SAVE_ENV = "LAMEMO_FAULT_KILL_DURING_SAVE"
 NAN_STEPS_ENV = "LAMEMO_FAULT_NAN_STEPS"
+DROP_MEMORY_ENV = "LAMEMO_FAULT_DROP_MEMORY"
 
 
 def kill_during_save(step: int) -> None:
@@ -34,3 +39,9 @@ def kill_during_save(step: int) -> None:
 def nan_gradient_steps() -> set[int]:
     """The optimizer steps (1-based, of this process) whose gradients a test wants filled with NaN."""
     return {int(x) for x in os.environ.get(NAN_STEPS_ENV, "").split(",") if x.strip()}
+
+
+def drop_memory_on_resume(engine) -> None:
+    """Empty the engine's memory if a test asked for a resharded resume without it."""
+    if os.environ.get(DROP_MEMORY_ENV) == "1":
+        engine.reset_memory()

@@ -38,9 +38,17 @@ def resolve_layout(config: TrainConfig, world_size: int, *, cuda: bool) -> Layou
                         f"{p.pipeline}); use parallel.zero_stage=1 or 0")
     if p.precision == "fp16" and not cuda:
         problems.append("parallel.precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    d = config.data
+    data = world_size // (p.tensor * p.pipeline) if not world_size % (p.tensor * p.pipeline) else 0
+    if d.streams is not None and data:
+        if d.streams % (data * d.micro_batch_size):
+            problems.append(f"data.streams={d.streams} is not a multiple of data-parallel size {data} x "
+                            f"data.micro_batch_size={d.micro_batch_size}")
+        else:
+            d.micro_batches = d.streams // (data * d.micro_batch_size)   # the global stream count stays
     if problems:
         raise TrainConfigError("impossible parallel layout: " + "; ".join(problems))
-    return Layout(world_size, p.tensor, p.pipeline, world_size // (p.tensor * p.pipeline))
+    return Layout(world_size, p.tensor, p.pipeline, data)
 
 
 def split_layers(n_layer: int, stages: int, partition: list[int] | None = None) -> list[range]:

@@ -129,6 +129,10 @@ class SegmentStreams:
         return stream_id(dp_rank, micro_batch, row, micro_batches=self.micro_batches,
                          micro_batch_size=self.micro_batch_size)
 
+    def slot_streams(self) -> list[list[int]]:
+        """The global ids of this rank's streams, per micro-batch (slot) and row."""
+        return self._ids.tolist()
+
     @property
     def epoch(self) -> int:
         """Epochs completed so far (derived from the offset)."""
