@@ -32,37 +32,63 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print) -> dict:
         safe_load.install(engine)
         engine.load_shards(ckpt.parent, ckpt.name)
         state = safe_load.safe_load(rank_state_path(ckpt, dist.get_rank()))
-        engine.load_memory_state(state["memory"])
-        streams.load_state_dict(state["streams"])
-        set_rng_state(state["rng"])
-        return meta
-    from .reshard import reshard_load, target_parts
-    changed = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ours if saved.get(k) != ours[k])
-    reshard_load(ckpt, marker, engine)
-    state = safe_load.safe_load(rank_state_path(ckpt, 0), mmap=True)     # its memory stays on disk
-    saved_streams = state["streams"].get("layout", {}).get("num_streams")
-    streams.load_state_dict(state["streams"], strict=False)
-    memory = note = None
-    if saved_streams != streams.num_streams:
-        note = f"the global stream count changed ({saved_streams} -> {streams.num_streams}): the memory starts empty"
+        if state["streams"].get("layout") in (None, streams.layout()):
+            engine.load_memory_state(state["memory"])
+            streams.load_state_dict(state["streams"])
+            set_rng_state(state["rng"])
+            return meta
+        head = "resume: the global stream count changed; "
     else:
+        from .reshard import reshard_load
+        changed = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ours if saved.get(k) != ours[k])
+        head = (f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
+                f"state from the shards; ")
+        reshard_load(ckpt, marker, engine)
+    note = _continue_streams(ckpt, marker, engine, streams, layout)
+    rng, exact = restorable_rng(ckpt, engine, saved, ours)
+    set_rng_state(rng)
+    log(head + note + "; RNG " + ("restored (every generator)" if exact else
+                                  "restored for python and numpy (dropout masks under another partition differ)"))
+    return meta
+
+
+def _continue_streams(ckpt: Path, marker: dict, engine, streams, layout) -> str:
+    """The loader's position and the memory of every stream that continues, resharded onto this rank's slots;
+    returns what happened, for the log line."""
+    from .reshard import target_parts
+    saved = safe_load.safe_load(rank_state_path(ckpt, 0), mmap=True)["streams"]     # its memory stays on disk
+    old = saved.get("layout") or {}
+    streams.load_state_dict(saved, strict=False)
+    if {k: v for k, v in old.items() if k != "num_streams"} != \
+            {k: v for k, v in streams.layout().items() if k != "num_streams"}:
+        engine.reset_memory()
+        return "the data changed (another token file or tgt_len): the memory starts empty"
+    continuing = min(old["num_streams"], streams.num_streams)
+    slots = streams.slot_streams()
+    keep = [all(s < continuing for s in ids) for ids in slots]
+    note = streams.change_note or f"all {streams.num_streams} streams keep their position and memory"
+    if any(keep) and not all(keep) and layout.pipeline > 1:
+        keep = [False] * len(slots)      # a pipeline stage keeps one memory length for all its slots
+    if any(not k and any(s < continuing for s in ids) for k, ids in zip(keep, slots)):
+        note += ("; on this rank a micro-batch mixes continuing and added streams (or, pipelined, the slots "
+                 "differ), so its memory starts empty")
+    memory = None
+    if any(keep):
         try:
             memory = reshard_memory(ckpt, marker, model_config=engine.model_config, tp_rank=engine.tp_rank,
                                     tp_size=layout.tensor, stage=int(engine.stage), parts=target_parts(engine),
-                                    slot_streams=streams.slot_streams(), dtype=engine_dtype(engine))
+                                    slot_streams=[ids for k, ids in zip(keep, slots) if k],
+                                    dtype=engine_dtype(engine))
         except MemoryReshardError as err:
-            note = f"{err}: the memory starts empty"
-    if memory is not None:
-        engine.load_memory_state([{k: v.to(engine.device) for k, v in slot.items()} for slot in memory])
-        faults.drop_memory_on_resume(engine)
-    rng, exact = restorable_rng(ckpt, engine, saved, ours)
-    set_rng_state(rng)
-    kept = "; the memory of none of the streams was saved yet" if memory is None and note is None else ""
-    log(f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
-        f"state from the shards; " + (note or f"all {streams.num_streams} streams keep their position and memory")
-        + kept + "; RNG " + ("restored (every generator)" if exact else
-                             "restored for python and numpy (dropout masks under another partition differ)"))
-    return meta
+            return f"{note}; but {err}: the memory starts empty"
+    if memory is None:
+        engine.reset_memory()
+        return note + ("; no memory was saved yet" if any(keep) else "; the memory starts empty")
+    filled = iter(memory)
+    engine.load_memory_state([{n: t.to(engine.device) for n, t in next(filled).items()} if k else None
+                              for k in keep])
+    faults.drop_memory_on_resume(engine)
+    return note
 
 
 def engine_dtype(engine) -> torch.dtype:

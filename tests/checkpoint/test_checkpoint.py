@@ -214,6 +214,8 @@ def test_bf16_training_exports_the_fp32_master_and_reshards(corpus, tmp_path):
     second = launch(1, overrides(corpus, run, *base, "parallel.zero_stage=0"))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resharding weights and optimizer state" in second.stdout + second.stderr
+    # 8 streams (2 ranks x 2 micro-batches x 2 rows) -> 4: streams 0-3 continue, 4-7 retire, their rest is read
+    assert "data: streams 8 -> 4 at pair 24 of epoch 0: 4 continue" in second.stdout + second.stderr
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
 
 

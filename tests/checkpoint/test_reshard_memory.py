@@ -183,3 +183,35 @@ def test_data_streams_keeps_the_global_stream_count_on_any_world_size():
         assert layout.data * config.data.micro_batches * config.data.micro_batch_size == 8
     with pytest.raises(TrainConfigError, match="data.streams=6 is not a multiple of data-parallel size 4"):
         resolve_layout(load_config(TINY_CONFIG, ["data.streams=6", "data.micro_batch_size=1"]), 4, cuda=False)
+
+
+def test_four_to_eight_streams_keeps_the_first_four_bit_identical(tmp_path):
+    """4 streams (1 rank, 2 micro-batches of 2) saved after 7 steps, resumed with 8 (4 micro-batches of 2): the
+    loader gives streams 0-3 the inputs the 4-stream run would have read next, and the micro-batches holding
+    them get their saved memory bitwise (what ``load._continue_streams`` reshards for them); streams 4-7 start
+    on unread data in micro-batches of their own, with an empty memory."""
+    import numpy as np
+    from pretrain.data.streams import SegmentStreams
+    config = model(LAMEMO)
+    tokens = np.arange(5003, dtype=np.int64)
+    make = lambda mb: SegmentStreams(tokens, tgt_len=5, dp_size=1, dp_rank=0, micro_batches=mb,  # noqa: E731
+                                     micro_batch_size=2)
+    four = make(2)
+    for _ in range(7):
+        four.next_step()
+    state = four.state_dict()
+    full = single_device_memory(config, 4, length=5)
+    ckpt, marker = save_layout(tmp_path, config, full, dict(tp=1, pp=1, dp=1, mb=2, mbs=2))
+    eight = make(4)
+    eight.load_state_dict(state, strict=False)
+    assert eight.change_note.startswith("data: streams 4 -> 8 at pair 35 of epoch 0: 4 continue")
+    expected, got = four.next_step(), eight.next_step()
+    assert all(torch.equal(a, b) and torch.equal(x, y) for (a, x), (b, y) in zip(expected, got[:2]))
+    seen = {int(t) for slot in expected for t in slot[0].flatten()}
+    assert not seen & {int(t) for slot in got[2:] for t in slot[0].flatten()}      # added streams: unread data
+    slots = eight.slot_streams()
+    assert slots == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    memory = reshard_memory(ckpt, marker, model_config=config, tp_rank=0, tp_size=1, stage=0,
+                            parts=split_layers(config.n_layer, 1), slot_streams=slots[:2])
+    for slot, ids in zip(memory, slots[:2]):
+        assert all(torch.equal(slot[name], full[name][ids]) for name in full)
