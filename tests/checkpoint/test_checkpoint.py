@@ -10,7 +10,7 @@ import torch
 
 from lamemo_parallel import LaMemoModel
 
-from helpers import ROOT, PicklePayload, launch, losses
+from helpers import ROOT, PicklePayload, launch, losses, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -114,14 +114,17 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         validate(step[7])
     # lamemo-checkpoint info names the failing file and exits 2 (no process group, nothing unpickled)
-    for broken, expected in ((step[7], "mp_rank_00_model_states.pt is truncated"),
-                             (step[5], "mp_rank_00_model_states.pt is corrupted"),
+    probe = ("import sys; from pretrain.cli.checkpoint import main; status = main(sys.argv[1:]); "
+             "assert 'deepspeed' not in sys.modules and 'megatron' not in sys.modules; sys.exit(status)")
+    info = subprocess.run([sys.executable, "-c", probe, "info", str(step[7])], capture_output=True, text=True,
+                          cwd=ROOT, env=subprocess_env())                # the command alone in a process, once
+    assert info.returncode == 2 and info.stderr.startswith("error: ") and info.stderr.count("\n") == 1
+    assert "mp_rank_00_model_states.pt is truncated" in info.stderr and "valid: NO" in info.stdout
+    for broken, expected in ((step[5], "mp_rank_00_model_states.pt is corrupted"),
                              (step[6], "missing trainer_state_rank_00000.pt"), (step[4], "COMPLETE.json is damaged"),
                              (step[2], "could run code")):
-        info = subprocess.run([sys.executable, "-m", "pretrain.cli.checkpoint", "info", str(broken)],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert info.returncode == 2 and expected in info.stderr and "Traceback" not in info.stderr, info.stderr
-        assert info.stderr.startswith("error: ") and info.stderr.count("\n") == 1
+        status, _, err = info_command(broken)
+        assert status == 2 and expected in err and err.startswith("error: ") and err.count("\n") == 1, err
     # the loaders themselves refuse the payload too (weights_only + allow-list), in our code and DeepSpeed's
     from pretrain.checkpoint.safe_load import _safe_engine_class, safe_load
     with pytest.raises(CheckpointError, match="could run code"):
@@ -270,25 +273,34 @@ def test_resharded_resume_continues_exactly_with_the_memory(corpus, tmp_path, ca
         assert worst > 1e-3, worst          # 100 times the tolerance the memory keeps
 
 
+def info_command(*args) -> tuple[int, str, str]:
+    """``lamemo-checkpoint`` in this process (its main, as the console script runs it): (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pretrain.cli.checkpoint import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(["info", *map(str, args)])
+    return status, out.getvalue(), err.getvalue()
+
+
 def check_info(ckpt, step, ranks, settings):
     """``lamemo-checkpoint info`` (text and --json) on a checkpoint: step and layout, streams, files."""
-    from pretrain.cli.checkpoint import main
-    tool = [sys.executable, "-m", "pretrain.cli.checkpoint", "info"]
-    text = subprocess.run(tool + [str(ckpt)], capture_output=True, text=True, cwd=ROOT)
-    assert text.returncode == 0, text.stderr
+    status, text, _ = info_command(ckpt)
+    assert status == 0, text
     value = {k: int(v) for k, v in (x.split("=") for x in settings if x.startswith("parallel.tensor=")
                                                                    or x.startswith("parallel.pipeline="))}
     tp, pp = value.get("parallel.tensor", 1), value.get("parallel.pipeline", 1)
-    assert f"step: {step}" in text.stdout
-    assert f"layout: tensor {tp} x pipeline {pp} x data {ranks // (tp * pp)} (world {ranks})" in text.stdout
-    assert "valid: yes" in text.stdout and "memory: 8 rows per stream" in text.stdout
-    report = json.loads(subprocess.run(tool + [str(ckpt), "--json"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout)
+    assert f"step: {step}" in text
+    assert f"layout: tensor {tp} x pipeline {pp} x data {ranks // (tp * pp)} (world {ranks})" in text
+    assert "valid: yes" in text and "memory: 8 rows per stream" in text
+    status, out, _ = info_command(ckpt, "--json")
+    report = json.loads(out)
     assert report["step"] == step and report["valid"] and report["streams"]["offset"] == step * 8
     assert report["layout"]["tensor"] == tp and report["layout"]["pipeline"] == pp
     assert sorted(s for ids in report["streams"]["per_data_rank"].values() for s in ids) == \
         list(range(report["streams"]["count"]))
-    assert main(["info", str(ckpt), "--no-verify"]) == 0
 
 
 def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):
