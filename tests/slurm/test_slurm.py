@@ -157,25 +157,28 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, corpus, direct, tmp_path
 
 
 def test_requeue_onto_one_node_keeps_the_memory(cluster, corpus, tmp_path):
-    """2 nodes x 2 trainers, USR1, and the requeued job is shrunk to 1 node (`scontrol update NumNodes=1` while it
-    waits, as a site does when nodes go away): the second start runs 2 trainers, data.streams=8 keeps the 8
-    streams (micro-batches 1 -> 2 per rank), and every stream continues with its position and memory."""
+    """2 nodes x 2 trainers; USR1 checkpoints and requeues the job while node2 is drained (a node going away),
+    so the requeued job waits for a node that will not come; shrunk to 1 node (`scontrol update NumNodes=1`) it
+    starts on node1 with 2 trainers. data.streams=8 keeps the 8 streams (micro-batches 1 -> 2 per rank), and
+    every stream continues with its position and memory."""
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
     args = overrides(corpus, run_dir, "run.steps=30", "model.dropout=0.0", "model.dropatt=0.0", "data.streams=8",
                      "data.micro_batches=1")
     job = sbatch("pretrain.sbatch", [CONFIG, *args], *two_by_two(log, "t-shrink"), env=TWO_PER_NODE)
-    usr1_after_steps(job, run_dir / "metrics.jsonl", log, 3)
-    end = time.monotonic() + 120
-    while job_info(job).get("Restarts") != "1" or job_info(job).get("JobState") != "PENDING":
-        assert time.monotonic() < end, job_info(job)
-        time.sleep(0.1)
-    # held while it is changed: it would start again on 2 nodes once its old credential expires (5 s here)
-    subprocess.run(["scontrol", "hold", job], check=True, timeout=30)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1"], check=True, timeout=30)
-    subprocess.run(["scontrol", "release", job], check=True, timeout=30)
-    info = wait_job(job, 240)
+    try:
+        usr1_after_steps(job, run_dir / "metrics.jsonl", log, 3)
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=shrink-test"], check=True,
+                       timeout=30)
+        end = time.monotonic() + 180
+        while (info := job_info(job)).get("Restarts") != "1" or info.get("JobState") != "PENDING":
+            assert time.monotonic() < end and info.get("JobState") not in DONE, info
+            time.sleep(0.25)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1"], check=True, timeout=30)
+        info = wait_job(job, 300)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], timeout=30)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "1", text[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NumNodes"] == "1", text[-4000:]
     assert "layout: world 4 = tensor 1 x pipeline 1 x data 4" in text
     assert "layout: world 2 = tensor 1 x pipeline 1 x data 2" in text
     assert "resharding weights and optimizer state" in text and "all 8 streams keep their position and memory" in text
