@@ -173,7 +173,9 @@ def test_requeue_onto_one_node_keeps_the_memory(cluster, corpus, tmp_path):
         while (info := job_info(job)).get("Restarts") != "1" or info.get("JobState") != "PENDING":
             assert time.monotonic() < end and info.get("JobState") not in DONE, info
             time.sleep(0.25)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1"], check=True, timeout=30)
+        # one node, one task (torchrun), that node's CPUs: SLURM keeps the submitted task and CPU counts otherwise
+        subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "NumCPUs=2"], check=True,
+                       timeout=30)
         info = wait_job(job, 300)
     finally:
         subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], timeout=30)
