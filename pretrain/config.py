@@ -92,6 +92,10 @@ class DataSection:
     """Mixtures: tokens each stream reads from one source before the next span (rounded up to whole segments of
     tgt_len); shorter follows the weights more closely over a short window, longer breaks the context less
     often (docs/data.md)."""
+    streams: int | None = None
+    """The global stream count (streams read per optimizer step by the whole job); when set, ``micro_batches`` is
+    derived from it as streams / (data-parallel size x micro_batch_size), so a restart on another number of
+    nodes keeps every stream with its position and memory (docs/slurm.md). None: micro_batches as given."""
 
 
 @dataclass
@@ -388,6 +392,7 @@ def validate(config: TrainConfig) -> None:
          f"model.variant {m.variant} (full look-ahead) needs data.mem_len >= data.tgt_len"),
         (d.micro_batch_size > 0, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}"),
         (d.micro_batches > 0, f"data.micro_batches must be >= 1, got {d.micro_batches}"),
+        (d.streams is None or d.streams > 0, f"data.streams must be null or >= 1, got {d.streams}"),
         (d.roll_seed is None or d.roll_seed >= 0, f"data.roll_seed must be null or >= 0, got {d.roll_seed}"),
         (d.verify in ("auto", "checksum", "size"), f"data.verify must be auto, checksum or size, got {d.verify!r}"),
         (d.verify_max_gb >= 0, f"data.verify_max_gb must be >= 0, got {d.verify_max_gb}"),

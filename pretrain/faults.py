@@ -19,6 +19,10 @@ variable set every answer is "no", so a normal run never takes a fault path. The
                                       yet moved into place), ``swapped`` (moved into place, the old export or
                                       the staging directory not yet removed) (``checkpoint/export.py``).
                                       Used by ``tests/checkpoint/test_checkpoint.py`` (atomic export).
+    LAMEMO_FAULT_DROP_MEMORY=1        ``drop_memory_on_resume(engine)``: a resume on another layout empties the
+                                      memory it has just resharded (what resuming did before the memory was
+                                      resharded), so a test can show that the memory matters.
+                                      Used by ``tests/checkpoint/test_checkpoint.py`` (resharded resume).
 
 See docs/reliability.md ("Fault injection").
 """
@@ -31,6 +35,7 @@ KILL_DURING_SAVE_ENV = "LAMEMO_FAULT_KILL_DURING_SAVE"
 NAN_STEPS_ENV = "LAMEMO_FAULT_NAN_STEPS"
 KILL_DURING_EXPORT_ENV = "LAMEMO_FAULT_KILL_DURING_EXPORT"
 EXPORT_MOMENTS = ("weights", "record", "staged", "swapped")
+DROP_MEMORY_ENV = "LAMEMO_FAULT_DROP_MEMORY"
 
 
 def kill_during_save(step: int) -> None:
@@ -48,3 +53,9 @@ def kill_during_export(moment: str) -> None:
     """SIGKILL this process if a test asked for a crash at this moment of an export (``EXPORT_MOMENTS``)."""
     if os.environ.get(KILL_DURING_EXPORT_ENV) == moment:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def drop_memory_on_resume(engine) -> None:
+    """Empty the engine's memory if a test asked for a resharded resume without it."""
+    if os.environ.get(DROP_MEMORY_ENV) == "1":
+        engine.reset_memory()

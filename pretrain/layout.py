@@ -41,9 +41,17 @@ def resolve_layout(config: TrainConfig, world_size: int, *, cuda: bool) -> Layou
     if p.attention_backend == "flex" and not cuda:
         problems.append("parallel.attention_backend=flex needs a GPU to train (FlexAttention has no backward pass "
                         "on CPU); use auto or eager")
+    d = config.data
+    data = world_size // (p.tensor * p.pipeline) if not world_size % (p.tensor * p.pipeline) else 0
+    if d.streams is not None and data:
+        if d.streams % (data * d.micro_batch_size):
+            problems.append(f"data.streams={d.streams} is not a multiple of data-parallel size {data} x "
+                            f"data.micro_batch_size={d.micro_batch_size}")
+        else:
+            d.micro_batches = d.streams // (data * d.micro_batch_size)   # the global stream count stays
     if problems:
         raise TrainConfigError("impossible parallel layout: " + "; ".join(problems))
-    return Layout(world_size, p.tensor, p.pipeline, world_size // (p.tensor * p.pipeline))
+    return Layout(world_size, p.tensor, p.pipeline, data)
 
 
 def split_layers(n_layer: int, stages: int, partition: list[int] | None = None) -> list[range]:

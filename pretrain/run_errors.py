@@ -80,4 +80,10 @@ class StopSignal:
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            # Stopping is agreed: a later SIGUSR1 / SIGTERM changes nothing, and one arrives on SLURM (the step's
+            # processes are signalled directly and pretrain.launch forwards the same signal). Ignored, not handled:
+            # at interpreter shutdown Python restores the default actions, which would kill the trainer (-10).
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         return bool(flag.item() > 0)

@@ -7,7 +7,9 @@ resume is exact on the same layout and reshards on another, export reads the sha
     shard_index where each rank's tensors lie in DeepSpeed's files (recorded at save time)
     save        the collective save (no gather), failure handling (full disk, permissions)
     rotation    which old checkpoints go (rotation, interrupted saves) and quarantine after divergence
-    load        same-layout load, or resharding (reshard)
+    load        same-layout load, or resharding (reshard: weights, optimizer; reshard_memory: the recurrent memory
+                of every stream, by global stream id, TP heads and pipeline stage)
+    info        what a checkpoint holds, from its metadata only (``lamemo-checkpoint info``)
     shards      the offline reader: one merged tensor at a time (export, resharding)
     export      the offline export to a single-device ``from_pretrained`` directory (import it as
                 ``pretrain.checkpoint.export``; it needs only the shards)

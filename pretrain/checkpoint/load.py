@@ -1,23 +1,28 @@
 """Loading a checkpoint into a running job: the same layout restores everything exactly (DeepSpeed's own load
-through the safe checkpoint engine, then each rank's memory, data offset and RNG); another layout reshards."""
+through the safe checkpoint engine, then each rank's memory, data offset and RNG); another layout reshards the
+weights and optimizer state (``reshard``) and the memory (``reshard_memory``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from .. import faults
 from . import safe_load
 from .format import MARKER, TRAINER_META, CheckpointError, rank_state_path
+from .reshard_memory import MemoryReshardError, reshard_memory
 from .save import layout_record
-from .state import set_rng_state
+from .state import rng_state, set_rng_state
 
 
 def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_streams: bool = True) -> dict:
-    """Restore weights, optimizer, schedule and - for the same layout - memory, data offset and RNG exactly.
-    A changed layout reshards the weights and optimizer and resets the memory with a warning.
-    ``restore_streams=False`` (the data changed, run.data_changed=restart_streams) keeps ``streams`` at
-    position zero and the memory empty."""
+    """Restore weights, optimizer, schedule, memory, data offset and RNG. The same layout restores everything
+    exactly; another layout reshards the weights, the optimizer state and the memory (every stream keeps its
+    position and memory while the global stream count is unchanged) and restores the RNG states that still
+    mean the same thing (``restorable_rng``). ``restore_streams=False`` (the data changed,
+    run.data_changed=restart_streams) keeps ``streams`` at position zero and the memory empty."""
     meta = json.loads((ckpt / TRAINER_META).read_text())
     marker = json.loads((ckpt / MARKER).read_text())
     if meta["model"] != engine.model_config.to_dict():
@@ -28,17 +33,86 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_s
         safe_load.install(engine)
         engine.load_shards(ckpt.parent, ckpt.name)
         state = safe_load.safe_load(rank_state_path(ckpt, dist.get_rank()))
-        if restore_streams:
+        if not restore_streams:
+            set_rng_state(state["rng"])
+            return meta
+        if state["streams"].get("layout") in (None, streams.layout()):
             engine.load_memory_state(state["memory"])
             streams.load_state_dict(state["streams"])
-        set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
+            return meta
+        head = "resume: the global stream count changed; "
     else:
         from .reshard import reshard_load
         changed = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ours if saved.get(k) != ours[k])
-        log(f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
-            f"state from the shards; the memory starts empty")
+        head = (f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
+                f"state from the shards; ")
         reshard_load(ckpt, marker, engine)
-        if restore_streams:
-            state = safe_load.safe_load(rank_state_path(ckpt, 0))
-            streams.load_state_dict(state["streams"], strict=False)
+    note = (_continue_streams(ckpt, marker, engine, streams, layout) if restore_streams else
+            "the data changed (run.data_changed=restart_streams): the streams start at position 0, the memory empty")
+    rng, exact = restorable_rng(ckpt, engine, saved, ours)
+    set_rng_state(rng)
+    log(head + note + "; RNG " + ("restored (every generator)" if exact else
+                                  "restored for python and numpy (dropout masks under another partition differ)"))
     return meta
+
+
+def _continue_streams(ckpt: Path, marker: dict, engine, streams, layout) -> str:
+    """The loader's position and the memory of every stream that continues, resharded onto this rank's slots;
+    returns what happened, for the log line."""
+    from .reshard import target_parts
+    saved = safe_load.safe_load(rank_state_path(ckpt, 0), mmap=True)["streams"]     # its memory stays on disk
+    old = saved.get("layout") or {}
+    streams.load_state_dict(saved, strict=False)
+    if {k: v for k, v in old.items() if k != "num_streams"} != \
+            {k: v for k, v in streams.layout().items() if k != "num_streams"}:
+        engine.reset_memory()
+        return "the data changed (another token file or tgt_len): the memory starts empty"
+    continuing = min(old["num_streams"], streams.num_streams)
+    slots = streams.slot_streams()
+    keep = [all(s < continuing for s in ids) for ids in slots]
+    note = streams.change_note or f"all {streams.num_streams} streams keep their position and memory"
+    if any(keep) and not all(keep) and layout.pipeline > 1:
+        keep = [False] * len(slots)      # a pipeline stage keeps one memory length for all its slots
+    if any(not k and any(s < continuing for s in ids) for k, ids in zip(keep, slots)):
+        note += ("; on this rank a micro-batch mixes continuing and added streams (or, pipelined, the slots "
+                 "differ), so its memory starts empty")
+    memory = None
+    if any(keep):
+        try:
+            memory = reshard_memory(ckpt, marker, model_config=engine.model_config, tp_rank=engine.tp_rank,
+                                    tp_size=layout.tensor, stage=int(engine.stage), parts=target_parts(engine),
+                                    slot_streams=[ids for k, ids in zip(keep, slots) if k],
+                                    dtype=engine_dtype(engine))
+        except MemoryReshardError as err:
+            return f"{note}; but {err}: the memory starts empty"
+    if memory is None:
+        engine.reset_memory()
+        return note + ("; no memory was saved yet" if any(keep) else "; the memory starts empty")
+    filled = iter(memory)
+    engine.load_memory_state([{n: t.to(engine.device) for n, t in next(filled).items()} if k else None
+                              for k in keep])
+    faults.drop_memory_on_resume(engine)
+    return note
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype of the engine's activations (and so of its memory): its parameters' dtype."""
+    return next(engine.module.parameters()).dtype
+
+
+def restorable_rng(ckpt: Path, engine, saved: dict, ours: dict) -> tuple[dict, bool]:
+    """The RNG state this rank continues from after a layout change, and whether it is the whole saved state.
+    Python's and numpy's generators are the same on every rank: rank 0's are restored. The torch generators
+    drive dropout, whose masks depend on which rows and which stage a rank computes: they are restored (from the
+    saved rank at the same tensor, pipeline and data-parallel coordinates) only when nothing but the ZeRO stage
+    or the precision changed, so that the ranks compute exactly what they computed before; otherwise every rank
+    keeps its fresh seed."""
+    from .reshard_memory import saved_rank_indexes
+    if all(saved.get(k) == ours[k] for k in ours if k not in ("zero_stage", "precision")):
+        coords = (engine.tp_rank, int(engine.stage), int(engine.dp_rank))
+        for index in saved_rank_indexes(ckpt):
+            if (index["tp_rank"], index["stage"], index["dp_rank"]) == coords:
+                return safe_load.safe_load(rank_state_path(ckpt, index["rank"]), mmap=True)["rng"], True
+    first = safe_load.safe_load(rank_state_path(ckpt, 0), mmap=True)["rng"]
+    return {**rng_state(), "python": first["python"], "numpy": first["numpy"]}, False

@@ -5,7 +5,7 @@ from the checkpoint's shards (``ShardReader``: memory-mapped, merged in memory o
 slice with the sharding table (``lamemo_parallel.sharding.shard``) and writes it into its engine: the module
 weight, the fp32 master (ZeRO-1/2 fragments through DeepSpeed's ``safe_set_full_*`` API, ZeRO-3 partitions
 through ``reshard_zero3``) and the moments. The step
-count and LR schedule continue; the memory starts empty (the caller warns).
+count and LR schedule continue; the memory is emptied here and resharded by the caller (``reshard_memory``).
 """
 from __future__ import annotations
 
@@ -49,13 +49,16 @@ def _ensure_zero_optimizer_state(engine, step: int) -> None:
         zero._hp_optimizer_states_linked = True
 
 
-def _target_table(engine):
-    from lamemo_parallel.sharding import sharding_table
-
+def target_parts(engine) -> list[range]:
+    """The layers of every pipeline stage of this run."""
     from ..layout import split_layers
     p = engine.config.parallel
-    parts = split_layers(engine.model_config.n_layer, p.pipeline, p.pipeline_partition)
-    return sharding_table(engine.model_config, engine.layout.tensor, parts)
+    return split_layers(engine.model_config.n_layer, p.pipeline, p.pipeline_partition)
+
+
+def _target_table(engine):
+    from lamemo_parallel.sharding import sharding_table
+    return sharding_table(engine.model_config, engine.layout.tensor, target_parts(engine))
 
 
 def reshard_load(ckpt: Path, meta: dict, engine) -> None:

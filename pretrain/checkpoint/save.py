@@ -26,6 +26,7 @@ from . import safe_load
 from .format import (FORMAT_VERSION, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
                      listed_files, rank_state_path, sealed, sha256_file, shard_index_path, share_of, step_tag)
 from .rotation import rotate_checkpoints
+from .reshard_memory import memory_index
 from .shard_index import rank_pieces
 from .state import rng_state
 
@@ -63,9 +64,13 @@ def _write_own_files(ckpt: Path, engine, streams, config, step, layout, tracker_
     pieces = [p for p in pieces if all(loc is None or (ckpt / loc[0]).is_file()
                                        for loc in (p["master"], p["exp_avg"], p["exp_avg_sq"]))]
     coords = _coordinates(engine)
-    torch.save({"step": step, "memory": engine.memory_state(), "streams": streams.state_dict(),
+    memory = engine.memory_state()
+    torch.save({"step": step, "memory": memory, "streams": streams.state_dict(),
                 "rng": rng_state(), "layout": vars(layout)}, rank_state_path(ckpt, rank))
-    shard_index_path(ckpt, rank).write_text(json.dumps({**coords, "pieces": pieces}))
+    # which stream each memory row holds, and the loader's state: resharding and `lamemo-checkpoint info` read
+    # these without opening a tensor file
+    shard_index_path(ckpt, rank).write_text(json.dumps({**coords, "pieces": pieces, "streams": streams.state_dict(),
+                                                        "memory": memory_index(memory, streams.slot_streams())}))
     if rank == 0:
         config.save(ckpt / "config.yaml")
         if config.data.tokenizer:

@@ -113,7 +113,14 @@ class SegmentStreams:
         self.steps_per_epoch = self.stream_len // self.tgt_len
         """Steps until every stream has delivered all of its pairs once."""
         self.offset = 0
-        """Pairs consumed per stream since the start (all epochs): the loader's whole state."""
+        """Pairs consumed per stream since the start (all epochs): with ``origin`` and ``plan``, the whole state."""
+        self.origin = [0, 0]
+        """[epoch, offset] where regular epochs are counted from (moved past an epoch changed by ``plan``)."""
+        self.plan: dict | None = None
+        """After a change of the global stream count: the rest of that epoch as ``{"epoch", "begin", "end",
+        "spans"}``, ``spans[s]`` the [first pair, count] runs stream ``s`` reads from offset ``begin`` to ``end``."""
+        self.change_note: str | None = None
+        """What ``load_state_dict`` did with a changed stream count (one line for the log), else None."""
         # This rank's streams in (micro-batch, row) order, and where each starts in the token array.
         self._ids = np.array(
             [[self.stream_id(self.dp_rank, m, r) for r in range(self.micro_batch_size)]
@@ -130,10 +137,58 @@ class SegmentStreams:
         return stream_id(dp_rank, micro_batch, row, micro_batches=self.micro_batches,
                          micro_batch_size=self.micro_batch_size)
 
+    def slot_streams(self) -> list[list[int]]:
+        """The global ids of this rank's streams, per micro-batch (slot) and row."""
+        return self._ids.tolist()
+
     @property
     def epoch(self) -> int:
         """Epochs completed so far (derived from the offset)."""
-        return self.offset // self.stream_len
+        return self._where(self.offset)[0]
+
+    def _where(self, offset: int) -> tuple[int, int, dict | None]:
+        """(epoch, pairs read of it, the plan when ``offset`` falls in an epoch changed by ``plan``)."""
+        if self.plan is not None and offset < self.plan["end"]:
+            return self.plan["epoch"], offset - self.plan["begin"], self.plan
+        epoch, position = divmod(offset - self.origin[1], self.stream_len)
+        return self.origin[0] + epoch, position, None
+
+    def _epoch_rest(self) -> list[list[list[int]]]:
+        """Every stream's unread pairs of the current epoch, in reading order, as [first pair, count] runs."""
+        epoch, position, plan = self._where(self.offset)
+        if plan is not None:
+            return [_runs(spans, position, None) for spans in plan["spans"]]
+        L, rest = self.stream_len, []
+        for s, shift in enumerate(self.roll_shifts(epoch).tolist()):
+            first, count = (position + shift) % L, L - position
+            rest.append([[s * L + first, min(count, L - first)]] + ([[s * L, count - (L - first)]]
+                                                                     if count > L - first else []))
+        return rest
+
+    def _continue_from(self, old: "SegmentStreams") -> None:
+        """Take over a loader of another stream count mid-epoch (docs/checkpoints.md, "A changed global stream
+        count"): continuing streams keep their position, added streams start on unread data, retired streams'
+        unread data goes to the others; the rest of the epoch is ``U`` pairs per stream, then regular epochs."""
+        rests, S, S2 = old._epoch_rest(), old.num_streams, self.num_streams
+        unread = sum(n for _, n in rests[0])
+        share = unread * S // S2 // self.tgt_len * self.tgt_len
+        own = [_runs(rests[s], 0, min(unread, share)) for s in range(min(S, S2))]
+        pool = [run for s in range(S) for run in (_runs(rests[s], share, None) if s < S2 else rests[s])]
+        spans, taken = [], 0
+        for j in range(S2):
+            mine = own[j] if j < S else []
+            need = share - sum(n for _, n in mine)
+            spans.append(mine + _runs(pool, taken, need))
+            taken += need
+        epoch, position, _ = old._where(old.offset)
+        self.offset = old.offset
+        self.plan = {"epoch": epoch, "begin": old.offset, "end": old.offset + share, "spans": spans}
+        self.origin = [epoch + 1, old.offset + share]
+        self._shift_epoch = None
+        self.change_note = (f"data: streams {S} -> {S2} at pair {position} of epoch {epoch}: {min(S, S2)} continue "
+                            f"with their position and memory, {max(0, S2 - S)} start on unread data, "
+                            f"{max(0, S - S2)} retired (their unread data goes to the others); "
+                            f"{unread * S - share * S2} pairs of the epoch stay unread")
 
     def roll_shifts(self, epoch: int) -> np.ndarray:
         """Rotation of every stream (all S, indexed by stream id) in ``epoch``; zeros without a roll."""
@@ -150,14 +205,19 @@ class SegmentStreams:
             One ``(inputs, targets)`` per micro-batch, each ``LongTensor [micro_batch_size, tgt_len]``;
             ``targets[b, i]`` is the token after ``inputs[b, i]``.
         """
-        epoch, position = divmod(self.offset, self.stream_len)
-        if self._shift_epoch != epoch:
-            self._shift = self.roll_shifts(epoch)[self._ids]
-            self._shift_epoch = epoch
-        steps = np.arange(self.tgt_len, dtype=np.int64)
-        # [M, B, T] indices of the inputs; the targets are the next tokens.
-        pair = (position + self._shift[..., None] + steps) % self.stream_len
-        index = self._base[..., None] + pair
+        epoch, position, plan = self._where(self.offset)
+        if plan is not None:                          # the epoch of a stream-count change: explicit runs
+            index = np.array([[[i for first, n in _runs(plan["spans"][s], position, self.tgt_len)
+                                for i in range(first, first + n)] for s in row] for row in self._ids.tolist()],
+                             dtype=np.int64)
+        else:
+            if self._shift_epoch != epoch:
+                self._shift = self.roll_shifts(epoch)[self._ids]
+                self._shift_epoch = epoch
+            steps = np.arange(self.tgt_len, dtype=np.int64)
+            # [M, B, T] indices of the inputs; the targets are the next tokens.
+            pair = (position + self._shift[..., None] + steps) % self.stream_len
+            index = self._base[..., None] + pair
         inputs = torch.from_numpy(np.asarray(self.tokens[index], dtype=np.int64))
         targets = torch.from_numpy(np.asarray(self.tokens[index + 1], dtype=np.int64))
         self.offset += self.tgt_len
@@ -174,8 +234,12 @@ class SegmentStreams:
         return {"num_streams": self.num_streams, "tgt_len": self.tgt_len, "num_tokens": len(self.tokens)}
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"offset", "epoch", "layout"}``; only ``offset`` is state, the rest is for checking/logging."""
-        return {"offset": self.offset, "epoch": self.epoch, "layout": self.layout()}
+        """``{"offset", "epoch", "layout"}`` (plus ``origin`` and ``plan`` after a stream-count change);
+        ``epoch`` and ``layout`` are for checking and logging."""
+        state = {"offset": self.offset, "epoch": self.epoch, "layout": self.layout()}
+        if self.plan is not None:
+            state.update(origin=list(self.origin), plan=self.plan)
+        return state
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Restore the offset; the next ``next_step()`` repeats exactly what followed the save.
@@ -192,13 +256,22 @@ class SegmentStreams:
         if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
             raise DataError(f"invalid loader state: offset {offset!r} is not a non-negative integer")
         saved = state.get("layout")
+        self.change_note = None
         if saved is None or saved == self.layout():
             if offset % self.tgt_len:
                 raise DataError(f"loader offset {offset} is not a multiple of tgt_len {self.tgt_len}")
             self.offset = int(offset)
+            self.origin, self.plan, self._shift_epoch = list(state.get("origin", [0, 0])), state.get("plan"), None
             return
         changed = {k: (saved.get(k), v) for k, v in self.layout().items() if saved.get(k) != v}
         detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        if not strict and set(changed) == {"num_streams"}:
+            # the same data cut into another number of streams: rebuild the saved loader, take over its epoch
+            old = SegmentStreams(self.tokens, tgt_len=self.tgt_len, dp_size=1, dp_rank=0, micro_batches=1,
+                                 micro_batch_size=int(saved["num_streams"]), roll_seed=self.roll_seed)
+            old.load_state_dict(state)
+            self._continue_from(old)
+            return
         if strict:
             raise DataError(
                 f"the data layout changed since the checkpoint ({detail}); the saved offset no longer "
@@ -215,3 +288,19 @@ class SegmentStreams:
             "the token order differs from an uninterrupted run",
             stacklevel=2,
         )
+
+
+def _runs(runs: list[list[int]], skip: int, count: int | None) -> list[list[int]]:
+    """``count`` pairs (None: all the rest) of the [first pair, count] runs ``runs`` after the first ``skip``."""
+    out = []
+    for first, n in runs:
+        if skip >= n:
+            skip -= n
+            continue
+        take = n - skip if count is None else min(n - skip, count - sum(m for _, m in out))
+        if take > 0:
+            out.append([first + skip, take])
+        skip = 0
+        if count is not None and sum(m for _, m in out) >= count:
+            break
+    return out

@@ -10,7 +10,7 @@ import torch
 
 from lamemo_parallel import LaMemoModel
 
-from helpers import ROOT, PicklePayload, launch, losses
+from helpers import ROOT, PicklePayload, launch, losses, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -77,6 +77,7 @@ def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, z
     wa = LaMemoModel.from_pretrained(tmp_path / "straight" / "final").state_dict()
     wb = LaMemoModel.from_pretrained(tmp_path / "resumed" / "final").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    check_info(tmp_path / "straight" / "checkpoints" / f"step_{STEPS:08d}", STEPS, n, layout)
     if (tp, pp, dp, zero) in EXPORT_LAYOUTS:
         check_export_reproduces_eval_loss(corpus, tmp_path / "straight", tmp_path, dp, zero)
 
@@ -147,6 +148,18 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
         validate(step[7])
     with pytest.raises(CheckpointError, match="was edited"):                      # run.resume=PATH refuses it
         find_resume_checkpoint(run, str(step[8]))
+    # lamemo-checkpoint info names the failing file and exits 2 (no process group, nothing unpickled)
+    probe = ("import sys; from pretrain.cli.checkpoint import main; status = main(sys.argv[1:]); "
+             "assert 'deepspeed' not in sys.modules and 'megatron' not in sys.modules; sys.exit(status)")
+    info = subprocess.run([sys.executable, "-c", probe, "info", str(step[7])], capture_output=True, text=True,
+                          cwd=ROOT, env=subprocess_env())                # the command alone in a process, once
+    assert info.returncode == 2 and info.stderr.startswith("error: ") and info.stderr.count("\n") == 1
+    assert "mp_rank_00_model_states.pt is truncated" in info.stderr and "valid: NO" in info.stdout
+    for broken, expected in ((step[5], "mp_rank_00_model_states.pt is corrupted"),
+                             (step[6], "missing trainer_state_rank_00000.pt"), (step[4], "COMPLETE.json is damaged"),
+                             (step[2], "could run code")):
+        status, _, err = info_command(broken)
+        assert status == 2 and expected in err and err.startswith("error: ") and err.count("\n") == 1, err
     # the loaders themselves refuse the payload too (weights_only + allow-list), in our code and DeepSpeed's
     from pretrain.checkpoint.safe_load import _safe_engine_class, safe_load
     with pytest.raises(CheckpointError, match="could run code"):
@@ -326,57 +339,90 @@ def test_bf16_training_exports_the_fp32_master_and_reshards(corpus, tmp_path):
     second = launch(1, overrides(corpus, run, *base, "parallel.zero_stage=0"))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resharding weights and optimizer state" in second.stdout + second.stderr
+    # 8 streams (2 ranks x 2 micro-batches x 2 rows) -> 4: streams 0-3 continue, 4-7 retire, their rest is read
+    assert "data: streams 8 -> 4 at pair 24 of epoch 0: 4 continue" in second.stdout + second.stderr
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
 
 
-EXACT_RESHARDS = {  # name -> (extra settings, (ranks, settings) of the straight run, the first part, the resumed part)
-    # (TP, DP) = (2, 2) -> (1, 2), ZeRO-1 on both sides
-    "tp2dp2-to-dp2": (["parallel.zero_stage=1"], (2, []), (4, ["parallel.tensor=2"]), (2, [])),
-    # (TP, PP, DP) = (2, 2, 1) ZeRO-0 -> (1, 1, 2) ZeRO-3: the global batch stays the same 4 streams (micro-batch
-    # size 2 on one data-parallel rank, then 1 on each of two); each rank fills only its ZeRO-3 partitions
-    "tp2pp2-to-dp2-zero3": ([], (2, ["data.micro_batch_size=1"]), (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+RESHARD_STEPS, SAVED_AT = 13, 3
+
+EXACT_RESHARDS = {  # name -> (ranks, settings of layout A; ranks, settings of layout B); (tensor, pipeline, data)
+    # (2, 1, 2) ZeRO-1 -> (1, 2, 2) ZeRO-0: heads gathered from two TP ranks, layers split over two stages
+    "tp2dp2-zero1-to-pp2dp2-zero0": ((4, ["parallel.tensor=2", "parallel.zero_stage=1"]),
+                                     (4, ["parallel.pipeline=2", "parallel.zero_stage=0"])),
+    # (2, 2, 1) ZeRO-0 -> (1, 1, 2) ZeRO-3: the same 4 streams (2 rows per micro-batch on one data-parallel rank,
+    # then 1 on each of two) follow their global ids to the new ranks; each rank fills only its ZeRO-3 partitions
+    "tp2pp2-to-dp2-zero3": ((4, ["parallel.tensor=2", "parallel.pipeline=2"]),
                             (2, ["data.micro_batch_size=1", "parallel.zero_stage=3"])),
+    # (1, 1, 1) ZeRO-0 -> ZeRO-2, dropout on: nothing but the ZeRO stage changes, so the RNG is restored and the
+    # dropout masks are the straight run's
+    "zero0-to-zero2-dropout": ((1, ["model.dropout=0.1", "model.dropatt=0.1"]),
+                               (1, ["model.dropout=0.1", "model.dropatt=0.1", "parallel.zero_stage=2"])),
 }
 
 
 @pytest.mark.parametrize("case", sorted(EXACT_RESHARDS))
-def test_resharded_resume_continues_exactly_without_memory(corpus, tmp_path, case):
-    """Resume on another layout: each rank reads the fp32 masters and Adam moments of the tensors it holds from
-    the shards, one tensor at a time. With mem_len = 0 and dropout off the memory reset is a no-op, so the
-    continuation must equal the straight run up to summation order (1e-5)."""
-    extra, straight_run, first_run, second_run = EXACT_RESHARDS[case]
-    base = ["data.mem_len=0", "model.dropout=0.0", "model.dropatt=0.0", *extra]
-    straight = launch(straight_run[0], overrides(corpus, tmp_path / "straight", *base, *straight_run[1]))
+def test_resharded_resume_continues_exactly_with_the_memory(corpus, tmp_path, case):
+    """fp32, mem_len = tgt_len: the straight run on layout A saves at step 3; a run on layout B resumes from that
+    checkpoint. Each rank of B reads its weights, Adam moments and the memory of the streams it now reads (its
+    heads, its stage's layers) from the shards, so B's losses for the next 10 steps equal A's to 1e-5. For one
+    case the same resume with the memory emptied (LAMEMO_FAULT_DROP_MEMORY) misses that tolerance by far.
+    ``lamemo-checkpoint info`` reads A's checkpoint: its layout and step."""
+    (ranks_a, settings_a), (ranks_b, settings_b) = EXACT_RESHARDS[case]
+    base = ["model.dropout=0.0", "model.dropatt=0.0", f"run.steps={RESHARD_STEPS}", f"run.save_interval={SAVED_AT}",
+            "run.keep_checkpoints=6",
+            "data.valid="]
+    straight = launch(ranks_a, overrides(corpus, tmp_path / "straight", *base, *settings_a))
     assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(first_run[0], overrides(corpus, tmp_path / "run", *base, *first_run[1], "run.exit_after=3"))
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(second_run[0], overrides(corpus, tmp_path / "run", *base, *second_run[1]))
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "resharding weights and optimizer state" in second.stdout + second.stderr
+    ckpt = tmp_path / "straight" / "checkpoints" / f"step_{SAVED_AT:08d}"
+    resumed = launch(ranks_b, overrides(corpus, tmp_path / "run", *base, *settings_b, f"run.resume={ckpt}"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    output = resumed.stdout + resumed.stderr
+    assert "resharding weights and optimizer state" in output and "streams keep their position and memory" in output
+    assert ("RNG restored (every generator)" in output) == (case == "zero0-to-zero2-dropout"), output[-3000:]
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
-    torch.testing.assert_close(torch.tensor([b[s] for s in range(1, STEPS + 1)]),
-                               torch.tensor([a[s] for s in range(1, STEPS + 1)]), rtol=1e-5, atol=1e-6)
+    assert sorted(b) == list(range(SAVED_AT + 1, RESHARD_STEPS + 1))
+    steps = range(SAVED_AT + 1, RESHARD_STEPS + 1)
+    torch.testing.assert_close(torch.tensor([b[s] for s in steps]), torch.tensor([a[s] for s in steps]),
+                               rtol=1e-5, atol=0)
+    check_info(ckpt, SAVED_AT, ranks_a, settings_a)
+    if case == "zero0-to-zero2-dropout":
+        emptied = launch(ranks_b, overrides(corpus, tmp_path / "emptied", *base, *settings_b, f"run.resume={ckpt}"),
+                         env_extra={"LAMEMO_FAULT_DROP_MEMORY": "1"})
+        assert emptied.returncode == 0, emptied.stderr[-4000:]
+        c = losses(tmp_path / "emptied")
+        worst = max(abs(c[s] - a[s]) / abs(a[s]) for s in steps)
+        assert worst > 1e-3, worst          # 100 times the tolerance the memory keeps
 
 
-def test_reshard_tensor_to_pipeline_layout_resets_memory_and_continues(corpus, tmp_path):
-    """(TP, PP, DP) = (2, 1, 2) -> (1, 2, 2), ZeRO-1: weights and Adam moments move from tensor shards to pipeline
-    stages, the memory starts empty (warned), and the loss continues close to the uninterrupted run's: far closer
-    than a restart from scratch would be."""
-    base = ["run.steps=8", "parallel.zero_stage=1"]
-    straight = launch(4, overrides(corpus, tmp_path / "straight", *base, "parallel.tensor=2"))
-    assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.tensor=2", "run.exit_after=4"))
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(4, overrides(corpus, tmp_path / "run", *base, "parallel.pipeline=2"))
-    assert second.returncode == 0, second.stderr[-4000:]
-    output = second.stdout + second.stderr
-    assert "memory starts empty" in output
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
-    assert sorted(b) == list(range(1, 9))
-    # Within a quarter of what the run has learnt since step 1 (measured: 2-12 %; a model that lost its weights
-    # in the move would be off by about all of it: the loss moves only 5.54 -> 5.35 in these 8 steps).
-    for s in range(5, 9):
-        assert abs(b[s] - a[s]) < 0.25 * (a[1] - a[s]), (s, a[s], b[s])
+def info_command(*args) -> tuple[int, str, str]:
+    """``lamemo-checkpoint`` in this process (its main, as the console script runs it): (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pretrain.cli.checkpoint import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(["info", *map(str, args)])
+    return status, out.getvalue(), err.getvalue()
+
+
+def check_info(ckpt, step, ranks, settings):
+    """``lamemo-checkpoint info`` (text and --json) on a checkpoint: step and layout, streams, files."""
+    status, text, _ = info_command(ckpt)
+    assert status == 0, text
+    value = {k: int(v) for k, v in (x.split("=") for x in settings if x.startswith("parallel.tensor=")
+                                                                   or x.startswith("parallel.pipeline="))}
+    tp, pp = value.get("parallel.tensor", 1), value.get("parallel.pipeline", 1)
+    assert f"step: {step}" in text
+    assert f"layout: tensor {tp} x pipeline {pp} x data {ranks // (tp * pp)} (world {ranks})" in text
+    assert "valid: yes" in text and "memory: 8 rows per stream" in text
+    status, out, _ = info_command(ckpt, "--json")
+    report = json.loads(out)
+    assert report["step"] == step and report["valid"] and report["streams"]["offset"] == step * 8
+    assert report["layout"]["tensor"] == tp and report["layout"]["pipeline"] == pp
+    assert sorted(s for ids in report["streams"]["per_data_rank"].values() for s in ids) == \
+        list(range(report["streams"]["count"]))
 
 
 def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):

@@ -116,7 +116,7 @@ def test_changed_layout_is_refused_or_mapped_with_a_warning() -> None:
     for _ in range(old.steps_per_epoch + old.steps_per_epoch // 2):
         old.next_step()
     state = old.state_dict()
-    new = loaders(dp_size=2)[0]
+    new = loaders(dp_size=2, tgt_len=5)[0]        # (a change of the stream count alone: test_stream_count_change.py)
     with pytest.raises(DataError, match="layout changed.*num_streams 24 -> 16"):
         new.load_state_dict(state)
     with pytest.warns(UserWarning, match="resuming at epoch 1"):

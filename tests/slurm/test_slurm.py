@@ -88,6 +88,16 @@ def two_by_two(log, name):
     return ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--job-name={name}", f"--output={log}"]
 
 
+def usr1_after_steps(job, metrics, log, steps):
+    """Wait until the run has logged ``steps`` steps, then USR1 to the batch script (checkpoint and requeue)."""
+    end = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < end and job_info(job).get("JobState") in ("PENDING", "RUNNING"), \
+            log.read_text()[-4000:] if log.exists() else job_info(job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+
+
 TWO_PER_NODE = {"NPROC_PER_NODE": "2"}
 
 
@@ -120,12 +130,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, corpus, direct, tmp_path
     evaluate = sbatch("evaluate.sbatch", [tmp_path / "export", "--tokens", corpus / "train", "--max-tokens", "2000",
                                           "--device", "cpu", "--json"],
                       f"--dependency=afterok:{export}", "--job-name=t-evaluate", f"--output={tmp_path / 'eval.out'}")
-    metrics, end = run_dir / "metrics.jsonl", time.monotonic() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.monotonic() < end and job_info(job).get("JobState") in ("PENDING", "RUNNING"), \
-            log.read_text()[-4000:] if log.exists() else job_info(job)
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    metrics = run_dir / "metrics.jsonl"
+    usr1_after_steps(job, metrics, log, 3)
     # the requeued job may start again once its old credential expires (setup.sh: cred_expire=5 s). Forcing it
     # earlier (scontrol update StartTime=now) makes slurmctld kill it: "Job credential revoked".
     info = wait_job(job, 240)
@@ -148,6 +154,37 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, corpus, direct, tmp_path
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
     report = json.loads(next(x for x in (tmp_path / "eval.out").read_text().splitlines() if x.startswith("{")))
     assert report["tokens"] == 1999 and 0 < report["loss"] < 6
+
+
+def test_requeue_onto_one_node_keeps_the_memory(cluster, corpus, tmp_path):
+    """2 nodes x 2 trainers; USR1 checkpoints and requeues the job while node2 is drained (a node going away),
+    so the requeued job waits for a node that will not come; shrunk to 1 node (`scontrol update NumNodes=1`) it
+    starts on node1 with 2 trainers. data.streams=8 keeps the 8 streams (micro-batches 1 -> 2 per rank), and
+    every stream continues with its position and memory."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    args = overrides(corpus, run_dir, "run.steps=30", "model.dropout=0.0", "model.dropatt=0.0", "data.streams=8",
+                     "data.micro_batches=1")
+    job = sbatch("pretrain.sbatch", [CONFIG, *args], *two_by_two(log, "t-shrink"), env=TWO_PER_NODE)
+    try:
+        usr1_after_steps(job, run_dir / "metrics.jsonl", log, 3)
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=shrink-test"], check=True,
+                       timeout=30)
+        end = time.monotonic() + 180
+        while (info := job_info(job)).get("Restarts") != "1" or info.get("JobState") != "PENDING":
+            assert time.monotonic() < end and info.get("JobState") not in DONE, info
+            time.sleep(0.25)
+        # one node, one task (torchrun), that node's CPUs: SLURM keeps the submitted task and CPU counts otherwise
+        subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", "NumCPUs=2"], check=True,
+                       timeout=30)
+        info = wait_job(job, 300)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], timeout=30)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NumNodes"] == "1", text[-4000:]
+    assert "layout: world 4 = tensor 1 x pipeline 1 x data 4" in text
+    assert "layout: world 2 = tensor 1 x pipeline 1 x data 2" in text
+    assert "resharding weights and optimizer state" in text and "all 8 streams keep their position and memory" in text
+    assert sorted(losses(run_dir)) == list(range(1, 31))
 
 
 def test_bad_config_and_impossible_layout_fail_fast(cluster, corpus, tmp_path):
