@@ -96,6 +96,11 @@ class DataSection:
     """The global stream count (streams read per optimizer step by the whole job); when set, ``micro_batches`` is
     derived from it as streams / (data-parallel size x micro_batch_size), so a restart on another number of
     nodes keeps every stream with its position and memory (docs/slurm.md). None: micro_batches as given."""
+    span_memory: str = "keep"
+    """Mixtures: the memory at a span boundary (where a stream may switch source): ``keep`` (the default: the
+    memory already crosses every document boundary inside a source, Transformer-XL's practice) or ``reset``
+    (empty it before every step whose segments begin new spans; all streams switch at the same steps). Needs a
+    list of sources in ``train``: one token file has no spans (docs/data.md)."""
 
 
 @dataclass
@@ -244,6 +249,7 @@ class TrainConfig:
 
 SECTIONS = "model, data, optim, parallel, run"
 LOGGERS = ("mlflow", "tensorboard", "wandb")     # run.loggers (pretrain/tracking)
+SPAN_MEMORY = ("keep", "reset")                 # data.span_memory (pretrain/data/mixture.py)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -395,6 +401,10 @@ def validate(config: TrainConfig) -> None:
         (d.streams is None or d.streams > 0, f"data.streams must be null or >= 1, got {d.streams}"),
         (d.roll_seed is None or d.roll_seed >= 0, f"data.roll_seed must be null or >= 0, got {d.roll_seed}"),
         (d.verify in ("auto", "checksum", "size"), f"data.verify must be auto, checksum or size, got {d.verify!r}"),
+        (d.span_memory in SPAN_MEMORY, f"data.span_memory must be keep or reset, got {d.span_memory!r}"),
+        (d.span_memory == "keep" or not isinstance(d.train, str) or not d.train,
+         "data.span_memory=reset needs a mixture (data.train as a list of sources): one token file is read "
+         "without spans, so there is no span boundary to reset the memory at"),
         (d.verify_max_gb >= 0, f"data.verify_max_gb must be >= 0, got {d.verify_max_gb}"),
         (o.name in ("adam", "adamw"), f"optim.name must be adam or adamw, got {o.name!r}"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),

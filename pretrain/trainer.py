@@ -239,9 +239,11 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> bool:
         """Train one optimizer step and do what follows it; True when the run stops here (checkpoint saved)."""
-        from .data.mixture import data_metrics
+        from .data.mixture import data_metrics, span_memory_reset
         from .throughput import format_console_line
         config, guard = self.config, self.guard
+        if span_memory_reset(self.streams, config.data):    # every rank decides alike from the loader state
+            self.engine.reset_memory()                     # (pipelined: each stage empties its own store)
         self.meter.begin()
         result = self.engine.train_step(self.streams.next_step())
         self.meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))

@@ -26,10 +26,15 @@ the global counter) and hand out new spans from the counter on. Today such a res
 fresh span (:meth:`MixtureStreams.load_state_dict` with ``strict=False``), skipping the unread rest of the spans
 in progress.
 
-The span boundary is a document boundary for the model, and the memory is **kept** across it (the default and,
-today, the only behaviour): inside one source the documents are already concatenated and the memory crosses
-every ``<eos>`` (Transformer-XL's practice), so a source switch is one more such boundary, marked by the
-``<eos>`` that ends the previous span's last document only when it happens to fall there.
+The span boundary is a document boundary for the model; ``data.span_memory`` says what the memory does there.
+``keep`` (the default) carries it across: inside one source the documents are already concatenated and the
+memory crosses every ``<eos>`` (Transformer-XL's practice), so a source switch is one more such boundary, marked
+by the ``<eos>`` that ends the previous span's last document only when it happens to fall there. ``reset``
+empties the engine's memory before every step whose segments begin new spans (:func:`span_memory_reset`). That
+needs no per-row memory mask: all spans are ``P`` pairs long and all streams take their first span at the same
+step, so every stream begins a new span at the same steps, and a restart with another stream count starts every
+stream on a fresh span at once (:meth:`MixtureStreams.starts_new_spans` checks it). The decision is a pure
+function of the loader state, so every rank takes it alike and resume stays bitwise.
 
 Span length. ``P`` is ``data.span_len`` rounded up to a multiple of ``tgt_len`` (a span is whole segments, so
 every stream switches at a step boundary). After ``n`` steps the share of source ``i`` in the tokens read is
@@ -51,8 +56,8 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
-from pretrain.data.sources import (DATA_CHANGED_HINT, DEFAULT_SPAN_LEN, Source, check_same_sources, parse_sources,
-                                   sources_record)
+from pretrain.data.sources import (DATA_CHANGED_HINT, DEFAULT_SPAN_LEN, LAYOUT_CHANGED_HINT, Source, check_same_sources,
+                                   parse_sources, sources_record)
 from pretrain.data.streams import SegmentStreams, stream_id
 
 
@@ -196,6 +201,13 @@ class MixtureStreams:
         """How many of the S streams read each source now (set when spans are handed out)."""
         self._due = 0
         """Pairs until the first stream's span is used up (<= 0: hand out spans before the next step)."""
+        self.change_note: str | None = None
+        """What the last non-strict :meth:`load_state_dict` changed (for the resume log line), else None."""
+
+    def slot_streams(self) -> list[list[int]]:
+        """The global ids of this rank's streams, per micro-batch (slot) and row (as
+        :meth:`SegmentStreams.slot_streams`: the checkpoint's memory index and resharding use them)."""
+        return self._local.reshape(self.micro_batches, self.micro_batch_size).tolist()
 
     # -- what a run will see ------------------------------------------------------------------------------
     @property
@@ -232,6 +244,26 @@ class MixtureStreams:
             self.stream_pos[due] = 0
         self._reading = np.bincount(self.stream_source, minlength=len(self.sources)).tolist()
         self._due = int((self.span - self.stream_pos).min())
+
+    def starts_new_spans(self) -> bool:
+        """Whether the segments the next :meth:`next_step` returns begin new spans, for every stream at once
+        (True at the first step and after a restart that started every stream afresh). Every stream switches at
+        the same steps: spans are all ``P`` pairs long, a multiple of ``tgt_len``, and every stream takes its
+        first span at the same step (:meth:`load_state_dict` keeps that after a stream-count change). A pure
+        function of the loader state, so every rank answers alike without communicating (``data.span_memory``).
+
+        Raises:
+            RuntimeError: only some streams begin a new span (impossible by construction; a corrupted state).
+        """
+        if self._due > 0:                       # no span used up (python ints: this runs every step)
+            return False
+        due = self.stream_pos >= self.span
+        if due.all():
+            return True
+        if due.any():
+            raise RuntimeError(f"mixture streams out of step: {int(due.sum())} of {self.num_streams} begin a new "
+                               "span at this step (all spans are the same length and start together)")
+        return False
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The next segment of this rank's streams (as ``SegmentStreams.next_step``), then advance every stream."""
@@ -290,6 +322,7 @@ class MixtureStreams:
         self.schedule.load_state_dict(state["schedule"])
         self.read = [int(r) for r in state["read"]]
         ours = self.layout()
+        self.change_note = None
         if all(saved.get(k) == ours[k] for k in ("num_streams", "tgt_len", "span")):
             streams = state["streams"]
             for name in ("span", "source", "start", "pos"):
@@ -300,9 +333,10 @@ class MixtureStreams:
                            if saved.get(k) != ours[k])
         if strict:
             raise DataError(f"the data layout changed since the checkpoint ({detail}); the saved spans no longer "
-                            "fit the streams. Restore the old layout, or resume non-strictly (memory reset)")
+                            "fit the streams; " + LAYOUT_CHANGED_HINT)
         self.stream_pos[:] = self.span          # every stream takes a fresh span at the next step
         self._due = 0
+        self.change_note = f"every stream starts a fresh span from global span {self.schedule.next_span} ({detail})"
         warnings.warn(f"data layout changed ({detail}): every stream starts a fresh span from global span "
                       f"{self.schedule.next_span}; the token order differs from an uninterrupted run", stacklevel=2)
 
@@ -317,6 +351,15 @@ def build_streams(train: Any, data, *, dp_size: int, dp_rank: int):
     if isinstance(train, list):
         return MixtureStreams(train, span_len=data.span_len, **common)
     return SegmentStreams(train, **common)
+
+
+def span_memory_reset(streams, data) -> bool:
+    """``data.span_memory: reset``: whether the engine's memory is emptied before the step ``streams`` is about
+    to read, because its segments begin new spans (:meth:`MixtureStreams.starts_new_spans`; at the first step
+    the memory is empty anyway). A pure function of the loader state that every rank (every pipeline stage,
+    every data-parallel rank) steps alike and a checkpoint restores, so ranks agree without communicating and
+    resume stays bitwise. ``data`` is the config's data section."""
+    return data.span_memory == "reset" and isinstance(streams, MixtureStreams) and streams.starts_new_spans()
 
 
 def data_metrics(streams, train: Any) -> dict[str, float]:

@@ -26,6 +26,10 @@ SOURCE_KEYS = ("name", "path", "weight")
 DATA_CHANGED_HINT = ("restore them, or set run.data_changed=restart_streams to start the streams afresh on the "
                      "new sources")
 """How a refused change of sources is resolved (issue 22's ``run.data_changed`` setting)."""
+LAYOUT_CHANGED_HINT = ("restore the old layout (data.tgt_len, and the global stream count: data.streams keeps it on "
+                       "another number of ranks), or set run.data_changed=restart_streams to start the streams "
+                       "afresh")
+"""How a loader state saved under another stream layout is resolved when it cannot be carried over."""
 
 
 # ---------------------------------------------------------------------------------------------- config

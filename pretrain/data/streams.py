@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
-from pretrain.data.sources import DATA_CHANGED_HINT
+from pretrain.data.sources import DATA_CHANGED_HINT, LAYOUT_CHANGED_HINT
 
 def stream_id(dp_rank: int, micro_batch: int, row: int, *, micro_batches: int, micro_batch_size: int) -> int:
     """The stream read by ``row`` of micro-batch ``micro_batch`` on data-parallel rank ``dp_rank``.
@@ -275,8 +275,7 @@ class SegmentStreams:
         if strict:
             raise DataError(
                 f"the data layout changed since the checkpoint ({detail}); the saved offset no longer "
-                "names the same tokens. Restore the old layout, or resume non-strictly (memory reset)"
-            )
+                "names the same tokens; " + LAYOUT_CHANGED_HINT)
         old_len = (saved["num_tokens"] - 1) // saved["num_streams"]
         old_len -= old_len % saved["tgt_len"]
         epoch, position = divmod(int(offset), max(old_len, 1))

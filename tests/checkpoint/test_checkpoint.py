@@ -28,13 +28,15 @@ def overrides(corpus, run_dir, *extra):
 #: Layouts whose straight run's shards also go through the offline export (one launch serves both tests).
 EXPORT_LAYOUTS = {(2, 2, 1, 0), (1, 2, 2, 1)}
 #: Layouts that train on a mixture (pretrain/data/mixture.py): the same file as two sources, weights 1 : 3, spans
-#: of 2 segments, so streams switch source at steps 3 and 5, across the resume at step 3.
+#: of 2 segments, so streams switch source at steps 3 and 5, across the resume at step 3; with
+#: data.span_memory=reset every stage of every data-parallel rank empties its memory there (step 5: in the resumed
+#: process), deciding alone from the loader state.
 MIXTURE_LAYOUTS = {(1, 2, 2, 1)}
 
 
 def mixture(corpus):
     return [f"data.train=[{{name: a, path: {corpus / 'train'}, weight: 1}}, {{name: b, path: {corpus / 'train'}, "
-            f"weight: 3}}]", "data.span_len=16"]
+            f"weight: 3}}]", "data.span_len=16", "data.span_memory=reset"]
 
 
 def token_counts(run_dir):

@@ -9,6 +9,7 @@ import collections
 import numpy as np
 import pytest
 
+from helpers import ROOT
 from pretrain.config import TrainConfigError, load_config
 from pretrain.data.errors import DataError
 from pretrain.data.mixture import MixtureStreams, SpanSchedule, data_metrics
@@ -214,3 +215,48 @@ def test_config_takes_a_prefix_or_a_list_from_yaml_and_the_command_line(tmp_path
 def test_bad_source_lists_are_refused_at_load(value: str, message: str) -> None:
     with pytest.raises(TrainConfigError, match=message):
         load_config(None, [f"data.train={value}"])
+
+
+def test_every_stream_begins_its_spans_at_the_same_steps_also_after_a_stream_count_change() -> None:
+    """data.span_memory=reset needs no per-row mask: spans of P = 3 segments begin for all streams together at
+    steps 1, 4, 7, ... (and at the step after a restart on another stream count); only some would raise."""
+    def begins(loader: MixtureStreams, steps: int) -> list[bool]:
+        out = []
+        for _ in range(steps):
+            out.append(loader.starts_new_spans())
+            before = loader.stream_span.copy()
+            loader.next_step()
+            changed = loader.stream_span != before          # the streams that did take a new span
+            assert changed.all() == out[-1] and changed.any() == out[-1]
+        return out
+
+    (loader,) = loaders(sources(), dp_size=1, micro_batch_size=4, span_len=96)      # P = 96 = 3 x tgt_len 32
+    assert begins(loader, 8) == [True, False, False, True, False, False, True, False]
+    (wider,) = loaders(sources(), dp_size=1, micro_batch_size=8, span_len=96)
+    with pytest.warns(UserWarning, match="fresh span"):
+        wider.load_state_dict(loader.state_dict(), strict=False)     # mid-span: every stream starts afresh
+    assert begins(wider, 4) == [True, False, False, True]
+    begins(wider, 2)                                                # at the next boundary
+    state = wider.state_dict()
+    state["streams"]["pos"][0] -= 32                                # a corrupted state: one stream out of step
+    wider.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="out of step: 7 of 8"):
+        wider.starts_new_spans()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.span_memory=forget"], "data.span_memory must be keep or reset, got 'forget'"),
+    (["data.train=data/web/train", "data.span_memory=reset"], "data.span_memory=reset needs a mixture"),
+    (["data.train=[{path: a/x, weight: 1}]", "data.span_memory=reset"], None),
+    (["data.train=data/web/train"], None),                             # keep is the default
+])
+def test_span_memory_is_keep_or_reset_and_reset_needs_spans(overrides, message, capsys) -> None:
+    """One error line, exit 2, for a bad value or reset on one token file (no spans: it would do nothing)."""
+    from pretrain.train import main as train_main
+    config = ROOT / "configs" / "mixture-cpu.yaml"
+    if message is None:
+        assert load_config(config, overrides).data.span_memory == ("reset" if "reset" in overrides[-1] else "keep")
+        return
+    assert train_main(["--config", str(config), "--dry-run", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err

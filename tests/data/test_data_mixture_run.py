@@ -160,3 +160,46 @@ def test_dry_run_prints_each_source_with_share_and_epochs(mixture_data, tmp_path
         epochs = 512_000 * share / ((tokens - 1) // 512 * 512)
         assert (f"source {name}: {tokens:,} tokens, weight {3 if name == 'wikitext2' else 1}, expected share "
                 f"{share:.3f}, {epochs:.2f} epochs in this run") in out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_span_memory_reset_empties_the_memory_where_spans_begin_and_resumes_bitwise(mixture_data, tmp_path):
+    """tgt_len 8 and span_len 32: steps 1 and 5 begin new spans. With data.span_memory=reset, step 5's loss is the
+    loss of its segments with an empty memory under the weights after step 4 (the exported step-4 checkpoint);
+    with keep (the default) steps 1-4 are bitwise the same and step 5 differs. A reset run stopped after step 4
+    (so the reset happens in the resumed process, on the restored memory) is bitwise equal to the straight one."""
+    from lamemo_parallel import LaMemoModel
+    from pretrain.checkpoint.export import export_checkpoint
+    from pretrain.checkpoint.format import CHECKPOINTS, step_tag
+    from pretrain.config import load_config
+    from pretrain.data.mixture import build_streams
+    from pretrain.preflight import check_data
+    settings = ("model.dropout=0", "optim.schedule=constant", "optim.lr=0.01", "data.span_len=32", "run.steps=5",
+                "run.mlflow=false")       # a large lr: after 4 steps the attention uses the memory visibly
+    reset = tiny(mixture_data, tmp_path / "reset", *settings, "data.span_memory=reset", "run.save_interval=4")
+    for overrides in (reset, tiny(mixture_data, tmp_path / "keep", *settings)):
+        done = train(overrides)
+        assert done.returncode == 0, done.stderr[-4000:]
+    kept, emptied = losses(tmp_path / "keep"), losses(tmp_path / "reset")
+    assert [kept[s] for s in range(1, 5)] == [emptied[s] for s in range(1, 5)]     # the same until the boundary
+
+    export_checkpoint(tmp_path / "reset" / CHECKPOINTS / step_tag(4), tmp_path / "step4")
+    model = LaMemoModel.from_pretrained(tmp_path / "step4").eval()
+    config = load_config(CONFIG, reset)
+    streams = build_streams(check_data(config, verify_checksums=False, log=lambda _: None).train, config.data,
+                            dp_size=1, dp_rank=0)
+    for _ in range(4):
+        streams.next_step()
+    assert streams.starts_new_spans()
+    [(inputs, targets)] = streams.next_step()                       # step 5's segments, one micro-batch
+    with torch.no_grad():
+        empty = model(inputs, targets=targets, memory=None).nll.float().mean().item()
+    assert emptied[5] == pytest.approx(empty, rel=1e-6)           # (the parallel model matches it to ~1e-7 here)
+    assert abs(kept[5] - empty) > 1e-5 * empty                      # keep: ~4e-5 away, the memory counts
+
+    first = train(tiny(mixture_data, tmp_path / "resumed", *settings, "data.span_memory=reset", "run.exit_after=4"))
+    assert first.returncode == 0 and "stopping at step 4" in first.stdout, first.stderr[-4000:]
+    second = train(tiny(mixture_data, tmp_path / "resumed", *settings, "data.span_memory=reset"))
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-4000:]
+    assert losses(tmp_path / "resumed") == emptied                  # bitwise

@@ -121,6 +121,23 @@ def test_stage_memory_keeps_the_newest_rows_and_refuses_foreign_state():
     assert torch.equal(fresh.get(0)["vectors.2"], store.get(0)["vectors.2"])
 
 
+def test_pipeline_engine_reset_memory_empties_each_stage_store():
+    """data.span_memory=reset: every rank calls the engine's reset_memory at the same steps; on each stage (the
+    first with its look-ahead embeddings FIFO, the last) it empties every micro-batch slot of that stage's store."""
+    from types import SimpleNamespace
+    from lamemo_parallel.pipeline_runtime import StageRuntime
+    from pretrain.engines.pipeline import PipelineEngine
+    config = LaMemoConfig(vocab_size=50, n_layer=2, d_model=16, n_head=4, d_inner=32, tgt_len=4, mem_len=4)
+    for stage in range(2):
+        runtime = StageRuntime(config, stage=stage, num_stages=2, layers=range(stage, stage + 1), micro_batches=2,
+                               mem_len=4, n_local_heads=4)
+        for slot in range(2):
+            runtime.memory.commit(slot, {n: torch.ones(3, 6, 16) for n in runtime.memory.names})
+        assert runtime.memory_length() == 4 and ("embeddings" in runtime.memory.names) == (stage == 0)
+        PipelineEngine.reset_memory(SimpleNamespace(runtime=runtime))
+        assert runtime.memory_length() == 0 and runtime.memory.slots == [None, None]
+
+
 def test_position_dropout_mask_is_shared_by_all_stages():
     """docs/method.md §2: one positional dropout mask per step, shared by every layer, so by every pipeline stage."""
     from lamemo_parallel.pipeline_runtime import StageRuntime
