@@ -8,7 +8,8 @@ the checkpoint's ``config.yaml`` with the current config and
 * applies a changed ``optim.lr`` / ``betas`` / ``eps`` / ``weight_decay`` to every param group and the
   scheduler's base lrs, and recomputes the current lr from the (current) schedule at the resumed step;
 * logs one line naming every changed setting with its old and new value (schedule, clip and run.steps
-  included: they take effect through the rebuilt schedule and the engine's clip);
+  included: they take effect through the rebuilt schedule and the engine's clip; ``data.span_memory`` too,
+  which takes effect at the next span boundary);
 * refuses a changed ``optim.name`` (Adam's and AdamW's states are not interchangeable: weight decay enters
   the moments in one and not the other).
 
@@ -28,7 +29,8 @@ SCHEDULE = ("warmup_steps", "schedule", "min_lr", "clip_grad")
 
 
 def changed_settings(saved: dict, config: TrainConfig) -> dict[str, tuple]:
-    """Dotted key -> (checkpoint value, current value) for every optimizer / schedule setting that differs."""
+    """Dotted key -> (checkpoint value, current value) for every optimizer / schedule setting (and
+    ``data.span_memory``) that differs."""
     old_optim = saved.get("optim") or {}
     changes = {}
     for key in ("name", *APPLIED, *SCHEDULE):
@@ -42,6 +44,9 @@ def changed_settings(saved: dict, config: TrainConfig) -> dict[str, tuple]:
     old_steps = (saved.get("run") or {}).get("steps")
     if old_steps is not None and old_steps != config.run.steps:
         changes["run.steps"] = (old_steps, config.run.steps)
+    old_memory = (saved.get("data") or {}).get("span_memory")     # applies from the next span boundary on
+    if old_memory is not None and old_memory != config.data.span_memory:
+        changes["data.span_memory"] = (old_memory, config.data.span_memory)
     return changes
 
 

@@ -260,3 +260,10 @@ def test_span_memory_is_keep_or_reset_and_reset_needs_spans(overrides, message, 
     assert train_main(["--config", str(config), "--dry-run", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+def test_a_changed_span_memory_on_resume_is_named_in_the_resume_line() -> None:
+    from pretrain.resume_settings import changed_settings
+    config = load_config(ROOT / "configs" / "mixture-cpu.yaml", ["data.span_memory=reset"])
+    assert changed_settings({"data": {"span_memory": "keep"}}, config) == {"data.span_memory": ("keep", "reset")}
+    assert changed_settings({"data": {"span_memory": "reset"}}, config) == {}

@@ -106,7 +106,7 @@ def test_mixture_example_trains_evaluates_per_source_resumes_bitwise_and_exports
                         + [data_overrides(mixture_data, train_weights=(1, 1))[0]])
     assert reweighted.returncode == 2 and "Traceback" not in reweighted.stderr
     error = [line for line in reweighted.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "wikitext2 weight 3.0 -> 1.0" in error[0], reweighted.stderr[-2000:]
+    assert len(error) == 1 and re.search(r"wikitext2 \(.*\): weight 3.0 -> 1.0", error[0]), reweighted.stderr[-2000:]
     assert "run.data_changed=restart_streams" in error[0]
 
 
