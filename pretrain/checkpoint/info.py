@@ -21,12 +21,17 @@ def _streams(indexes: list[dict]) -> dict | None:
     if state is None:
         return None
     layout = state["layout"]
-    pairs = (layout["num_tokens"] - 1) // layout["num_streams"]
-    stream_len = pairs - pairs % layout["tgt_len"]
     per_rank = {}
     for index in indexes:
         if index.get("memory") and index["tp_rank"] == 0 and index["stage"] == 0:
             per_rank[int(index["dp_rank"])] = sorted(s for slot in index["memory"]["slots"] for s in slot)
+    if state.get("mixture"):        # pretrain/data/mixture.py: spans of sources, no single offset
+        return {"count": layout["num_streams"], "tgt_len": layout["tgt_len"], "span": layout["span"],
+                "next_span": state["schedule"]["next_span"], "position": state["streams"]["pos"][0],
+                "read": {s["name"]: int(r) for s, r in zip(layout["sources"], state["read"])},
+                "per_data_rank": dict(sorted(per_rank.items()))}
+    pairs = (layout["num_tokens"] - 1) // layout["num_streams"]
+    stream_len = pairs - pairs % layout["tgt_len"]
     return {"count": layout["num_streams"], "tgt_len": layout["tgt_len"], "num_tokens": layout["num_tokens"],
             "offset": state["offset"], "epoch": state["offset"] // stream_len, "stream_len": stream_len,
             "position": state["offset"] % stream_len, "per_data_rank": dict(sorted(per_rank.items()))}
@@ -100,9 +105,14 @@ def describe(info: dict) -> str:
                      f"heads x {m['d_head']}, d_inner {m['d_inner']}, vocabulary {m['vocab_size']}, tgt_len "
                      f"{m['tgt_len']}, mem_len {m['mem_len']}")
     s = info.get("streams")
-    if s:
+    if s and "span" in s:
+        lines.append(f"streams: {s['count']} over a mixture, each {s['position']} pairs into its span of {s['span']} "
+                     f"(next global span {s['next_span']}, segments of {s['tgt_len']}); target tokens read: "
+                     + ", ".join(f"{name} {read:,}" for name, read in s["read"].items()))
+    elif s:
         lines.append(f"streams: {s['count']}, each at pair offset {s['offset']} (epoch {s['epoch']}, "
                      f"{s['position']} of {s['stream_len']} pairs per stream, segments of {s['tgt_len']})")
+    if s:
         lines += [f"  data-parallel rank {r}: streams {_ranges(ids)}" for r, ids in s["per_data_rank"].items()]
     mem = info.get("memory")
     lines.append(f"memory: {mem['length']} rows per stream ({', '.join(mem['tensors'])})" if mem
