@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from lamemo_parallel.config import LaMemoConfig, check_variant, variant_traits
+from lamemo_parallel.config import RECOMPUTE_MODES, LaMemoConfig, check_variant, variant_traits
 
 from .data.errors import DataError
 from .data.sources import DEFAULT_SPAN_LEN, parse_sources
@@ -130,8 +131,12 @@ class ParallelSection:
     """DeepSpeed ZeRO stage (0-3): how optimizer state, gradients and weights are sharded over data-parallel ranks."""
     precision: str = "fp32"
     """fp32, bf16, or fp16 (GPU only, dynamic loss scaling). Z-bar stays float32 in every mode."""
-    activation_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, more compute)."""
+    recompute: str = "none"
+    """What the backward pass recomputes instead of keeping (less memory, more compute): none; attention
+    (selective, as Megatron's: each layer keeps its linear layers' outputs and recomputes the attention scores,
+    softmax, look-ahead and interpolation, the N x (M+N) and M x N tensors that dominate LaMemo's activations);
+    full (whole layers). With attention, losses and gradients are bitwise those of none. The deprecated
+    ``parallel.activation_checkpointing: true`` maps onto full (false onto none)."""
     attention_backend: str = "auto"
     """The attention's softmax part: auto (flex on CUDA, eager on CPU), eager (plain torch, the reference) or
     flex (torch's FlexAttention, fused; CUDA for training). See lamemo_parallel/attention.py."""
@@ -308,9 +313,20 @@ def _yaml_or_none(text: str):
         return None
 
 
+#: Keys that were renamed: (section, old key) -> (new key, the old value mapped onto the new key's).
+DEPRECATED_KEYS = {
+    ("parallel", "activation_checkpointing"):
+        ("recompute", lambda value: "full" if _coerce(value, bool, "parallel.activation_checkpointing") else "none"),
+}
+
+
 def _apply(section_obj, values: dict, section: str) -> None:
     hints = typing.get_type_hints(type(section_obj))
     for key, value in values.items():
+        if (section, key) in DEPRECATED_KEYS:
+            old_key, (key, convert) = key, DEPRECATED_KEYS[section, key]
+            value = convert(value)
+            print(f"note: {section}.{old_key} is deprecated, read as {section}.{key}={value}", file=sys.stderr)
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f"did you mean '{section}.{close[0]}'? " if close else ""
@@ -395,6 +411,8 @@ def validate(config: TrainConfig) -> None:
         (p.pipeline > 0, f"parallel.pipeline must be >= 1, got {p.pipeline}"),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
         (p.precision in ("fp32", "bf16", "fp16"), f"parallel.precision must be fp32, bf16 or fp16, got {p.precision!r}"),
+        (p.recompute in RECOMPUTE_MODES,
+         f"parallel.recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {p.recompute!r}"),
         (p.attention_backend in ("auto", "eager", "flex"),
          f"parallel.attention_backend must be auto, eager or flex, got {p.attention_backend!r}"),
         (p.reduce_bucket_size > 0 and p.allgather_bucket_size > 0,

@@ -173,7 +173,7 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
         grads = P * 4 // (D if p.zero_stage >= 2 else 1)
         optim = P * (8 + (4 if w == 2 else 0)) // (D if p.zero_stage >= 1 else 1)
         per_layer = b * (34 * q * m.d_model + 5 * m.n_head * q * k) * w // 2 // T
-        if p.activation_checkpointing:
+        if p.recompute == "full":
             acts = L * b * q * m.d_model * w + per_layer
         else:
             acts = L * per_layer

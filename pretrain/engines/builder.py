@@ -9,7 +9,8 @@ What it decides once:
   ``parallel.tensor`` > 1);
 * the attention backend (``parallel.attention_backend``, ``auto`` resolved for the device), set on every
   attention layer of whatever it built;
-* activation checkpointing (the model's flag, or the pipeline's checkpoint interval);
+* what the backward pass recomputes (``parallel.recompute``): ``attention`` sets every attention layer's
+  selective recompute, ``full`` the model's whole-layer flag or the pipeline's checkpoint interval;
 * the initial weights (the single-device model's at ``run.seed``, each rank drawing only what it holds);
 * the precision and ZeRO keys of DeepSpeed's config (``deepspeed_config``), which DeepSpeed applies to the
   model it wraps.
@@ -20,7 +21,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from lamemo_parallel.attention import use_attention_backend
+from lamemo_parallel.attention import use_attention_backend, use_selective_recompute
 from lamemo_parallel.init import draw_init_seed, initialise_parameters
 from lamemo_parallel.linear import PlainParts
 from lamemo_parallel.megatron_parts import MegatronParts
@@ -39,7 +40,9 @@ class ModelBuilder:
         self.config, self.layout, self.device = config, layout, device
         self.model_config = model_config(config, vocab_size)
         self.attention_backend = attention_backend(config.parallel.attention_backend, device)
-        self.activation_checkpointing = config.parallel.activation_checkpointing
+        self.recompute = config.parallel.recompute
+        #: Whole-layer recompute (``recompute: full``): the model's flag, or a pipeline checkpoint interval of 1.
+        self.activation_checkpointing = self.recompute == "full"
 
     def parts(self) -> PlainParts:
         """How a layer's pieces are made for this layout."""
@@ -56,6 +59,7 @@ class ModelBuilder:
 
     def _finish(self, model: nn.Module) -> nn.Module:
         use_attention_backend(model, self.attention_backend)
+        use_selective_recompute(model, self.recompute)
         return model.to(self.device)
 
     # ------------------------------------------------------------------ the plain engine's model

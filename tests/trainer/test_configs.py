@@ -55,3 +55,22 @@ def test_model_config_passes_every_model_key_through(path):
     assert model.d_head == (config.model.d_head or config.model.d_model // config.model.n_head)
     assert (model.vocab_size, model.tgt_len, model.mem_len) == (321, config.data.tgt_len, config.data.mem_len)
     assert (model.layer_norm_eps, model.extra) == (LaMemoConfig.layer_norm_eps, {})    # the library's own
+
+
+def test_recompute_and_its_deprecated_switch(capsys, tmp_path):
+    """parallel.recompute takes none / attention / full; the old parallel.activation_checkpointing still works
+    (from a file, as an old run's saved config holds it, and as an override), read as full / none with a
+    one-line note; anything else is refused naming the key."""
+    from pretrain.config import TrainConfigError
+    assert load_config(None, ["parallel.recompute=attention"]).parallel.recompute == "attention"
+    assert load_config(None, []).parallel.recompute == "none"
+    assert load_config(None, ["parallel.activation_checkpointing=true"]).parallel.recompute == "full"
+    note = capsys.readouterr().err.strip().splitlines()
+    assert note == ["note: parallel.activation_checkpointing is deprecated, read as parallel.recompute=full"]
+    old = tmp_path / "old.yaml"
+    old.write_text("parallel:\n  activation_checkpointing: false\n")
+    assert load_config(old).parallel.recompute == "none"
+    with pytest.raises(TrainConfigError, match="parallel.recompute must be one of none, attention, full"):
+        load_config(None, ["parallel.recompute=selective"])
+    with pytest.raises(TrainConfigError, match="parallel.activation_checkpointing must be"):
+        load_config(None, ["parallel.activation_checkpointing=maybe"])
