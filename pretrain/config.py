@@ -21,6 +21,7 @@ from lamemo_parallel.config import RECOMPUTE_MODES, LaMemoConfig, check_variant,
 
 from .data.errors import DataError
 from .data.sources import DEFAULT_SPAN_LEN, parse_sources
+from .zero_limits import LIMIT_KEYS
 
 
 class TrainConfigError(ValueError):
@@ -146,12 +147,27 @@ class ParallelSection:
     overlap_grad_reduce / overlap_param_gather). Applies on GPUs with zero_stage >= 1 (bf16 runs as stage 1 at
     least). Tensor parallelism overlaps its input-gradient all-reduce with the weight-gradient matmul by itself
     (megatron-core), given CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment (the SLURM launch sets it)."""
-    reduce_bucket_size: int = 200_000_000
-    """Elements per gradient-reduction bucket: smaller buckets start communicating earlier in the backward."""
-    allgather_bucket_size: int = 200_000_000
-    """Elements per parameter all-gather bucket (ZeRO 1/2 after the step, ZeRO-3 prefetch)."""
+    reduce_bucket_size: int = 0
+    """Elements per ZeRO gradient-reduction bucket: smaller buckets start communicating earlier in the backward
+    and hold less. 0: an eighth of the parameters this rank holds before ZeRO (its pipeline stage and tensor
+    slice), clamped to [1e6, 5e8] (pretrain/zero_limits.py; DeepSpeed's own default, 5e8, exceeds most ranks'
+    whole share). Passed on every device from ZeRO stage 1 on."""
+    allgather_bucket_size: int = 0
+    """Elements per ZeRO parameter all-gather bucket (ZeRO 1/2 after the step). 0: as reduce_bucket_size."""
     pipeline_partition: list[int] | None = None
     """Layers per pipeline stage (default: split evenly)."""
+    stage3_max_live_parameters: int = 0
+    """ZeRO-3: at most this many gathered (full) parameters held at once. 0: this rank's share, P / D (P the
+    parameters of its stage and tensor slice, D the data-parallel ranks), clamped to [1e6, 1e9] (DeepSpeed's
+    default 1e9 lets a rank gather the whole model and keep it)."""
+    stage3_prefetch_bucket_size: int = 0
+    """ZeRO-3: elements of parameters gathered ahead of their use. 0: P / 16, clamped to [5e5, 5e7]."""
+    stage3_param_persistence_threshold: int = 0
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (not partitioned; saves tiny
+    collectives). 0: P / 1000, clamped to [1e3, 1e5]."""
+    stage3_max_reuse_distance: int = 0
+    """ZeRO-3: a gathered parameter is kept (not released) when it is used again within this many elements of
+    parameters. 0: P / D, clamped to [1e6, 1e9]."""
 
 
 @dataclass
@@ -415,8 +431,8 @@ def validate(config: TrainConfig) -> None:
          f"parallel.recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {p.recompute!r}"),
         (p.attention_backend in ("auto", "eager", "flex"),
          f"parallel.attention_backend must be auto, eager or flex, got {p.attention_backend!r}"),
-        (p.reduce_bucket_size > 0 and p.allgather_bucket_size > 0,
-         "parallel.reduce_bucket_size and parallel.allgather_bucket_size must be > 0"),
+        *[(getattr(p, k) >= 0, f"parallel.{k} must be >= 0 (0: scaled to the rank's share), got {getattr(p, k)}")
+          for k in LIMIT_KEYS],
         (r.dir.strip() != "", "run.dir must be a directory path"),
         (r.steps > 0, f"run.steps must be >= 1, got {r.steps}"),
         (r.eval_batch_size > 0, f"run.eval_batch_size must be >= 1, got {r.eval_batch_size}"),

@@ -129,12 +129,14 @@ class MemoryEstimate:
         return f"{self.total / GiB:.2f} GiB per rank ({parts} GiB)"
 
 
-def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
+def parameters_per_stage(config: TrainConfig, layout: Layout, vocab_size: int | None = None) -> list[int]:
     """Parameters one tensor-parallel rank of each pipeline stage holds, read off the sharding table (the tied
     embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
-    the model, even on the meta device, costs seconds of imports in every process of every launch."""
+    the model, even on the meta device, costs seconds of imports in every process of every launch.
+    ``vocab_size``: the resolved vocabulary (default ``model.vocab_size``)."""
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
-    table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
+    vocab_size = config.model.vocab_size if vocab_size is None else vocab_size
+    table = sharding_table(model_config(config, vocab_size), layout.tensor, stages)
     return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)
             for s in range(len(stages))]
 

@@ -13,7 +13,7 @@ What it decides once:
   selective recompute, ``full`` the model's whole-layer flag or the pipeline's checkpoint interval;
 * the initial weights (the single-device model's at ``run.seed``, each rank drawing only what it holds);
 * the precision and ZeRO keys of DeepSpeed's config (``deepspeed_config``), which DeepSpeed applies to the
-  model it wraps.
+  model it wraps, ZeRO's buffer and live-parameter limits scaled to the rank's parameters (``zero_limits``).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from lamemo_parallel.pipeline import LaMemoPipelineModule
 
 from ..config import TrainConfig, model_config
 from ..layout import Layout, split_layers
+from ..preflight import parameters_per_stage
 from .base import attention_backend, deepspeed_config
 
 
@@ -52,7 +53,9 @@ class ModelBuilder:
 
     def deepspeed_config(self) -> dict:
         """DeepSpeed's config for this model (precision, ZeRO, batch; the pipeline's checkpoint interval)."""
-        ds_config = deepspeed_config(self.config, self.layout)
+        # ZeRO's limits scale with the parameters of the busiest stage (every stage gets the same DeepSpeed config).
+        rank_parameters = max(parameters_per_stage(self.config, self.layout, self.model_config.vocab_size))
+        ds_config = deepspeed_config(self.config, self.layout, rank_parameters)
         if self.layout.pipeline > 1:
             ds_config["pipeline"] = {"activation_checkpoint_interval": int(self.activation_checkpointing)}
         return ds_config

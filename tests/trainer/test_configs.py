@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
-from pretrain.config import MODEL_KEYS_ELSEWHERE, ModelSection, load_config, model_config
+from pretrain.config import MODEL_KEYS_ELSEWHERE, ModelSection, TrainConfigError, load_config, model_config
 from pretrain.layout import resolve_layout
 
 from helpers import ROOT
@@ -61,7 +61,6 @@ def test_recompute_and_its_deprecated_switch(capsys, tmp_path):
     """parallel.recompute takes none / attention / full; the old parallel.activation_checkpointing still works
     (from a file, as an old run's saved config holds it, and as an override), read as full / none with a
     one-line note; anything else is refused naming the key."""
-    from pretrain.config import TrainConfigError
     assert load_config(None, ["parallel.recompute=attention"]).parallel.recompute == "attention"
     assert load_config(None, []).parallel.recompute == "none"
     assert load_config(None, ["parallel.activation_checkpointing=true"]).parallel.recompute == "full"
@@ -74,3 +73,25 @@ def test_recompute_and_its_deprecated_switch(capsys, tmp_path):
         load_config(None, ["parallel.recompute=selective"])
     with pytest.raises(TrainConfigError, match="parallel.activation_checkpointing must be"):
         load_config(None, ["parallel.activation_checkpointing=maybe"])
+
+
+def test_zero_limits_scale_with_the_rank_share():
+    """ZeRO's buckets and ZeRO-3's live-parameter limits are fractions of the rank's parameters P (before ZeRO),
+    clamped, on every device; a key set above 0 wins; ZeRO-3's keys only at stage 3, nothing at stage 0."""
+    from pretrain.engines import deepspeed_config
+    from pretrain.layout import Layout
+    from pretrain.zero_limits import zero_limits
+    layout = Layout(world_size=4, tensor=1, pipeline=1, data=4)
+    config = load_config(None, ["parallel.zero_stage=3", "run.device=cpu", "parallel.stage3_prefetch_bucket_size=123"])
+    zero = deepspeed_config(config, layout, rank_parameters=109_000_000)["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 13_625_000, "allgather_bucket_size": 13_625_000,
+                    "stage3_max_live_parameters": 27_250_000, "stage3_max_reuse_distance": 27_250_000,
+                    "stage3_prefetch_bucket_size": 123, "stage3_param_persistence_threshold": 100_000}
+    huge = zero_limits(config.parallel, 7_000_000_000 // 8, 8, 3)     # DeepSpeed's own defaults cap the scaling
+    assert (huge["reduce_bucket_size"], huge["stage3_max_live_parameters"]) == (109_375_000, 109_375_000)
+    assert zero_limits(config.parallel, 10_000_000_000, 2, 3)["reduce_bucket_size"] == 500_000_000
+    stage1 = zero_limits(config.parallel, 109_000_000, 4, 1)
+    assert sorted(stage1) == ["allgather_bucket_size", "reduce_bucket_size"]
+    assert zero_limits(config.parallel, 109_000_000, 4, 0) == {}
+    with pytest.raises(TrainConfigError, match="parallel.stage3_max_live_parameters must be >= 0"):
+        load_config(None, ["parallel.stage3_max_live_parameters=-1"])
