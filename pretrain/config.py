@@ -149,7 +149,7 @@ class ParallelSection:
     (megatron-core), given CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment (the SLURM launch sets it)."""
     reduce_bucket_size: int = 0
     """Elements per ZeRO gradient-reduction bucket: smaller buckets start communicating earlier in the backward
-    and hold less. 0: an eighth of the parameters this rank holds before ZeRO (its pipeline stage and tensor
+    and hold less. 0: P / 32, P the parameters this rank holds before ZeRO (its pipeline stage and tensor
     slice), clamped to [1e6, 5e8] (pretrain/zero_limits.py; DeepSpeed's own default, 5e8, exceeds most ranks'
     whole share). Passed on every device from ZeRO stage 1 on."""
     allgather_bucket_size: int = 0
@@ -157,17 +157,17 @@ class ParallelSection:
     pipeline_partition: list[int] | None = None
     """Layers per pipeline stage (default: split evenly)."""
     stage3_max_live_parameters: int = 0
-    """ZeRO-3: at most this many gathered (full) parameters held at once. 0: this rank's share, P / D (P the
-    parameters of its stage and tensor slice, D the data-parallel ranks), clamped to [1e6, 1e9] (DeepSpeed's
-    default 1e9 lets a rank gather the whole model and keep it)."""
+    """ZeRO-3: at most this many gathered (full) parameters held at once. 0: a quarter of this rank's share,
+    P / (4 D) (P the parameters of its stage and tensor slice, D the data-parallel ranks), clamped to [1e6, 1e9]
+    (DeepSpeed's default 1e9 lets a rank gather the whole model and keep it)."""
     stage3_prefetch_bucket_size: int = 0
-    """ZeRO-3: elements of parameters gathered ahead of their use. 0: P / 16, clamped to [5e5, 5e7]."""
+    """ZeRO-3: elements of parameters gathered ahead of their use. 0: P / 32, clamped to [5e5, 5e7]."""
     stage3_param_persistence_threshold: int = 0
     """ZeRO-3: parameters with fewer elements stay whole on every rank (not partitioned; saves tiny
     collectives). 0: P / 1000, clamped to [1e3, 1e5]."""
     stage3_max_reuse_distance: int = 0
     """ZeRO-3: a gathered parameter is kept (not released) when it is used again within this many elements of
-    parameters. 0: P / D, clamped to [1e6, 1e9]."""
+    parameters. 0: P / (4 D), clamped to [1e6, 1e9]."""
 
 
 @dataclass

@@ -12,15 +12,16 @@ DeepSpeed tunes for). A ``parallel.*`` key set above 0 replaces its default.
 from __future__ import annotations
 
 # (parallel key, DeepSpeed's zero_optimization key, fraction of P, floor, ceiling); D = data-parallel size.
-#   buckets: an eighth of P, so a rank's gradient reduction / parameter all-gather runs in ~8 pieces, never
-#   a whole extra copy of the model; live parameters and reuse distance: P / D, the rank's own share again;
-#   prefetch: a sixteenth; persistence (parameters small enough never to partition): P / 1000.
+#   buckets: P / 32, so a rank's gradient reduction / parameter all-gather runs in ~32 pieces, never a large
+#   fraction of an extra copy of the model (bench/RESULTS.md: with P / 8 the (1,1,4) ZeRO-3 peak held 0.53 x
+#   the training state); live parameters and reuse distance: a quarter of the rank's own share, P / (4 D);
+#   prefetch: P / 32; persistence (parameters small enough never to partition): P / 1000.
 _LIMITS = (
-    ("reduce_bucket_size", "reduce_bucket_size", 1 / 8, 1_000_000, 500_000_000),
-    ("allgather_bucket_size", "allgather_bucket_size", 1 / 8, 1_000_000, 500_000_000),
+    ("reduce_bucket_size", "reduce_bucket_size", 1 / 32, 1_000_000, 500_000_000),
+    ("allgather_bucket_size", "allgather_bucket_size", 1 / 32, 1_000_000, 500_000_000),
     ("stage3_max_live_parameters", "stage3_max_live_parameters", None, 1_000_000, 1_000_000_000),
     ("stage3_max_reuse_distance", "stage3_max_reuse_distance", None, 1_000_000, 1_000_000_000),
-    ("stage3_prefetch_bucket_size", "stage3_prefetch_bucket_size", 1 / 16, 500_000, 50_000_000),
+    ("stage3_prefetch_bucket_size", "stage3_prefetch_bucket_size", 1 / 32, 500_000, 50_000_000),
     ("stage3_param_persistence_threshold", "stage3_param_persistence_threshold", 1 / 1000, 1_000, 100_000),
 )
 #: The ``parallel.*`` keys this module sizes (0 = scaled to the rank's share).
@@ -36,7 +37,7 @@ def zero_limits(parallel, rank_parameters: int, data_parallel: int, stage: int) 
             continue
         if stage < 1:
             continue
-        share = rank_parameters * fraction if fraction is not None else rank_parameters / max(data_parallel, 1)
+        share = rank_parameters * fraction if fraction is not None else rank_parameters / (4 * max(data_parallel, 1))
         chosen = getattr(parallel, key)
         out[ds_key] = int(chosen) if chosen > 0 else int(min(max(share, floor), ceiling))
     return out
