@@ -14,13 +14,14 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import BASELINE_VARIANT, ConfigError, variant_traits
+from .config import BASELINE_VARIANT, RECOMPUTE_MODES, ConfigError, variant_traits
 from .positions import PositionEncodings, lookahead_position_scores, relative_shift, step_tables
 from .softmax import softmax_with_lse, statistics_dtype
 
 __all__ = ["ATTENTION_BACKENDS", "AttentionResult", "GlobalBiases", "PositionEncodings", "RelativeAttention",
-           "attention_backend_of", "statistics_dtype", "use_attention_backend"]
+           "attention_backend_of", "statistics_dtype", "use_attention_backend", "use_selective_recompute"]
 
 #: Added to the interpolation's denominator, exactly as in the paper's release.
 INTERPOLATION_EPS = 1e-6
@@ -35,6 +36,16 @@ def use_attention_backend(model: nn.Module, name: str) -> None:
     for module in model.modules():
         if isinstance(module, RelativeAttention):
             module.backend = name
+
+
+def use_selective_recompute(model: nn.Module, mode: str) -> None:
+    """Switch every attention layer of ``model`` to recompute its core in backward when ``mode`` (one of
+    ``RECOMPUTE_MODES``) is ``attention``; ``full`` is the model's or the pipeline's whole-layer checkpoint."""
+    if mode not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    for module in model.modules():
+        if isinstance(module, RelativeAttention):
+            module.recompute_core = mode == "attention"
 
 
 def attention_backend_of(model: nn.Module) -> set[str]:
@@ -75,6 +86,9 @@ class RelativeAttention(nn.Module):
         self.variant = variant
         #: Which softmax implementation runs (one of ATTENTION_BACKENDS); the model sets it on every layer.
         self.backend = "eager"
+        #: Selective recompute (training only): keep the projections, recompute the core (``_attend``: scores,
+        #: softmax, look-ahead, interpolation) in backward. ``use_recompute`` sets it on every layer.
+        self.recompute_core = False
         inner = n_head * d_head
         # Separate K and V projections (the release packs them) so that a column split gives each
         # tensor-parallel rank whole heads of both.
@@ -128,7 +142,32 @@ class RelativeAttention(nn.Module):
         v = self._heads(self.v_proj(zn))
         r_causal = self.r_proj(positions.causal).view(T, self.n_local_heads, self.d_head)
         recorded = {} if return_probs else None
+        r_table = None
+        if self.lookahead and M > 0:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not cache_only_memory):
+                r_table = self.r_proj(positions.lookahead).view(-1, self.n_local_heads, self.d_head)
+        core = dict(mem_len=M, tables=tables, biases=biases, recorded=recorded, fused=fused,
+                    cache_only_memory=cache_only_memory)
+        if self.recompute_core and recorded is None and self.training and torch.is_grad_enabled():
+            # Selective recompute: the linear layers' outputs above are kept; the scores, softmax, look-ahead and
+            # interpolation are recomputed in backward. The cached memory enters as an explicit input, so the
+            # recompute reads it as it was at forward time; checkpoint replays the dropout RNG state.
+            vec_cur, vectors, lse = checkpoint(self._attend, q_cur, q_mem, k, v, r_causal, r_table,
+                                               cached_vectors, cached_log_normalizers, use_reentrant=False, **core)
+        else:
+            vec_cur, vectors, lse = self._attend(q_cur, q_mem, k, v, r_causal, r_table, cached_vectors,
+                                                 cached_log_normalizers, **core)
+        if not self.lookahead:
+            return AttentionResult(self._project(vec_cur, z[:, M:]), None, None, recorded)
+        out = self._project(vec_cur, z[:, M:]) if cache_only_memory else self._project(vectors, z)
+        return AttentionResult(out, vectors.transpose(1, 2), lse.transpose(1, 2), recorded)
 
+    def _attend(self, q_cur, q_mem, k, v, r_causal, r_table, cached_vectors, cached_lse, *, mem_len, tables,
+                biases, recorded, fused, cache_only_memory):
+        """The attention core from the projections: (c_t of the current rows [B, H, N, d_h]; LaMemo: every
+        row's new C-bar [B, H, M+N, d_h] and Z-bar [B, H, M+N], else None, None). What selective recompute
+        (``recompute_core``) recomputes in backward; it holds no parameter except the global biases."""
+        M = mem_len
         # ---- causal attention of the current rows (exactly Transformer-XL) ---------------------------
         # The scale is folded into the (small) queries rather than applied to the [N, T] scores.
         content_q = (q_cur + biases.content[:, None]) * self.scale
@@ -147,28 +186,21 @@ class RelativeAttention(nn.Module):
             vec_cur = torch.matmul(self.dropatt(probs), v)                  # c_t, [B, H, N, d_h]
             if recorded is not None:
                 recorded["causal"] = probs.detach()
-
         if not self.lookahead:
-            out = self._project(vec_cur, z[:, M:])
-            return AttentionResult(out, None, None, recorded)
+            return vec_cur, None, None
 
         # ---- look-ahead attention of the memory rows + interpolation ---------------------------------
-        if M > 0:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not cache_only_memory):
-                vec_mem, lse_prev = self._lookahead(q_mem, k, v, tables.lookahead, positions, biases,
-                                                    cached_vectors, cached_log_normalizers, recorded, fused)
-            vectors = torch.cat([vec_mem, vec_cur], dim=2)
-            lse = torch.cat([lse_prev, lse_cur], dim=2)
-        else:
-            vectors, lse = vec_cur, lse_cur
-        out = self._project(vec_cur, z[:, M:]) if cache_only_memory else self._project(vectors, z)
-        return AttentionResult(out, vectors.transpose(1, 2), lse.transpose(1, 2), recorded)
+        if M == 0:
+            return vec_cur, vec_cur, lse_cur
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not cache_only_memory):
+            vec_mem, lse_prev = self._lookahead(q_mem, k, v, tables.lookahead, r_table, biases,
+                                                cached_vectors, cached_lse, recorded, fused)
+        return vec_cur, torch.cat([vec_mem, vec_cur], dim=2), torch.cat([lse_prev, lse_cur], dim=2)
 
-    def _lookahead(self, q_mem, k, v, plan, positions, biases, cached_vectors, cached_lse, recorded, fused):
+    def _lookahead(self, q_mem, k, v, plan, r_table, biases, cached_vectors, cached_lse, recorded, fused):
         k_win, v_win = k[:, :, plan.start:plan.end], v[:, :, plan.start:plan.end]
         content_bias = biases.future_content if biases.future_content is not None else biases.content
         position_bias = biases.future_position if variant_traits(self.variant).future_position_bias else biases.position
-        r_table = self.r_proj(positions.lookahead).view(-1, self.n_local_heads, self.d_head)
         content_q = (q_mem + content_bias[:, None]) * self.scale
         position = lookahead_position_scores((q_mem + position_bias[:, None]) * self.scale, r_table, plan)
         if fused:

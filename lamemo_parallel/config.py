@@ -46,6 +46,9 @@ assert tuple(_TRAITS) == SUPPORTED_VARIANTS
 DEFAULT_VARIANT = 3
 #: The Transformer-XL baseline.
 BASELINE_VARIANT = 0
+#: What the backward pass recomputes instead of keeping (``parallel.recompute``): ``none``; ``attention``
+#: (selective: each layer's attention core, ``RelativeAttention.recompute_core``); ``full`` (whole layers).
+RECOMPUTE_MODES = ("none", "attention", "full")
 #: Keys that transformers reads or writes in ``config.json`` (``AutoConfig``, ``trust_remote_code``, its
 #: ``save_pretrained``): one file serves both loaders, and ``LaMemoConfig`` skips these.
 TRANSFORMERS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")

@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from lamemo_parallel.config import LaMemoConfig, check_variant, variant_traits
+from lamemo_parallel.config import RECOMPUTE_MODES, LaMemoConfig, check_variant, variant_traits
 
 from .data.errors import DataError
 from .data.sources import DEFAULT_SPAN_LEN, parse_sources
+from .zero_limits import LIMIT_KEYS
 
 
 class TrainConfigError(ValueError):
@@ -139,8 +141,12 @@ class ParallelSection:
     """DeepSpeed ZeRO stage (0-3): how optimizer state, gradients and weights are sharded over data-parallel ranks."""
     precision: str = "fp32"
     """fp32, bf16, or fp16 (GPU only, dynamic loss scaling). Z-bar stays float32 in every mode."""
-    activation_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass instead of keeping them (less memory, more compute)."""
+    recompute: str = "none"
+    """What the backward pass recomputes instead of keeping (less memory, more compute): none; attention
+    (selective, as Megatron's: each layer keeps its linear layers' outputs and recomputes the attention scores,
+    softmax, look-ahead and interpolation, the N x (M+N) and M x N tensors that dominate LaMemo's activations);
+    full (whole layers). With attention, losses and gradients are bitwise those of none. The deprecated
+    ``parallel.activation_checkpointing: true`` maps onto full (false onto none)."""
     attention_backend: str = "auto"
     """The attention's softmax part: auto (flex on CUDA, eager on CPU), eager (plain torch, the reference) or
     flex (torch's FlexAttention, fused; CUDA for training). See lamemo_parallel/attention.py."""
@@ -150,12 +156,27 @@ class ParallelSection:
     overlap_grad_reduce / overlap_param_gather). Applies on GPUs with zero_stage >= 1 (bf16 runs as stage 1 at
     least). Tensor parallelism overlaps its input-gradient all-reduce with the weight-gradient matmul by itself
     (megatron-core), given CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment (the SLURM launch sets it)."""
-    reduce_bucket_size: int = 200_000_000
-    """Elements per gradient-reduction bucket: smaller buckets start communicating earlier in the backward."""
-    allgather_bucket_size: int = 200_000_000
-    """Elements per parameter all-gather bucket (ZeRO 1/2 after the step, ZeRO-3 prefetch)."""
+    reduce_bucket_size: int = 0
+    """Elements per ZeRO gradient-reduction bucket: smaller buckets start communicating earlier in the backward
+    and hold less. 0: P / 32, P the parameters this rank holds before ZeRO (its pipeline stage and tensor
+    slice), clamped to [1e6, 5e8] (pretrain/zero_limits.py; DeepSpeed's own default, 5e8, exceeds most ranks'
+    whole share). Passed on every device from ZeRO stage 1 on."""
+    allgather_bucket_size: int = 0
+    """Elements per ZeRO parameter all-gather bucket (ZeRO 1/2 after the step). 0: as reduce_bucket_size."""
     pipeline_partition: list[int] | None = None
     """Layers per pipeline stage (default: split evenly)."""
+    stage3_max_live_parameters: int = 0
+    """ZeRO-3: at most this many gathered (full) parameters held at once. 0: a quarter of this rank's share,
+    P / (4 D) (P the parameters of its stage and tensor slice, D the data-parallel ranks), clamped to [1e6, 1e9]
+    (DeepSpeed's default 1e9 lets a rank gather the whole model and keep it)."""
+    stage3_prefetch_bucket_size: int = 0
+    """ZeRO-3: elements of parameters gathered ahead of their use. 0: P / 32, clamped to [5e5, 5e7]."""
+    stage3_param_persistence_threshold: int = 0
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (not partitioned; saves tiny
+    collectives). 0: P / 1000, clamped to [1e3, 1e5]."""
+    stage3_max_reuse_distance: int = 0
+    """ZeRO-3: a gathered parameter is kept (not released) when it is used again within this many elements of
+    parameters. 0: P / (4 D), clamped to [1e6, 1e9]."""
 
 
 @dataclass
@@ -322,9 +343,20 @@ def _yaml_or_none(text: str):
         return None
 
 
+#: Keys that were renamed: (section, old key) -> (new key, the old value mapped onto the new key's).
+DEPRECATED_KEYS = {
+    ("parallel", "activation_checkpointing"):
+        ("recompute", lambda value: "full" if _coerce(value, bool, "parallel.activation_checkpointing") else "none"),
+}
+
+
 def _apply(section_obj, values: dict, section: str) -> None:
     hints = typing.get_type_hints(type(section_obj))
     for key, value in values.items():
+        if (section, key) in DEPRECATED_KEYS:
+            old_key, (key, convert) = key, DEPRECATED_KEYS[section, key]
+            value = convert(value)
+            print(f"note: {section}.{old_key} is deprecated, read as {section}.{key}={value}", file=sys.stderr)
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f"did you mean '{section}.{close[0]}'? " if close else ""
@@ -421,10 +453,12 @@ def validate(config: TrainConfig) -> None:
         (p.pipeline > 0, f"parallel.pipeline must be >= 1, got {p.pipeline}"),
         (p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"),
         (p.precision in ("fp32", "bf16", "fp16"), f"parallel.precision must be fp32, bf16 or fp16, got {p.precision!r}"),
+        (p.recompute in RECOMPUTE_MODES,
+         f"parallel.recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {p.recompute!r}"),
         (p.attention_backend in ("auto", "eager", "flex"),
          f"parallel.attention_backend must be auto, eager or flex, got {p.attention_backend!r}"),
-        (p.reduce_bucket_size > 0 and p.allgather_bucket_size > 0,
-         "parallel.reduce_bucket_size and parallel.allgather_bucket_size must be > 0"),
+        *[(getattr(p, k) >= 0, f"parallel.{k} must be >= 0 (0: scaled to the rank's share), got {getattr(p, k)}")
+          for k in LIMIT_KEYS],
         (r.dir.strip() != "", "run.dir must be a directory path"),
         (r.steps > 0, f"run.steps must be >= 1, got {r.steps}"),
         (r.eval_batch_size > 0, f"run.eval_batch_size must be >= 1, got {r.eval_batch_size}"),

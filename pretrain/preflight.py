@@ -30,6 +30,7 @@ from .data.sources import expand_prefixes, load_sources, parse_sources
 from .data.tokenizer import check_vocab_matches, load_tokenizer
 from .distributed import first_problem
 from .layout import Layout, split_layers
+from .zero_limits import zero_limits
 
 GiB = 1024 ** 3
 FRAMEWORK_BYTES = int(0.6 * GiB)
@@ -117,24 +118,28 @@ class MemoryEstimate:
     activations: int
     memory_store: int
     framework: int
+    zero_buffers: int = 0    # ZeRO's gradient bucket, ZeRO-3's gathered (live + prefetched) parameters
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.memory_store
-                + self.framework)
+                + self.framework + self.zero_buffers)
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GiB:.2f}" for name in
-                          ("weights", "gradients", "optimizer", "activations", "memory_store", "framework"))
+                          ("weights", "gradients", "optimizer", "activations", "memory_store", "zero_buffers",
+                           "framework"))
         return f"{self.total / GiB:.2f} GiB per rank ({parts} GiB)"
 
 
-def parameters_per_stage(config: TrainConfig, layout: Layout) -> list[int]:
+def parameters_per_stage(config: TrainConfig, layout: Layout, vocab_size: int | None = None) -> list[int]:
     """Parameters one tensor-parallel rank of each pipeline stage holds, read off the sharding table (the tied
     embedding and the global biases counted on every stage that keeps a copy). Nothing is built: constructing
-    the model, even on the meta device, costs seconds of imports in every process of every launch."""
+    the model, even on the meta device, costs seconds of imports in every process of every launch.
+    ``vocab_size``: the resolved vocabulary (default ``model.vocab_size``)."""
     stages = split_layers(config.model.n_layer, layout.pipeline, config.parallel.pipeline_partition)
-    table = sharding_table(model_config(config, config.model.vocab_size), layout.tensor, stages)
+    vocab_size = config.model.vocab_size if vocab_size is None else vocab_size
+    table = sharding_table(model_config(config, vocab_size), layout.tensor, stages)
     return [sum(math.prod(entry.local_shape(layout.tensor)) for entry in table.values() if s in entry.stages)
             for s in range(len(stages))]
 
@@ -145,16 +150,18 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
     M = mem_len, d = d_model, H = n_head, V = vocab, L = layers on the stage, T = tensor-parallel size:
 
     * weights P*w (/D with ZeRO-3); gradients P*4 (/D with ZeRO-2/3); Adam moments 8*P plus an fp32 master
-      copy 4*P in bf16/fp16 (/D with ZeRO-1/2/3);
+      copy 4*P in bf16/fp16 and under ZeRO-3 (/D with ZeRO-1/2/3);
     * activations of one micro-batch and layer, after Korthikanti et al. (2022) with q = N query rows (N + M
       for look-ahead variants, whose memory rows attend to the new tokens) and k = M + N keys:
-      b*(34*q*d + 5*H*q*k)*w/2 / T; times L (only the layer inputs b*q*d*w per layer plus one layer with
-      activation checkpointing); times the micro-batches in flight (1, or min(pipeline, micro_batches) on the
-      first stage under 1F1B); plus the logits b*N*V*4*3 / T (values, softmax, gradient) on the last stage;
+      b*(34*q*d + 5*H*q*k)*w/2 / T; times L (``parallel.recompute``: attention keeps L x the first term and
+      one layer's second; full keeps only the layer inputs b*q*d*w per layer plus one whole layer); times the
+      micro-batches in flight (1, or min(pipeline, micro_batches) on the first stage under 1F1B); plus the logits b*N*V*4*3 / T (values, softmax, gradient) on the last stage;
     * the memory store: per micro-batch slot and layer M*b*(2*d*w + 4*H) (embedding FIFO, C-bar, Z-bar fp32);
     * the end-of-interval evaluation instead of the activations when it needs more: b_e = run.eval_batch_size
       streams, M_e = eval_mem_len: b_e*(4*q_e*d + 2*H*q_e*(M_e + N))*4 / T for one layer's scores plus its
       memory store L*M_e*b_e*(2*d*w + 4*H) / T;
+    * ZeRO's buffers (``pretrain.zero_limits``): the gradient bucket min(reduce_bucket_size, P)*4 from stage 1,
+      and at stage 3 the gathered parameters min(stage3_max_live_parameters + stage3_prefetch_bucket_size, P)*w;
     * a fixed FRAMEWORK_BYTES per process.
 
     It is an estimate (allocator fragmentation and temporary buffers are not counted); its job is to refuse
@@ -171,12 +178,18 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
         P, L = params[s], len(layers)
         weights = P * w // (D if p.zero_stage == 3 else 1)
         grads = P * 4 // (D if p.zero_stage >= 2 else 1)
-        optim = P * (8 + (4 if w == 2 else 0)) // (D if p.zero_stage >= 1 else 1)
-        per_layer = b * (34 * q * m.d_model + 5 * m.n_head * q * k) * w // 2 // T
-        if p.activation_checkpointing:
-            acts = L * b * q * m.d_model * w + per_layer
+        # An fp32 master copy in bf16/fp16, and under ZeRO-3 in fp32 too (its optimizer steps a flat fp32 clone of
+        # the rank's partition, not the partitioned parameters themselves).
+        master = 4 if (w == 2 or p.zero_stage == 3) else 0
+        optim = P * (8 + master) // (D if p.zero_stage >= 1 else 1)
+        linear = b * 34 * q * m.d_model * w // 2 // T           # what selective recompute keeps of a layer
+        scores = b * 5 * m.n_head * q * k * w // 2 // T         # what it recomputes (one layer at a time)
+        if p.recompute == "full":
+            acts = L * b * q * m.d_model * w + linear + scores
+        elif p.recompute == "attention":
+            acts = L * linear + scores
         else:
-            acts = L * per_layer
+            acts = L * (linear + scores)
         in_flight = min(layout.pipeline - s, d.micro_batches) if layout.pipeline > 1 else 1
         acts *= in_flight
         if s == len(stages) - 1:
@@ -190,7 +203,11 @@ def estimate_memory(config: TrainConfig, layout: Layout) -> MemoryEstimate:
         evaluation = (be * (4 * qe * m.d_model + 2 * m.n_head * qe * (Me + N)) * 4 // T
                       + L * Me * be * (2 * m.d_model * w + 4 * m.n_head) // T) if d.valid else 0
         acts = max(acts, evaluation)
-        estimate = MemoryEstimate(P, weights, grads, optim, acts, store, FRAMEWORK_BYTES)
+        limits = zero_limits(p, P, D, p.zero_stage)
+        buffers = (min(limits.get("reduce_bucket_size", 0), P) * 4
+                   + min(limits.get("stage3_max_live_parameters", 0) + limits.get("stage3_prefetch_bucket_size", 0),
+                         P) * w)
+        estimate = MemoryEstimate(P, weights, grads, optim, acts, store, FRAMEWORK_BYTES, buffers)
         if best is None or estimate.total > best.total:
             best = estimate
     return best

@@ -3,7 +3,7 @@
     meter = ThroughputMeter(shape, micro_batch_size=8, forward_calls_per_step=dp * micro_batches,
                             n_devices=world_size, peak_tflops=resolve_peak_tflops(cfg.run.peak_tflops, device,
                                                                                  cfg.parallel.precision),
-                            recompute=cfg.parallel.activation_checkpointing, warmup_steps=2, device=device)
+                            recompute=cfg.parallel.recompute == "full", warmup_steps=2, device=device)
     for step in ...:
         meter.begin()
         ... one optimizer step ...

@@ -22,9 +22,12 @@ from lamemo_parallel.inference import EvalResult
 from ..config import TrainConfig
 from ..divergence import StepGuard
 from ..layout import Layout
+from ..zero_limits import zero_limits
 
 
-def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
+def deepspeed_config(config: TrainConfig, layout: Layout, rank_parameters: int = 0) -> dict:
+    """``rank_parameters``: the parameters this rank holds before ZeRO partitions them, which ZeRO's buffer
+    and live-parameter limits scale with (``pretrain.zero_limits``)."""
     d, p = config.data, config.parallel
     precision = precision_config(p.precision, p.zero_stage)
     return {
@@ -38,7 +41,8 @@ def deepspeed_config(config: TrainConfig, layout: Layout) -> dict:
         "wall_clock_breakdown": False,
         **precision,
         "zero_optimization": zero_config(p, precision.get("zero_optimization", {}).get("stage", p.zero_stage),
-                                         on_gpu=runs_on_gpu(config)),
+                                         on_gpu=runs_on_gpu(config), rank_parameters=rank_parameters,
+                                         data_parallel=layout.data),
     }
 
 
@@ -46,14 +50,14 @@ def runs_on_gpu(config: TrainConfig) -> bool:
     return config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
 
 
-def zero_config(p, stage: int, *, on_gpu: bool) -> dict:
-    """ZeRO's keys: the stage and, on GPUs from stage 1 on, communication overlapped with compute (gradients
-    reduced bucket by bucket on a side stream while the backward pass still runs, ZeRO-3 parameters prefetched
-    during compute). CPU runs keep DeepSpeed's defaults (no side streams to overlap on)."""
-    out = {"stage": stage}
+def zero_config(p, stage: int, *, on_gpu: bool, rank_parameters: int = 0, data_parallel: int = 1) -> dict:
+    """ZeRO's keys: the stage; on every device the buckets and ZeRO-3's live-parameter limits scaled to the
+    rank's share (``pretrain.zero_limits``); on GPUs from stage 1 on, communication overlapped with compute
+    (gradients reduced bucket by bucket on a side stream while the backward pass still runs, ZeRO-3 parameters
+    prefetched during compute; CPU has no side streams to overlap on)."""
+    out = {"stage": stage, **zero_limits(p, rank_parameters, data_parallel, stage)}
     if stage >= 1 and on_gpu:
-        out.update(overlap_comm=p.overlap_comm, contiguous_gradients=True,
-                   reduce_bucket_size=p.reduce_bucket_size, allgather_bucket_size=p.allgather_bucket_size)
+        out.update(overlap_comm=p.overlap_comm, contiguous_gradients=True)
     return out
 
 

@@ -9,10 +9,11 @@ What it decides once:
   ``parallel.tensor`` > 1);
 * the attention backend (``parallel.attention_backend``, ``auto`` resolved for the device), set on every
   attention layer of whatever it built;
-* activation checkpointing (the model's flag, or the pipeline's checkpoint interval);
+* what the backward pass recomputes (``parallel.recompute``): ``attention`` sets every attention layer's
+  selective recompute, ``full`` the model's whole-layer flag or the pipeline's checkpoint interval;
 * the initial weights (the single-device model's at ``run.seed``, each rank drawing only what it holds);
 * the precision and ZeRO keys of DeepSpeed's config (``deepspeed_config``), which DeepSpeed applies to the
-  model it wraps.
+  model it wraps, ZeRO's buffer and live-parameter limits scaled to the rank's parameters (``zero_limits``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from lamemo_parallel.attention import use_attention_backend
+from lamemo_parallel.attention import use_attention_backend, use_selective_recompute
 from lamemo_parallel.init import draw_init_seed, initialise_parameters
 from lamemo_parallel.linear import PlainParts
 from lamemo_parallel.megatron_parts import MegatronParts
@@ -29,6 +30,7 @@ from lamemo_parallel.pipeline import LaMemoPipelineModule
 
 from ..config import TrainConfig, model_config
 from ..layout import Layout, split_layers
+from ..preflight import parameters_per_stage
 from .base import attention_backend, deepspeed_config
 
 
@@ -39,7 +41,9 @@ class ModelBuilder:
         self.config, self.layout, self.device = config, layout, device
         self.model_config = model_config(config, vocab_size)
         self.attention_backend = attention_backend(config.parallel.attention_backend, device)
-        self.activation_checkpointing = config.parallel.activation_checkpointing
+        self.recompute = config.parallel.recompute
+        #: Whole-layer recompute (``recompute: full``): the model's flag, or a pipeline checkpoint interval of 1.
+        self.activation_checkpointing = self.recompute == "full"
 
     def parts(self) -> PlainParts:
         """How a layer's pieces are made for this layout."""
@@ -49,13 +53,16 @@ class ModelBuilder:
 
     def deepspeed_config(self) -> dict:
         """DeepSpeed's config for this model (precision, ZeRO, batch; the pipeline's checkpoint interval)."""
-        ds_config = deepspeed_config(self.config, self.layout)
+        # ZeRO's limits scale with the parameters of the busiest stage (every stage gets the same DeepSpeed config).
+        rank_parameters = max(parameters_per_stage(self.config, self.layout, self.model_config.vocab_size))
+        ds_config = deepspeed_config(self.config, self.layout, rank_parameters)
         if self.layout.pipeline > 1:
             ds_config["pipeline"] = {"activation_checkpoint_interval": int(self.activation_checkpointing)}
         return ds_config
 
     def _finish(self, model: nn.Module) -> nn.Module:
         use_attention_backend(model, self.attention_backend)
+        use_selective_recompute(model, self.recompute)
         return model.to(self.device)
 
     # ------------------------------------------------------------------ the plain engine's model

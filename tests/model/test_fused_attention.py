@@ -125,13 +125,14 @@ def test_attention_backend_and_overlap_config_keys(root):
                                                            "parallel.reduce_bucket_size=1000"])
     zero = deepspeed_config(gpu, layout)["zero_optimization"]
     assert zero == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 1000,
-                    "allgather_bucket_size": gpu.parallel.allgather_bucket_size}
+                    "allgather_bucket_size": 1_000_000}       # the floor of pretrain/zero_limits.py (no P given)
     bf16 = load_config(root / "configs" / "tiny-cpu.yaml", ["run.device=cuda", "parallel.precision=bf16",
                                                             "parallel.overlap_comm=false"])
     assert deepspeed_config(bf16, layout)["zero_optimization"]["stage"] == 1          # bf16 runs as stage 1
     assert deepspeed_config(bf16, layout)["zero_optimization"]["overlap_comm"] is False
     cpu = load_config(root / "configs" / "tiny-cpu.yaml", ["run.device=cpu", "parallel.zero_stage=2"])
-    assert deepspeed_config(cpu, layout)["zero_optimization"] == {"stage": 2}       # no side streams on CPU
+    assert deepspeed_config(cpu, layout)["zero_optimization"] == {      # buckets, but no side streams on CPU
+        "stage": 2, "reduce_bucket_size": 1_000_000, "allgather_bucket_size": 1_000_000}
     assert attention_backend("auto", torch.device("cpu")) == "eager"
     assert attention_backend("auto", torch.device("cuda")) == "flex"
     assert attention_backend("eager", torch.device("cuda")) == "eager"

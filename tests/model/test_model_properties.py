@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel, MemoryMismatchError
+from lamemo_parallel.attention import use_selective_recompute
+from lamemo_parallel.config import RECOMPUTE_MODES
 from lamemo_parallel.positions import lookahead_window
 
 VARIANTS = [0, 3, 31, 32, 33]
@@ -293,26 +295,40 @@ def test_gradient_flow(variant):
 
 
 @pytest.mark.parametrize("variant", [3, 0])
-def test_activation_checkpointing_gives_identical_losses_and_gradients(variant):
-    """Dropout on: the recompute must replay the same masks and read the memory as it was at forward time."""
-    results = []
-    for recompute in (False, True):
+def test_recompute_gives_identical_losses_and_gradients(variant):
+    """Dropout on: the recompute must replay the same masks and read the memory as it was at forward time.
+    Selective recompute (the attention core) is bitwise equal to keeping everything, gradients included; the
+    whole-layer recompute's losses are bitwise and its gradients within float32 rounding."""
+    results = {}
+    for mode in RECOMPUTE_MODES:
         model = make_model(variant, dropout=0.2, dropatt=0.2).train()
-        model.activation_checkpointing = recompute
+        model.activation_checkpointing = mode == "full"
+        use_selective_recompute(model, mode)
         torch.manual_seed(11)
         tokens = torch.randint(0, 41, (2, 19))
-        memory, grads, losses = None, [], []
+        memory, grads, losses, kept = None, [], [], []
+
+        def keep(tensor):   # what autograd keeps for backward outside the recomputed regions
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
         for s in range(3):
-            out = model(tokens[:, s * 6:(s + 1) * 6], targets=tokens[:, s * 6 + 1:(s + 1) * 6 + 1], memory=memory)
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                out = model(tokens[:, s * 6:(s + 1) * 6], targets=tokens[:, s * 6 + 1:(s + 1) * 6 + 1],
+                            memory=memory)
             out.nll.mean().backward()
             memory = out.memory
             losses.append(out.nll.detach())
         grads = [p.grad.clone() for p in model.parameters()]
-        results.append((losses, grads, memory))
-    (l0, g0, m0), (l1, g1, m1) = results
-    assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g0, g1, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(m0.tensors().values(), m1.tensors().values(), strict=True))
+        results[mode] = (losses, grads, memory, sum(kept))
+    l0, g0, m0, kept_none = results["none"]
+    assert results["full"][3] < results["attention"][3] < kept_none   # each keeps less than the one before
+    for mode in ("attention", "full"):
+        l1, g1, m1, _ = results[mode]
+        assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True)), mode
+        assert all(torch.equal(a, b) for a, b in zip(m0.tensors().values(), m1.tensors().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(g0, results["attention"][1], strict=True))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g0, results["full"][1], strict=True))
 
 
 @pytest.mark.parametrize("variant,seg_len,mem_len", [
