@@ -7,12 +7,14 @@
 Fixed-length segments with streaming memory; every token is scored once (the last segment may be shorter).
 ``--text`` reads the file as one document tokenised exactly as preprocessing does (``encode_document``: its
 ids and a final <eos>) after the <eos> that ends the document before it, so every id of the document is
-scored. Bits per character, per byte and per word, and ``word_perplexity`` (exp(total NLL / words), words
-counted as lm-evaluation-harness does, ``len(re.split(r"\s+", text))``: the figure its rolling-loglikelihood
-tasks report for the same text) divide by exactly the text the scored ids encode (cut by --max-tokens, and by
-the at most batch-size - 1 ids that do not fill the streams evenly). The tokenizer must be the model's
-(vocabulary size, and the fingerprint its export recorded); a model directory without tokenizer/ needs
---tokenizer, or --tokens.
+scored; with ``--max-tokens N`` the document is the text of its first N tokens (scored the same way, so the
+figures equal those of a file holding just that text). Bits per character, per byte and per word, and
+``word_perplexity`` (exp(total NLL / words), words counted as lm-evaluation-harness does,
+``len(re.split(r"\s+", text))``: the figure its rolling-loglikelihood tasks report for the same text) divide by
+exactly the text the scored ids encode (the at most batch-size - 1 ids that do not fill the streams evenly
+are left out of both). ``--tokens`` with ``--max-tokens N`` scores the first N ids of the token file. The
+tokenizer must be the model's (vocabulary size, and the fingerprint its export recorded); a model directory
+without tokenizer/ needs --tokenizer, or --tokens.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class EncodedText:
     """A text file as preprocessing tokenises it (``encode_document``; ``Tokenizer.encode`` works line by line),
     preceded by the ``<eos>`` of the document before it, and which text any prefix of the document's ids
     encodes, so that per-character, per-byte and per-word figures divide by exactly the text that was scored
-    (``--max-tokens`` and the batch's uneven tail cut it short)."""
+    (the batch's uneven tail cuts it short)."""
 
     def __init__(self, text: str, tokenizer):
         self.text = text
@@ -86,6 +88,8 @@ def load_eval_tokens(args, model_dir: Path, vocab_size: int) -> tuple[torch.Tens
     tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size,
                                 alternative=", or score a preprocessed token file with --tokens")
     encoded = EncodedText(Path(args.text).read_text(encoding="utf-8"), tokenizer)
+    if args.max_tokens:          # the document cut to the text of its first N tokens, scored as a document
+        encoded = EncodedText(encoded.text_of(args.max_tokens), tokenizer)
     return encoded.ids(), encoded
 
 
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-len", type=non_negative_int, default=None, help="memory length (default: the model's mem_len)")
     parser.add_argument("--clamp-len", type=clamp_len, default=None, help="clamp relative distances (default: model's)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="number of parallel evaluation streams")
-    parser.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens")
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens (--text: the text of its first N tokens, as a document)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.max_tokens:
+    if args.max_tokens and encoded is None:
         tokens = tokens[:args.max_tokens]
     if tokens.numel() < 2:
         print(f"error: {args.tokens or args.text} gives {tokens.numel()} token(s); evaluation needs at least 2",

@@ -133,27 +133,26 @@ def _evaluate(capsys, *args) -> dict:
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_text_metrics_divide_by_exactly_the_text_that_was_scored(tmp_path, capsys, batch_size):
-    """evaluate --text F --max-tokens N reports the bits per character / byte / word of scoring the text of the
-    first N ids as a file of its own: cut at a line end and inside a line, with the streams' uneven tail left
-    out (batch size 3), and the whole document with its final <eos>. The byte tokenizer makes the reference
-    independent of the tool: each byte is one id, so the first k scored ids encode the first k bytes."""
+    """evaluate --text F --max-tokens N reports exactly the figures of scoring the text of the first N ids as a
+    file of its own: cut at a line end and inside a line, with the streams' uneven tail left out (batch size 3),
+    and the whole document. The byte tokenizer makes the reference independent of the tool: each byte is one
+    id, so the first N ids encode the first N bytes, and the document's final <eos> encodes no text."""
     model_dir = make_model_dir(tmp_path, 257)
     full = tmp_path / "full.txt"
     full.write_text(TEXT, encoding="utf-8")
     data = TEXT.encode()
     at_line_end = data.index(b"\n", 40) + 1
-    for n in (at_line_end, 101, len(data), len(data) + 2):
+    for n in (at_line_end, 101, len(data)):
         report = _evaluate(capsys, model_dir, "--text", full, "--max-tokens", n, "--batch-size", batch_size)
-        scored = report["tokens"]             # the ids after the leading <eos>, each one a target
-        assert n - batch_size <= scored <= n - 1
-        cut = data[:scored].decode("utf-8")   # past the last byte: the final <eos>, which encodes no text
-        assert report["characters"] == len(cut)
-        (tmp_path / "cut.txt").write_bytes(cut.encode())
-        alone = _evaluate(capsys, model_dir, "--text", tmp_path / "cut.txt", "--max-tokens", scored + 1,
-                          "--batch-size", batch_size)
-        assert alone["tokens"] == report["tokens"] and alone["characters"] == len(cut)
-        for key in ("bits_per_character", "bits_per_byte", "bits_per_word", "word_perplexity"):
+        (tmp_path / "cut.txt").write_bytes(data[:n])
+        alone = _evaluate(capsys, model_dir, "--text", tmp_path / "cut.txt", "--batch-size", batch_size)
+        assert alone["tokens"] == report["tokens"] and alone["characters"] == report["characters"]
+        for key in ("loss", "bits_per_character", "bits_per_byte", "bits_per_word", "word_perplexity"):
             assert report[key] == pytest.approx(alone[key], rel=1e-6), key
+        scored = report["tokens"]             # the ids after the leading <eos>: n bytes and the final <eos>
+        assert n + 1 - batch_size < scored <= n + 1
+        cut = data[:min(scored, n)].decode("utf-8")
+        assert report["characters"] == len(cut)
         bits = report["loss"] * report["tokens"] / math.log(2)
         assert report["bits_per_character"] == pytest.approx(bits / len(cut), rel=1e-9)
         assert report["bits_per_byte"] == pytest.approx(bits / len(cut.encode()), rel=1e-9)
