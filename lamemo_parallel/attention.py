@@ -204,7 +204,7 @@ class RelativeAttention(nn.Module):
         content_q = (q_mem + content_bias[:, None]) * self.scale
         position = lookahead_position_scores((q_mem + position_bias[:, None]) * self.scale, r_table, plan)
         if fused:
-            from .fused_attention import lookahead_attention
+            from .fused_attention import lookahead_attention     # imported here: see causal_attention above
             vec_new, lse_new = lookahead_attention(content_q, k_win, v_win, position, plan)
         else:
             scores = torch.matmul(content_q, k_win.transpose(-1, -2)).add_(position)       # [B, H, M, W]

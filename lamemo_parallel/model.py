@@ -12,7 +12,6 @@ from typing import NamedTuple
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

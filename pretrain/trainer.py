@@ -18,21 +18,31 @@ from lamemo_parallel.config import variant_traits
 from lamemo_parallel.flops import StepShape
 from lamemo_parallel.inference import EvalResult, split_streams
 
-from .checkpoint import CheckpointError
+from .checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint, quarantine_checkpoints,
+                         rotate_checkpoints, save_checkpoint)
+from .checkpoint.export import export_checkpoint
 from .config import TrainConfig
+from .data.indexed import load_tokens
+from .data.mixture import build_streams, data_metrics, mixture_report, span_memory_reset
+from .data.sources import expand_prefixes, parse_sources
+from .deepspeed_import import import_deepspeed
 from .distributed import init_distributed, launch_world_size
+from .divergence import DivergenceError
 from .layout import Layout, resolve_layout
+from .preflight import check_data, check_memory
 from .profiling import StepProfiler
+from .resume_settings import apply_changed_settings, check_data_on_resume
 from .run_errors import USER_ERRORS, RunFailed, StopSignal, failure, newest_checkpoint_note
+from .run_lock import RunLock
 from .startup import (checked, claim_run_dir, init_model_parallel, log, replace_previous_run, resolve_device,
                       set_cpu_threads)
+from .throughput import ThroughputMeter, format_console_line, resolve_peak_tflops
+from .tracking import Tracker, resolve_loggers
 from .tracking.metrics_rewind import rewind_metrics
 
 
 def run(config: TrainConfig) -> Path:
     """The whole run on this rank (every rank calls it): process set-up, the run directory's lock, training."""
-    from .deepspeed_import import import_deepspeed
-    from .run_lock import RunLock
     import_deepspeed(tracking=config.run.mlflow and "mlflow" in config.run.loggers)
     device = resolve_device(config)
     # Before the process group: a layout every rank finds impossible stops each rank alone (a rank that left a
@@ -72,8 +82,6 @@ def evaluate_validation(engine, config: TrainConfig, *, bits_per_char: bool = Fa
     tokenizers); ``valid/loss`` and the ``eval_*`` keys are the token-weighted total over the sources."""
     if not config.data.valid:
         return None
-    from .data.indexed import load_tokens
-    from .data.sources import expand_prefixes, parse_sources
     mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
     dp_size = engine.layout.data
     out, nll_sum, n_tokens = {}, 0.0, 0
@@ -101,7 +109,6 @@ def export_final(run_dir: Path) -> Path:
     """``run_dir/final``: the newest checkpoint (the last step's, saved just before) exported offline from its
     shards by rank 0, as ``tools/export_checkpoint.py`` does. The other ranks do not wait for it (no
     barrier to time out on a long export)."""
-    from .checkpoint.export import export_checkpoint
     out = run_dir / "final"
     if dist.get_rank() == 0:
         export_checkpoint(run_dir, out, overwrite=True)
@@ -119,7 +126,6 @@ class Trainer:
         self.unconfirmed = False   # the newest checkpoint's update has not yet been followed by an accepted step
 
     def run(self) -> Path:
-        from .divergence import DivergenceError
         self.set_up()
         status, step = "FINISHED", self.start_step
         try:
@@ -165,10 +171,6 @@ class Trainer:
 
     def check_inputs(self) -> None:
         """Every rank agrees the data, the memory estimate and the resume point are usable before building."""
-        from .checkpoint import find_resume_checkpoint
-        from .data.mixture import build_streams, mixture_report
-        from .preflight import check_data, check_memory
-        from .resume_settings import check_data_on_resume
         config, layout, d = self.config, self.layout, self.config.data
         dp_rank = init_model_parallel(layout)
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
@@ -195,9 +197,9 @@ class Trainer:
 
     def build_engine(self) -> None:
         """The engine for the layout; on resume, the checkpoint loaded into it and changed settings applied."""
-        from .checkpoint import load_checkpoint
+        # DeepSpeed and megatron-core load here, after run() has imported DeepSpeed without its autotuner's mlflow
+        # (pretrain/deepspeed_import.py), and never for --dry-run.
         from .engines import build_engine
-        from .resume_settings import apply_changed_settings
         config = self.config
         try:
             self.engine = build_engine(config, self.layout, config.model.vocab_size, self.device)
@@ -214,7 +216,6 @@ class Trainer:
             raise failure(err, "start-up failed", self.rank, self.run_dir) from err
 
     def start_tracking(self) -> None:
-        from .tracking import Tracker, resolve_loggers
         config, run_dir = self.config, self.run_dir
         loggers = resolve_loggers(config.run.loggers, config.run.mlflow)
         self.tracker = Tracker(run_dir, run_name=run_dir.name, enabled=self.rank == 0, mlflow="mlflow" in loggers,
@@ -226,7 +227,6 @@ class Trainer:
             self.tracker.log_artifacts(config.data.tokenizer, "tokenizer")
 
     def throughput_meter(self):
-        from .throughput import ThroughputMeter, resolve_peak_tflops
         m, d, config = self.config.model, self.config.data, self.config
         return ThroughputMeter(
             StepShape(m.n_layer, m.d_model, m.d_inner, m.vocab_size, d.tgt_len, d.mem_len,
@@ -239,8 +239,6 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> bool:
         """Train one optimizer step and do what follows it; True when the run stops here (checkpoint saved)."""
-        from .data.mixture import data_metrics, span_memory_reset
-        from .throughput import format_console_line
         config, guard = self.config, self.guard
         if span_memory_reset(self.streams, config.data):    # every rank decides alike from the loader state
             self.engine.reset_memory()                     # (pipelined: each stage empties its own store)
@@ -291,7 +289,6 @@ class Trainer:
         """A checkpoint when stopping, every run.save_interval accepted steps, and after the last step (before
         the final evaluation and export). One extra is kept until the next accepted step confirms the newest
         (pretrain/divergence.py)."""
-        from .checkpoint import save_checkpoint
         config = self.config
         interval = config.run.save_interval and step % config.run.save_interval == 0
         if stopping or (interval and not skipped) or step == config.run.steps:
@@ -302,7 +299,6 @@ class Trainer:
 
     def confirm(self) -> None:
         """An accepted step confirms the newest checkpoint: the extra one kept for it can go."""
-        from .checkpoint import rotate_checkpoints
         if self.unconfirmed and self.rank == 0:
             rotate_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
         self.unconfirmed = False
@@ -321,7 +317,6 @@ class Trainer:
     def diverged(self, err: BaseException, step: int) -> RunFailed:
         """Divergence (exit code 3): checkpoints written since the trouble began are quarantined, nothing is
         exported, the tracker is tagged."""
-        from .checkpoint import quarantine_checkpoints
         note = ""
         if self.rank == 0 and self.guard.first_bad_step is not None:
             moved = quarantine_checkpoints(self.run_dir, self.guard.first_bad_step - 1)

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from .. import faults
 from . import safe_load
 from .format import MARKER, TRAINER_META, CheckpointError, rank_state_path
-from .reshard_memory import MemoryReshardError, reshard_memory
+from .reshard import reshard_load, target_parts
+from .reshard_memory import MemoryReshardError, reshard_memory, saved_rank_indexes
 from .save import layout_record
 from .state import rng_state, set_rng_state
 
@@ -43,7 +44,6 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_s
             return meta
         head = "resume: the global stream count changed; "
     else:
-        from .reshard import reshard_load
         changed = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ours if saved.get(k) != ours[k])
         head = (f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
                 f"state from the shards; ")
@@ -60,7 +60,6 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_s
 def _continue_streams(ckpt: Path, marker: dict, engine, streams, layout) -> str:
     """The loader's position and the memory of every stream that continues, resharded onto this rank's slots;
     returns what happened, for the log line."""
-    from .reshard import target_parts
     saved = safe_load.safe_load(rank_state_path(ckpt, 0), mmap=True)["streams"]     # its memory stays on disk
     old = saved.get("layout") or {}
     streams.load_state_dict(saved, strict=False)
@@ -108,7 +107,6 @@ def restorable_rng(ckpt: Path, engine, saved: dict, ours: dict) -> tuple[dict, b
     saved rank at the same tensor, pipeline and data-parallel coordinates) only when nothing but the ZeRO stage
     or the precision changed, so that the ranks compute exactly what they computed before; otherwise every rank
     keeps its fresh seed."""
-    from .reshard_memory import saved_rank_indexes
     if all(saved.get(k) == ours[k] for k in ours if k not in ("zero_stage", "precision")):
         coords = (engine.tp_rank, int(engine.stage), int(engine.dp_rank))
         for index in saved_rank_indexes(ckpt):

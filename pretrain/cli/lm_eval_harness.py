@@ -8,17 +8,19 @@ Requires the ``[eval]`` extra (lm-eval).
 """
 from __future__ import annotations
 
+import importlib
+
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    try:      # lm-eval is an optional extra ([eval]): imported only here, and its absence is one error line
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
         print("error: lamemo-lm-eval needs lm-evaluation-harness: pip install 'lamemo-pretrain[eval]'",
               file=sys.stderr)
         return 2
-    import pretrain.lm_eval_model  # noqa: F401  (registers the "lamemo" model type with lm-eval)
+    importlib.import_module("pretrain.lm_eval_model")     # registers the "lamemo" model type with lm-eval
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:

@@ -20,7 +20,7 @@ from pretrain.checkpoint.model_card import model_card
 from pretrain.data.hf_tokenizer import write_transformers_tokenizer
 from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
 
-from helpers import ROOT, WIKITEXT2, load_tool, shakespeare_text, subprocess_env
+from helpers import ROOT, WIKITEXT2, shakespeare_text, subprocess_env
 from test_import_graph import import_graph
 
 #: Run first in the child: every import of lamemo_parallel or pretrain fails, as where this package is absent.
