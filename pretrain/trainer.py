@@ -22,9 +22,8 @@ from .checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoin
                          rotate_checkpoints, save_checkpoint)
 from .checkpoint.export import export_checkpoint
 from .config import TrainConfig
-from .data.indexed import load_tokens
 from .data.mixture import build_streams, data_metrics, mixture_report, span_memory_reset
-from .data.sources import expand_prefixes, parse_sources
+from .data.sources import Source
 from .deepspeed_import import import_deepspeed
 from .distributed import init_distributed, launch_world_size
 from .divergence import DivergenceError
@@ -71,33 +70,34 @@ def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int =
     return streams[dp_rank * streams_per_rank:(dp_rank + 1) * streams_per_rank]
 
 
-def evaluate_validation(engine, config: TrainConfig, *, bits_per_char: bool = False) -> dict | None:
+def evaluate_validation(engine, config: TrainConfig, valid: list[Source] | None, *,
+                        bits_per_char: bool = False) -> dict | None:
     """Validation loss of the current weights with streaming memory, through the parallel model: every stage
     and TP rank takes part, each data-parallel rank scores its own ``run.eval_batch_size`` streams (the
     single-device evaluation with batch size eval_batch_size x DP), and the sums are all-reduced over the
     data-parallel group. The result is the same on every rank.
 
-    Each validation source (``data.valid`` as a list; a prefix is one source named after its stem) is scored on
-    its own as ``valid/<name>/loss`` and ``valid/<name>/ppl`` (``bpc`` with ``bits_per_char``, for byte
-    tokenizers); ``valid/loss`` and the ``eval_*`` keys are the token-weighted total over the sources."""
-    if not config.data.valid:
+    ``valid`` is the validation split as start-up's data check loaded it (``preflight.check_data``: token files
+    opened and verified once, memory-mapped, not read again at each evaluation). Each source (``data.valid`` as a
+    list; a prefix is one source named after its stem) is scored on its own as ``valid/<name>/loss`` and
+    ``valid/<name>/ppl`` (``bpc`` with ``bits_per_char``, for byte tokenizers); ``valid/loss`` and the ``eval_*``
+    keys are the token-weighted total over the sources."""
+    if not valid:
         return None
     mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
     dp_size = engine.layout.data
     out, nll_sum, n_tokens = {}, 0.0, 0
-    for spec in parse_sources(config.data.valid, "data.valid", weights_required=False):
-        parts = [load_tokens(prefix) for prefix in expand_prefixes(spec, "data.valid")]
-        tokens = torch.from_numpy((np.concatenate(parts) if len(parts) > 1 else parts[0]).astype("int64"))
-        if config.run.eval_tokens:
-            tokens = tokens[:config.run.eval_tokens + 1]
+    for source in valid:
+        scored = source.tokens[:config.run.eval_tokens + 1] if config.run.eval_tokens else source.tokens[:]
+        tokens = torch.from_numpy(np.asarray(scored, dtype=np.int64))
         streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
         local = engine.evaluate(streams, tgt_len=config.data.tgt_len, mem_len=mem_len)
         sums = torch.tensor([local.nll_sum, float(local.n_tokens)], dtype=torch.float64, device=engine.device)
         if dp_size > 1:
             dist.all_reduce(sums, group=engine.dp_group)
         r = EvalResult(nll_sum=sums[0].item(), n_tokens=int(sums[1].item()))
-        out[f"valid/{spec.name}/loss"] = r.loss
-        out[f"valid/{spec.name}/bpc" if bits_per_char else f"valid/{spec.name}/ppl"] = (
+        out[f"valid/{source.name}/loss"] = r.loss
+        out[f"valid/{source.name}/bpc" if bits_per_char else f"valid/{source.name}/ppl"] = (
             r.bits_per_token if bits_per_char else r.perplexity)
         nll_sum, n_tokens = nll_sum + r.nll_sum, n_tokens + r.n_tokens
     r = EvalResult(nll_sum=nll_sum, n_tokens=n_tokens)
@@ -176,6 +176,7 @@ class Trainer:
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
         self.streams = checked(build_streams, data.train, d, dp_size=layout.data, dp_rank=dp_rank)
         self.bits_per_char = data.tokenizer.kind == "byte"
+        self.valid = data.valid              # loaded once here, scored at every evaluation
         if isinstance(data.train, list):
             log(mixture_report(self.streams, config.run.steps))
         estimate = checked(check_memory, config, layout, self.device)
@@ -277,7 +278,7 @@ class Trainer:
         """Validation metrics every run.eval_interval steps (the last step's come from ``finish``)."""
         every = self.config.run.eval_interval
         if every and step % every == 0 and step < self.config.run.steps:
-            return evaluate_validation(self.engine, self.config, bits_per_char=self.bits_per_char) or {}
+            return evaluate_validation(self.engine, self.config, self.valid, bits_per_char=self.bits_per_char) or {}
         return {}
 
     def should_stop(self, step: int) -> bool:
@@ -306,7 +307,7 @@ class Trainer:
     # ------------------------------------------------------------------ end
     def finish(self) -> None:
         """After the last step: the final validation, the last confirmation, the export."""
-        final_eval = evaluate_validation(self.engine, self.config, bits_per_char=self.bits_per_char)
+        final_eval = evaluate_validation(self.engine, self.config, self.valid, bits_per_char=self.bits_per_char)
         if final_eval:
             self.tracker.log_metrics(self.config.run.steps, final_eval)
             log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")
