@@ -57,15 +57,36 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
 
 
+# The tiny models' few sizes. Tests whose sizes are part of what they check (divisible head counts for tensor
+# parallelism, the paper's configs, exact FLOP counts) say so where they build their own.
 #: The tiny model of the tests that need "some LaMemo model" (2 layers, d_model 16, 2 heads of 8, d_inner 32).
 TINY_MODEL = dict(n_layer=2, d_model=16, n_head=2, d_inner=32)
+#: The model-maths tests' size (against docs/method.md's transcription, the fused path, the tables): d_inner 24
+#: (not a multiple of d_model, so a transposed feed-forward weight cannot fit) and a wide initialisation, so the
+#: attention is far from uniform and a wrong term shows in the logits.
+MATH_MODEL = dict(TINY_MODEL, d_inner=24, init_std=0.3)
 
 
-def tiny_config(vocab_size: int, **overrides):
-    """The one tiny-model factory (also the ``tiny_config`` fixture of tests/conftest.py): ``TINY_MODEL`` with
-    ``vocab_size`` and any overrides (variant, lengths, or the size a test is about)."""
+def tiny_config(vocab_size: int, size: dict = TINY_MODEL, **overrides):
+    """The one tiny-model factory (also the ``tiny_config`` fixture of tests/conftest.py): ``size`` (one of the
+    sizes above) with ``vocab_size`` and any overrides (variant, lengths, or the size a test is about)."""
     from lamemo_parallel import LaMemoConfig
-    return LaMemoConfig(**{**TINY_MODEL, "vocab_size": vocab_size, **overrides})
+    return LaMemoConfig(**{**size, "vocab_size": vocab_size, **overrides})
+
+
+def tiny_model(vocab_size: int, size: dict = MATH_MODEL, *, seed: int = 0, perturb: float = 0.1, **overrides):
+    """``LaMemoModel(tiny_config(...))`` in eval mode, initialised from ``seed``; every parameter then moved by
+    ``perturb`` x N(0, 1), so the biases (initialised to 0) and LayerNorms (to 1) matter in what a test compares."""
+    import torch
+
+    from lamemo_parallel import LaMemoModel
+    torch.manual_seed(seed)
+    model = LaMemoModel(tiny_config(vocab_size, size, **overrides)).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return model
 
 
 BASE_STEPS = 5

@@ -103,7 +103,7 @@ def test_resume_at_any_step_is_exact() -> None:
         (resumed,) = loaders(srcs, dp_size=1, micro_batch_size=3, roll_seed=3, span_len=64)
         resumed.load_state_dict(state)
         for step in range(k, 40):
-            for (a, b), (c, d) in zip(resumed.next_step(), ref[step]):
+            for (a, b), (c, d) in zip(resumed.next_step(), ref[step], strict=True):
                 assert (a == c).all() and (b == d).all()
         assert resumed.read == straight.read
 
