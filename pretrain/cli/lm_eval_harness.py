@@ -12,6 +12,24 @@ import importlib
 
 import sys
 
+from lamemo_parallel.model_files import require_model_dir
+
+
+def _lamemo_export(args: list[str]) -> str | None:
+    """The ``pretrained=`` directory of ``--model lamemo --model_args ...`` (lm-eval's own argument syntax), if
+    given."""
+    from lm_eval.utils import simple_parse_args_string
+    value = {}
+    for flag in ("--model", "--model_args"):
+        for i, arg in enumerate(args):
+            if arg == flag and i + 1 < len(args):
+                value[flag] = args[i + 1]
+            elif arg.startswith(flag + "="):
+                value[flag] = arg.split("=", 1)[1]
+    if value.get("--model") != "lamemo" or "--model_args" not in value:
+        return None
+    return simple_parse_args_string(value["--model_args"]).get("pretrained")
+
 
 def main(argv: list[str] | None = None) -> int:
     try:      # lm-eval is an optional extra ([eval]): imported only here, and its absence is one error line
@@ -24,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:
+        # lm-eval indexes its thousands of task files before it makes the model: a wrong path is said at once
+        lamemo_export = _lamemo_export(sys.argv[1:])
+        if lamemo_export is not None:
+            require_model_dir(lamemo_export)
         cli_evaluate()
     except (OSError, ValueError) as err:        # e.g. no export at pretrained=..., a tokenizer that does not fit
         print(f"error: {err}", file=sys.stderr)
