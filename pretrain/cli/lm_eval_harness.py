@@ -9,16 +9,13 @@ Requires the ``[eval]`` extra (lm-eval).
 from __future__ import annotations
 
 import importlib
-
 import sys
-
-from lamemo_parallel.model_files import require_model_dir
 
 
 def _lamemo_export(args: list[str]) -> str | None:
     """The ``pretrained=`` directory of ``--model lamemo --model_args ...`` (lm-eval's own argument syntax), if
     given."""
-    from lm_eval.utils import simple_parse_args_string
+    from lm_eval.utils import simple_parse_args_string      # the optional extra, present once main got here
     value = {}
     for flag in ("--model", "--model_args"):
         for i, arg in enumerate(args):
@@ -45,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         # lm-eval indexes its thousands of task files before it makes the model: a wrong path is said at once
         lamemo_export = _lamemo_export(sys.argv[1:])
         if lamemo_export is not None:
+            from lamemo_parallel.model_files import require_model_dir     # torch: only once the command runs
             require_model_dir(lamemo_export)
         cli_evaluate()
     except (OSError, ValueError) as err:        # e.g. no export at pretrained=..., a tokenizer that does not fit
