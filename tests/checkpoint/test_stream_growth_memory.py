@@ -230,3 +230,51 @@ def test_four_to_eight_streams_in_one_micro_batch_keep_the_first_four(corpus, tm
     assert report["continuing_rel"] <= 1e-5 and report["added_rel"] <= 1e-5, report
     assert report["valid_after"] is None                      # 3 segments of 8 fill the added rows' 16
     assert all(0 < loss < 10 for loss in report["losses"]), report
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipelined_four_to_eight_streams_mix_in_every_stage(corpus, tmp_path, monkeypatch):
+    """Two pipeline stages, 4 streams (one micro-batch of 4) saved at step 3, resumed with 8 (one micro-batch of
+    8): every stage loads its layers' memory for rows 0-3 and M empty rows of valid length 0 for rows 4-7. After
+    step 4 the memory of rows 0-3 (gathered over the stages) equals the 4-stream run's after its step 4, and the
+    memory of rows 4-7 equals those streams run alone from an empty memory on the single-device model with the
+    step-3 weights; step 4's loss is the mean of the two (1e-5 relative)."""
+    from pretrain.checkpoint.export import export_checkpoint
+    from pretrain.config import load_config
+    from pretrain.data.mixture import build_streams
+    from pretrain.preflight import check_data
+    from helpers import launch, losses
+    config_path = ROOT / "configs" / "tiny-cpu.yaml"
+    runs = {}
+    for name, rows in (("four", 4), ("eight", 8)):
+        run_dir = tmp_path / name
+        overrides = [*base_overrides(corpus, run_dir), "parallel.pipeline=2", "data.micro_batches=1",
+                     f"data.micro_batch_size={rows}", "run.steps=4", "run.save_interval=3"]
+        if name == "eight":
+            overrides.append(f"run.resume={tmp_path / 'four' / CHECKPOINTS / step_tag(3)}")
+        monkeypatch.setenv("LAMEMO_DUMP_MEMORY", str(run_dir / "memory"))
+        result = launch(2, overrides)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        runs[name] = (overrides, LaMemoMemory.load(run_dir / "memory" / "memory-dp0.safetensors"),
+                      losses(run_dir), result.stdout + result.stderr)
+    (four_overrides, four, four_losses, _), (eight_overrides, eight, eight_losses, log) = runs["four"], runs["eight"]
+    assert "data: streams 4 -> 8" in log and "added streams start with an empty memory" in log
+    assert eight.valid is None and eight.length == four.length == 8
+    for name, t in four.tensors().items():
+        torch.testing.assert_close(eight.tensors()[name][:4], t, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    ckpt = tmp_path / "four" / CHECKPOINTS / step_tag(3)
+    export_checkpoint(ckpt, tmp_path / "step3")
+    model = LaMemoModel.from_pretrained(tmp_path / "step3").eval()
+    config = load_config(config_path, eight_overrides)
+    streams = build_streams(check_data(config, verify_checksums=False, log=lambda _: None).train, config.data,
+                            dp_size=1, dp_rank=0)
+    streams.load_state_dict(torch.load(rank_state_path(ckpt, 0), weights_only=True)["streams"], strict=False)
+    [(inputs, targets)] = streams.next_step()
+    with torch.no_grad():
+        alone = model(inputs[4:], targets=targets[4:], memory=None)
+    for name, t in alone.memory.tensors().items():
+        torch.testing.assert_close(eight.tensors()[name][4:], t, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    expected = (four_losses[4] + alone.nll.float().mean().item()) / 2
+    assert eight_losses[4] == pytest.approx(expected, rel=1e-5)
