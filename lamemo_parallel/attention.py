@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BASELINE_VARIANT, RECOMPUTE_MODES, ConfigError, variant_traits
-from .positions import PositionEncodings, lookahead_position_scores, relative_shift, step_tables
 from .memory import missing_rows
+from .positions import PositionEncodings, lookahead_position_scores, relative_shift, step_tables
 from .softmax import softmax_with_lse, statistics_dtype
 
 __all__ = ["ATTENTION_BACKENDS", "AttentionResult", "GlobalBiases", "PositionEncodings", "RelativeAttention",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel.config import BASELINE_VARIANT, DEFAULT_VARIANT, SUPPORTED_VARIANTS, variant_traits
 from lamemo_parallel.memory import VALID, LaMemoMemory
 from lamemo_parallel.pipeline_runtime import StageMemory
 from pretrain.checkpoint.format import CHECKPOINTS, rank_state_path, shard_index_path, step_tag
@@ -33,7 +34,10 @@ def _run(model, tokens, N, memory, steps, first=0):
     return nll, memory
 
 
-@pytest.mark.parametrize("variant", [3, 0, 33])      # LaMemo, Transformer-XL, full look-ahead (no future mask)
+FULL_LOOK_AHEAD = next(v for v in SUPPORTED_VARIANTS if variant_traits(v).full_look_ahead)
+
+
+@pytest.mark.parametrize("variant", [DEFAULT_VARIANT, BASELINE_VARIANT, FULL_LOOK_AHEAD])   # 33: no future mask
 def test_a_row_without_memory_runs_as_alone_and_the_others_bitwise(variant, mem_len=12, N=4):
     """Rows 2-3 of a batch whose rows 0-1 hold a full memory are marked empty (valid 0): rows 0-1 are bitwise
     what they are without the mark, rows 2-3 equal running them alone from an empty memory (to fp32 rounding),
