@@ -15,12 +15,16 @@ from lamemo_parallel import LaMemoConfig, LaMemoModel
 from lamemo_parallel.config import BASELINE_VARIANT, DEFAULT_VARIANT, SUPPORTED_VARIANTS, variant_traits
 from lamemo_parallel.memory import VALID, LaMemoMemory
 from lamemo_parallel.pipeline_runtime import StageMemory
+from pretrain.checkpoint.export import export_checkpoint
 from pretrain.checkpoint.format import CHECKPOINTS, rank_state_path, shard_index_path, step_tag
 from pretrain.checkpoint.reshard_memory import memory_index, reshard_memory
+from pretrain.config import load_config
+from pretrain.data.mixture import build_streams
 from pretrain.engines.plain import PlainEngine
 from pretrain.layout import split_layers
+from pretrain.preflight import check_data
 
-from helpers import ROOT, base_overrides, subprocess_env, tiny_config
+from helpers import ROOT, TINY_CONFIG, base_overrides, launch, losses, subprocess_env, tiny_config
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -151,6 +155,23 @@ def test_reshard_gives_added_streams_an_empty_memory_and_keeps_saved_valid_lengt
 
 
 # ---------------------------------------------------------------------------------------------- a real resume
+# One saved run serves both resumes: 4 streams (one micro-batch of 4), 2 pipeline stages, memory of 16 = 2 segments.
+def _overrides(corpus, run_dir, rows: int, *extra: str) -> list[str]:
+    return [*base_overrides(corpus, run_dir), "data.micro_batches=1", f"data.micro_batch_size={rows}",
+            "data.mem_len=16", "run.steps=4", "run.save_interval=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def four_streams(corpus, tmp_path_factory):
+    """The 4-stream run: its step-3 checkpoint and its memory after step 4 (LAMEMO_DUMP_MEMORY)."""
+    run_dir = tmp_path_factory.mktemp("four-streams") / "run"
+    result = launch(2, _overrides(corpus, run_dir, 4, "parallel.pipeline=2"),
+                    env_extra={"LAMEMO_DUMP_MEMORY": str(run_dir / "memory")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return SimpleNamespace(ckpt=run_dir / CHECKPOINTS / step_tag(3), losses=losses(run_dir),
+                           memory=LaMemoMemory.load(run_dir / "memory" / "memory-dp0.safetensors"))
+
+
 CHECK = r"""
 import json, sys, torch
 from pathlib import Path
@@ -170,60 +191,54 @@ device = resolve_device(config)
 layout = resolve_layout(config, launch_world_size(), cuda=False)
 set_cpu_threads(device)
 rank, world = init_distributed(device)
+Path(config.run.dir).mkdir(parents=True)  # what pretrain.trainer.run's claim of the run directory does
 trainer = Trainer(config, device, rank, world, layout, Path(config.run.dir))
-trainer.set_up()                                   # the real start-up: build the engine, load the 4-stream checkpoint
-saved = torch.load(rank_state_path(ckpt, 0), weights_only=True)
+trainer.set_up()                     # the real start-up: build the engine, reshard the 2-stage 4-stream checkpoint
+saved = [torch.load(rank_state_path(ckpt, r), weights_only=True) for r in range(2)]     # the two stages' files
+first = LaMemoMemory.from_tensors({**saved[0]["memory"][0], **saved[1]["memory"][0]})
 loaded = trainer.engine.memories[0]
 four = SegmentStreams(trainer.streams.tokens, tgt_len=config.data.tgt_len, dp_size=1, dp_rank=0, micro_batches=1,
                       micro_batch_size=4)
-four.load_state_dict(saved["streams"])
+four.load_state_dict(saved[0]["streams"])
 state = trainer.streams.state_dict()
-batches8, batches4 = [trainer.streams.next_step() for _ in range(3)], [four.next_step() for _ in range(3)]
+batches8, batches4 = [trainer.streams.next_step()[0] for _ in range(3)], [four.next_step()[0] for _ in range(3)]
 trainer.streams.load_state_dict(state)
-first = LaMemoMemory.from_state_dict(saved["memory"][0])
 report = {"valid": loaded.valid.tolist(), "start": trainer.start_step,
           "memory_bitwise": all(torch.equal(t[:4], first.tensors()[n]) for n, t in loaded.tensors().items()
                                 if n != "valid"),
           "added_zero": all(float(t[4:].abs().sum()) == 0 for n, t in loaded.tensors().items() if n != "valid"),
-          "inputs_bitwise": all(torch.equal(a[0][0][:4], b[0][0]) and torch.equal(a[0][1][:4], b[0][1])
+          "inputs_bitwise": all(torch.equal(a[0][:4], b[0]) and torch.equal(a[1][:4], b[1])
                                 for a, b in zip(batches8, batches4))}
 model = trainer.engine.module
 model.eval()
-with torch.no_grad():                              # the same weights: 8-row forward vs 4 rows and rows alone
+with torch.no_grad():                # the same weights: 8-row forward vs the 4 rows, and the added rows alone
     m8, m4, m_alone, worst_cont, worst_added = loaded, first, None, 0.0, 0.0
-    for (b8,), (b4,) in zip(batches8, batches4):
+    for b8, b4 in zip(batches8, batches4):
         o8 = model(b8[0], targets=b8[1], memory=m8)
         o4 = model(b4[0], targets=b4[1], memory=m4)
         oa = model(b8[0][4:], targets=b8[1][4:], memory=m_alone)
         worst_cont = max(worst_cont, float(((o8.nll[:4] - o4.nll).abs() / o4.nll.abs()).max()))
         worst_added = max(worst_added, float(((o8.nll[4:] - oa.nll).abs() / oa.nll.abs()).max()))
         m8, m4, m_alone = o8.memory, o4.memory, oa.memory
-report.update(continuing_rel=worst_cont, added_rel=worst_added, valid_after=None if m8.valid is None
-              else m8.valid.tolist())
+report.update(continuing_rel=worst_cont, added_rel=worst_added,
+              valid_after=None if m8.valid is None else m8.valid.tolist())
 model.train()
-losses = [trainer.engine.train_step(trainer.streams.next_step()).loss for _ in range(2)]
-report["losses"] = losses
+report["losses"] = [trainer.engine.train_step(trainer.streams.next_step()).loss for _ in range(2)]
 print("REPORT " + json.dumps(report))
 """
 
 
 @pytest.mark.slow
-def test_four_to_eight_streams_in_one_micro_batch_keep_the_first_four(corpus, tmp_path):
-    """A real run (one process, fp32, dropout 0) saves 4 streams (1 micro-batch of 4 rows) at step 3; the
-    resume with 8 streams (1 micro-batch of 8 rows) loads the 4 continuing streams' memory bitwise into rows
-    0-3 and marks rows 4-7 empty (valid 0, zero rows); the loader gives rows 0-3 bitwise the next inputs of a
-    4-stream run for 3 steps; with the loaded weights, rows 0-3's per-step losses equal the 4-stream run's and
-    rows 4-7's equal running those streams alone from an empty memory (1e-5 relative); training goes on."""
-    run_dir = tmp_path / "run"
-    common = [*base_overrides(corpus, run_dir), "data.micro_batches=1", "data.mem_len=16", "run.save_interval=3"]
-    config = ROOT / "configs" / "tiny-cpu.yaml"
-    first = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(config), *common,
-                            "data.micro_batch_size=4", "run.steps=3"],
-                           capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    ckpt = run_dir / CHECKPOINTS / step_tag(3)
-    check = subprocess.run([sys.executable, "-c", CHECK, str(config),
-                            json.dumps([*common, "data.micro_batch_size=8", "run.steps=6"]), str(ckpt)],
+@pytest.mark.distributed
+def test_four_to_eight_streams_in_one_micro_batch_keep_the_first_four(corpus, tmp_path, four_streams):
+    """The 4-stream checkpoint (2 stages) resumed on one process with 8 streams (one micro-batch of 8 rows; the
+    weights and memory resharded): rows 0-3 get the saved memory bitwise, rows 4-7 valid length 0 and zero rows;
+    the loader gives rows 0-3 bitwise the next inputs of a 4-stream run for 3 steps; with the loaded weights, rows
+    0-3's per-step losses equal the 4-stream run's and rows 4-7's equal running those streams alone from an empty
+    memory (1e-5 relative), the added rows fill up (valid None after 2 segments); training goes on."""
+    overrides = _overrides(corpus, tmp_path / "run", 8, f"run.resume={four_streams.ckpt}", "run.steps=6")
+    check = subprocess.run([sys.executable, "-c", CHECK, str(TINY_CONFIG), json.dumps(overrides),
+                            str(four_streams.ckpt)],
                            capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
     assert check.returncode == 0, check.stderr[-3000:]
     report = json.loads(next(line for line in check.stdout.splitlines() if line.startswith("REPORT "))[7:])
@@ -238,47 +253,36 @@ def test_four_to_eight_streams_in_one_micro_batch_keep_the_first_four(corpus, tm
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_pipelined_four_to_eight_streams_mix_in_every_stage(corpus, tmp_path, monkeypatch):
-    """Two pipeline stages, 4 streams (one micro-batch of 4) saved at step 3, resumed with 8 (one micro-batch of
-    8): every stage loads its layers' memory for rows 0-3 and M empty rows of valid length 0 for rows 4-7. After
-    step 4 the memory of rows 0-3 (gathered over the stages) equals the 4-stream run's after its step 4, and the
-    memory of rows 4-7 equals those streams run alone from an empty memory on the single-device model with the
-    step-3 weights; step 4's loss is the mean of the two (1e-5 relative)."""
-    from pretrain.checkpoint.export import export_checkpoint
-    from pretrain.config import load_config
-    from pretrain.data.mixture import build_streams
-    from pretrain.preflight import check_data
-    from helpers import launch, losses
-    config_path = ROOT / "configs" / "tiny-cpu.yaml"
-    runs = {}
-    for name, rows in (("four", 4), ("eight", 8)):
-        run_dir = tmp_path / name
-        overrides = [*base_overrides(corpus, run_dir), "parallel.pipeline=2", "data.micro_batches=1",
-                     f"data.micro_batch_size={rows}", "run.steps=4", "run.save_interval=3"]
-        if name == "eight":
-            overrides.append(f"run.resume={tmp_path / 'four' / CHECKPOINTS / step_tag(3)}")
-        monkeypatch.setenv("LAMEMO_DUMP_MEMORY", str(run_dir / "memory"))
-        result = launch(2, overrides)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        runs[name] = (overrides, LaMemoMemory.load(run_dir / "memory" / "memory-dp0.safetensors"),
-                      losses(run_dir), result.stdout + result.stderr)
-    (four_overrides, four, four_losses, _), (eight_overrides, eight, eight_losses, log) = runs["four"], runs["eight"]
+def test_pipelined_four_to_eight_streams_mix_in_every_stage(corpus, tmp_path, four_streams):
+    """The same checkpoint resumed on the same 2 stages with 8 streams (one micro-batch of 8): every stage loads
+    its layers' memory for rows 0-3 and 16 empty rows (valid 0) for rows 4-7. After step 4 the memory of rows 0-3
+    (gathered over the stages) equals the 4-stream run's after its step 4; rows 4-7 hold 8 real rows (valid 8 of
+    16) equal to those streams run alone from an empty memory on the single-device model with the step-3 weights;
+    step 4's loss is the mean of the two runs' (1e-5 relative)."""
+    run_dir = tmp_path / "eight"
+    overrides = _overrides(corpus, run_dir, 8, "parallel.pipeline=2", f"run.resume={four_streams.ckpt}")
+    result = launch(2, overrides, env_extra={"LAMEMO_DUMP_MEMORY": str(run_dir / "memory")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    log = result.stdout + result.stderr
     assert "data: streams 4 -> 8" in log and "added streams start with an empty memory" in log
-    assert eight.valid is None and eight.length == four.length == 8
+    eight, four = LaMemoMemory.load(run_dir / "memory" / "memory-dp0.safetensors"), four_streams.memory
+    assert eight.valid.tolist() == [16] * 4 + [8] * 4 and eight.length == four.length == 16
     for name, t in four.tensors().items():
         torch.testing.assert_close(eight.tensors()[name][:4], t, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
-    ckpt = tmp_path / "four" / CHECKPOINTS / step_tag(3)
-    export_checkpoint(ckpt, tmp_path / "step3")
+    export_checkpoint(four_streams.ckpt, tmp_path / "step3")
     model = LaMemoModel.from_pretrained(tmp_path / "step3").eval()
-    config = load_config(config_path, eight_overrides)
+    config = load_config(TINY_CONFIG, overrides)
     streams = build_streams(check_data(config, verify_checksums=False, log=lambda _: None).train, config.data,
                             dp_size=1, dp_rank=0)
-    streams.load_state_dict(torch.load(rank_state_path(ckpt, 0), weights_only=True)["streams"], strict=False)
+    streams.load_state_dict(torch.load(rank_state_path(four_streams.ckpt, 0), weights_only=True)["streams"],
+                            strict=False)
     [(inputs, targets)] = streams.next_step()
     with torch.no_grad():
         alone = model(inputs[4:], targets=targets[4:], memory=None)
     for name, t in alone.memory.tensors().items():
-        torch.testing.assert_close(eight.tensors()[name][4:], t, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    expected = (four_losses[4] + alone.nll.float().mean().item()) / 2
-    assert eight_losses[4] == pytest.approx(expected, rel=1e-5)
+        got = eight.tensors()[name][4:]
+        assert float(got[:, :8].abs().sum()) == 0                       # the 8 rows they do not have: zeros
+        torch.testing.assert_close(got[:, 8:], t, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    expected = (four_streams.losses[4] + alone.nll.float().mean().item()) / 2
+    assert losses(run_dir)[4] == pytest.approx(expected, rel=1e-5)
