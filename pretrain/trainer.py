@@ -241,8 +241,9 @@ class Trainer:
     def step(self, step: int) -> bool:
         """Train one optimizer step and do what follows it; True when the run stops here (checkpoint saved)."""
         config, guard = self.config, self.guard
-        if span_memory_reset(self.streams, config.data):    # every rank decides alike from the loader state
-            self.engine.reset_memory()                     # (pipelined: each stage empties its own store)
+        forget = span_memory_reset(self.streams, config.data)   # every rank decides alike from the loader state
+        if forget is not None:                                 # the rows beginning a span (pipelined: each stage
+            self.engine.reset_memory(forget)                   # empties them in its own store)
         self.meter.begin()
         result = self.engine.train_step(self.streams.next_step())
         self.meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
