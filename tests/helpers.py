@@ -103,6 +103,17 @@ def launcher(nproc: int, overrides: list[str], env_extra: dict | None = None,
                           env=subprocess_env(**(env_extra or {})))
 
 
+def mount_tmpfs(path: Path, size_bytes: int) -> bool:
+    """A size-limited tmpfs at ``path`` (a full disk for save tests; needs root); False where mounting is not
+    allowed. The caller unmounts it (``umount``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return done.returncode == 0
+
+
 def one_error(result: subprocess.CompletedProcess) -> str:
     """The trainer's single ``error:`` line of a failed launch (the launcher's own summary line aside), and no
     traceback anywhere."""
