@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -298,11 +299,16 @@ class Trainer:
         self.conclude(self.writer.poll())
         interval = config.run.save_interval and step % config.run.save_interval == 0
         if stopping or (interval and not skipped) or step == config.run.steps:
+            began = time.perf_counter()
             self.conclude(self.writer.wait())
+            waited = time.perf_counter() - began
             start_save(engine=self.engine, streams=self.streams, config=config, step=step, layout=self.layout,
                        tracker_run_id=self.run_id, writer=self.writer)
             if stopping or step == config.run.steps or not config.run.async_save:
                 self.conclude(self.writer.wait())
+            elif step % config.run.log_interval == 0:
+                log(f"checkpoint of step {step}: the loop waited {waited:.2f} s for the previous save and "
+                    f"{time.perf_counter() - began - waited:.2f} s for the snapshot; writing in the background")
 
     def conclude(self, outcome) -> None:
         """A save that is over on every rank: pruning after it (the newest kept unconfirmed), or its failure."""
