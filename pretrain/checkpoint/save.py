@@ -114,7 +114,7 @@ def start_save(*, engine, streams, config, step: int, layout, tracker_run_id: st
     rank = dist.get_rank()
     root = checkpoint_root(config.run.dir)
     ckpt = root / step_tag(step)
-    snapshot = to_host if writer.asynchronous else (lambda state: state)
+    snapshot = functools.partial(to_host, shared=True) if writer.asynchronous else (lambda state: state)
     ds_writer = safe_load.install(engine)
     ds_writer.begin(snapshot)
     failure = None

@@ -19,8 +19,10 @@ failure is raised, at the same step. One save is in flight at a time.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +30,73 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing
 
 from .. import faults
 from ..distributed import any_rank, first_problem
 from .format import listed_files, sha256_file, share_of
 from .safe_load import write_failure
 
-#: The background writer's CPU priority (Linux nice value; training runs at the process's own, usually 0).
-WRITER_NICE = 19
+#: The writer process's CPU priority (a nice value; training runs at the trainer's own, usually 0).
+WRITER_NICE = 10
+
+
+class WriteFailed(Exception):
+    """A write or hash in the writer process failed; the message is the one-line cause (path and reason)."""
+
+
+def _die_with_parent() -> None:
+    """The writer process is killed with the trainer (Linux: PR_SET_PDEATHSIG), so a trainer killed with
+    -9 leaves no orphan that could go on writing into a checkpoint directory the next start reuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)                    # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:                            # the trainer died before that took effect
+        os._exit(1)
+
+
+def _serve(conn) -> None:
+    """The writer process's loop: run each (function, args) it is sent, answer (True, result) or (False, the
+    one-line failure); None ends it."""
+    _die_with_parent()
+    os.nice(WRITER_NICE)
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:            # the trainer has exited
+            return
+        if request is None:
+            return
+        function, args = request
+        try:
+            conn.send((True, function(*args)))
+        except Exception as err:
+            path = next((a for a in reversed(args) if isinstance(a, (str, os.PathLike))), "checkpoint")
+            conn.send((False, write_failure(getattr(err, "filename", None) or path, err)))
+        del request, args
+
+
+class WriterProcess:
+    """A process of its own that does the writer's heavy work (``torch.save`` of each file, hashing), so it
+    neither holds the trainer's GIL (torch.save keeps it while it writes a tensor's bytes, which would stall
+    the training loop's Python between kernels) nor competes with training at the same priority. Tensors reach
+    it through shared memory (``snapshot.to_host(shared=True)``): nothing is copied on the way. Started once,
+    at start-up (spawn: a fresh interpreter, no state inherited from the trainer's threads)."""
+
+    def __init__(self):
+        context = torch.multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child,), name="checkpoint-writer", daemon=True)
+        self.process.start()
+        child.close()
+
+    def call(self, function, *args):
+        """Collective with nothing: ``function(*args)`` in the writer process, waited for (the calling thread
+        sleeps meanwhile); its failure raises WriteFailed."""
+        self.conn.send((function, args))
+        ok, value = self.conn.recv()
+        if not ok:
+            raise WriteFailed(value)
+        return value
 
 
 @dataclass
@@ -76,6 +137,13 @@ class CheckpointWriter:
         self._job: SaveJob | None = None
         self._thread: threading.Thread | None = None
         self._failure: str | None = None
+        self._process = WriterProcess() if asynchronous else None
+
+    def _call(self, function, *args):
+        """``function(*args)`` in the writer process (asynchronous) or here; a failure raises WriteFailed."""
+        if self._process is None:
+            return function(*args)
+        return self._process.call(function, *args)
 
     @property
     def in_flight(self) -> bool:
@@ -117,22 +185,19 @@ class CheckpointWriter:
         return not self.asynchronous or self.polls >= 2
 
     def _run(self, job: SaveJob) -> None:
-        if self.asynchronous:
-            # The writer takes the CPU time training leaves over (on a GPU node: idle cores, so it changes
-            # nothing), instead of slowing the steps right after the save on a busy CPU. Linux applies a nice
-            # value per thread; raising it needs no privilege.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         failure = None
         try:
             while job.files:
                 path, state = job.files.pop(0)      # written, then let go: the host copy shrinks as it goes
-                torch.save(state, path)
+                self._call(torch.save, state, path)
                 del state
                 faults.kill_while_writing(job.step, self._training_went_on)
             for path, text in job.texts:
                 path.write_text(text)
             if job.tokenizer is not None:
                 shutil.copytree(job.tokenizer, job.ckpt / "tokenizer", dirs_exist_ok=True)
+        except WriteFailed as err:
+            failure = str(err)
         except Exception as err:        # whatever it is, every rank must still reach the agreement below
             failure = write_failure(getattr(err, "filename", None) or job.ckpt, err)
         job.files.clear()
@@ -140,7 +205,9 @@ class CheckpointWriter:
         if failure is None:
             faults.kill_during_save(job.step)   # tests: a real SIGKILL after the shards, before the marker
             try:
-                share, problem = _hash_share(job.ckpt, self.rank, self.world), None
+                share, problem = self._call(_hash_share, job.ckpt, self.rank, self.world), None
+            except WriteFailed as err:
+                share, problem = {}, str(err)
             except OSError as err:
                 share, problem = {}, write_failure(job.ckpt, err)
             shares: list = [None] * self.world
