@@ -114,15 +114,23 @@ def _safe_engine_class():
             self.zipfile_serialization = True          # mmap-able, and what the safety scan reads
             self.failures: list[str] = []
             self.files: list[tuple[str, object]] = []  # (path, state) taken by ``save``, for the writer
-            self.snapshot = None
+            self.host_copy = None
 
-        def begin(self, snapshot) -> None:
-            """A new save: files are taken through ``snapshot`` (a host copy, or the live state itself)."""
+        def begin(self, host_copy) -> None:
+            """A new save: files are taken as ``host_copy(state, compact=...)`` gives them (``snapshot.to_host``),
+            or as the live state itself (None: a synchronous save, written before the loop goes on)."""
             self.failures.clear()
-            self.files, self.snapshot = [], snapshot
+            self.files, self.host_copy = [], host_copy
+
+        def preserves_storage_sharing(self):
+            # True makes DeepSpeed clone a model file's tensors (compacting them) before handing them over; a host
+            # copy does that itself on the way to host memory, so they are not copied twice
+            return self.host_copy is None
 
         def save(self, state_dict, path: str):
-            self.files.append((path, self.snapshot(state_dict)))
+            if self.host_copy is not None:      # compacted where DeepSpeed would have cloned: all but ZeRO's files
+                state_dict = self.host_copy(state_dict, compact="optim_states" not in os.path.basename(path))
+            self.files.append((path, state_dict))
 
         def makedirs(self, path, exist_ok=False):
             try:

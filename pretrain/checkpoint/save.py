@@ -114,9 +114,9 @@ def start_save(*, engine, streams, config, step: int, layout, tracker_run_id: st
     rank = dist.get_rank()
     root = checkpoint_root(config.run.dir)
     ckpt = root / step_tag(step)
-    snapshot = functools.partial(to_host, shared=True) if writer.asynchronous else (lambda state: state)
+    host_copy = functools.partial(to_host, shared=True) if writer.asynchronous else None
     ds_writer = safe_load.install(engine)
-    ds_writer.begin(snapshot)
+    ds_writer.begin(host_copy)
     failure = None
     try:
         if rank == 0:
@@ -133,12 +133,13 @@ def start_save(*, engine, streams, config, step: int, layout, tracker_run_id: st
             if failure is None:
                 written = {os.path.relpath(path, ckpt) for path, _ in ds_writer.files}
                 files, texts = _own_files(ckpt, engine, streams, config, step, layout, tracker_run_id, written,
-                                          snapshot)
+                                          host_copy or (lambda state: state))
                 job = SaveJob(ckpt, step, ds_writer.files + files, texts,
                               tokenizer=Path(config.data.tokenizer) if rank == 0 and config.data.tokenizer else None,
                               seal=functools.partial(_write_marker, ckpt, engine.model_config, config,
                                                      layout, step) if rank == 0 else None)
-        except OSError as err:       # DeepSpeed writes a few small files itself (ZeRO's recovery scripts)
+        except (OSError, RuntimeError) as err:   # DeepSpeed writes a few small files itself (ZeRO's recovery
+            # scripts); the host copy can find shared memory (/dev/shm) full
             failure = safe_load.write_failure(getattr(err, "filename", None) or ckpt, err)
         ds_writer.files = []
     failure = _agree(failure)

@@ -1,5 +1,6 @@
 """The checkpoint writer: writes one checkpoint's files, hashes them, and has rank 0 seal it with the marker;
-in a background thread while training goes on (``run.async_save``), or at once.
+in the background while training goes on (``run.async_save``: a thread that coordinates, a process that does
+the writing and hashing, :class:`WriterProcess`), or at once.
 
 What it writes was taken on the main thread by ``save.start_save`` (a host copy for an asynchronous save, see
 ``snapshot.py``); from there every rank's writer runs the same protocol:
