@@ -91,8 +91,8 @@ class WriterProcess:
         child.close()
 
     def call(self, function, *args):
-        """Collective with nothing: ``function(*args)`` in the writer process, waited for (the calling thread
-        sleeps meanwhile); its failure raises WriteFailed."""
+        """``function(*args)`` in the writer process (not a collective), waited for: the calling thread sleeps
+        meanwhile; its failure raises WriteFailed."""
         self.conn.send((function, args))
         ok, value = self.conn.recv()
         if not ok:
@@ -145,10 +145,6 @@ class CheckpointWriter:
         if self._process is None:
             return function(*args)
         return self._process.call(function, *args)
-
-    @property
-    def in_flight(self) -> bool:
-        return self._job is not None
 
     def submit(self, job: SaveJob) -> None:
         """Start writing ``job`` (the previous save must have been waited for): in the background, or at once."""
