@@ -88,7 +88,7 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
     import torch
     import torch.distributed as dist
 
-    from pretrain.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+    from pretrain.checkpoint import CheckpointWriter, complete_checkpoints, load_checkpoint, save_checkpoint
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed
     from pretrain.engines import build_engine
@@ -108,11 +108,12 @@ def worker(mode: str, out: Path, repeats: int, config_overrides: list[str]) -> N
     results = []
     if mode == "save":
         engine.train_step(streams.next_step())
+        writer = CheckpointWriter(asynchronous=False)        # the whole save, written at once
         for i in range(repeats):
             dist.barrier()
             with PeakSampler() as s:
                 ckpt = save_checkpoint(engine=engine, streams=streams, config=config, step=i + 1, layout=layout,
-                                       tracker_run_id=None, keep=1, log=lambda m: None)
+                                       tracker_run_id=None, keep=1, writer=writer, log=lambda m: None)
             index = json.loads((ckpt / f"shards_rank_{rank:05d}.json").read_text())
             own = {loc[0] for p in index["pieces"] for loc in (p["master"], p["exp_avg"], p["exp_avg_sq"]) if loc}
             results.append({"seconds": s.seconds, "peak_above_start": s.peak - s.start,

@@ -14,7 +14,7 @@ Issue 10's acceptance: the worst rank's overall peak (max over phases) minus the
 
 The worker mode (``--worker OUT``, one process per rank under torchrun) wraps the trainer's phase functions
 (``pretrain.engines.build_engine``, ``PlainEngine.train_step``, ``pretrain.trainer.evaluate_validation``,
-``pretrain.checkpoint.save_checkpoint``, ``pretrain.trainer.export_final``) and runs ``pretrain.train.main``.
+``pretrain.checkpoint.start_save``, ``pretrain.trainer.export_final``) and runs ``pretrain.train.main``.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def worker(out: Path, train_args: list[str]) -> int:
 
     engine_module.build_engine = meter.wrap(build_engine, "init", after="train")
     trainer.evaluate_validation = meter.wrap(trainer.evaluate_validation, "eval")
-    checkpoint.save_checkpoint = meter.wrap(checkpoint.save_checkpoint, "save")
+    checkpoint.start_save = meter.wrap(checkpoint.start_save, "save")
     trainer.export_final = meter.wrap(trainer.export_final, "save")
     code = train.main(train_args)
     meter.switch("after-save")

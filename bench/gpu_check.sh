@@ -2,7 +2,8 @@
 # The one-GPU check of issue 12, prepared to finish in under 8 minutes on one H200:
 #   1. bf16 training steps of a ~350M LaMemo and Transformer-XL at N = M = 512 with the fused attention
 #      (tokens/s, MFU against the GPU's dense bf16 peak, peak memory) and fused-vs-eager on the same weights;
-#   2. the CUDA tests of the fused path (fp32 and bf16, forward and backward against eager).
+#   2. the CUDA tests of the fused path (fp32 and bf16, forward and backward against eager);
+#   3. the time a checkpoint save blocks training with and without run.async_save (issue 26, async_save_check).
 # Results are appended to bench/RESULTS-gpu.md (or $1) together with the command.
 #
 #   bash bench/gpu_check.sh [RESULTS.md]          # PYTHON=... to choose the interpreter (default python3)
@@ -32,5 +33,21 @@ timeout 120 "$py" -m pytest tests/model/test_fused_attention.py -k cuda -q -p no
     | tail -n 3 | sed 's/^/    /' >> "$out"
 status=${PIPESTATUS[0]}
 set -e
+
+# ---- issue 26 (branch issue-26a): asynchronous checkpoints -------------------------------------------------------
+# The ~110M model of bench/bench_async_save.py on this GPU, fp32, a save every 2 steps: blocked time per save
+# with run.async_save true and false (two short trainer runs, about 1-2 minutes).
+async_save_check() {
+    echo
+    local args="--tensor 1 --pipeline 1 --device cuda --steps 9 --save-interval 2"
+    echo "Checkpoint save on one GPU, blocked time per save (bench/bench_async_save.py $args):"
+    # shellcheck disable=SC2086
+    timeout 150 "$py" bench/bench_async_save.py $args 2>&1 | tail -n 3 | sed 's/^/    /'
+}
+set +e
+async_save_check >> "$out"
+set -e
+# ---- end issue 26 (asynchronous checkpoints) ----------------------------------------------------------------------
+
 tail -n 40 "$out"
 exit "$status"

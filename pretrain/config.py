@@ -241,6 +241,11 @@ class RunSection:
     """What resuming does when data.train / data.valid differ from the checkpoint's data (sha256, tokenizer,
     size; pretrain/data/identity.py): ``refuse`` (stop before step 1, naming the data), or
     ``restart_streams`` (new data: positions from zero, memory emptied, one logged line)."""
+    async_save: bool = True
+    """Write checkpoints in the background: the step loop waits only while each rank's state is copied to host
+    memory, then trains on while a writer thread writes, hashes and seals the checkpoint (one save in flight; the
+    final and the signal-driven save are waited for). False: the loop waits for the whole save
+    (docs/checkpoints.md)."""
 
 
 @dataclass
@@ -262,10 +267,13 @@ class TrainConfig:
                 out[f"{section}.{key}"] = value
         return out
 
-    def save(self, path: str | Path) -> None:
+    def to_yaml(self) -> str:
         data = self.to_dict()
         data["optim"]["betas"] = list(data["optim"]["betas"])
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
 
 
 SECTIONS = "model, data, optim, parallel, run"

@@ -46,17 +46,28 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def first_problem(problem: str | None, *, name_rank: bool = False) -> str | None:
+def first_problem(problem: str | None, *, name_rank: bool = False, group=None) -> str | None:
     """Collective over every rank (each passes what it found, or None): the problem of the lowest rank that
     found one, the same on every rank, so all stop together and none waits for another in vain; None when no
     rank found one. ``name_rank``: prefix the message with that rank when not every rank saw a problem.
+    ``group``: a process group spanning every rank other than the default one (the checkpoint writer's).
     Without a process group (or with one process) it is ``problem`` itself."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return problem
     everyone: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, problem)
+    dist.all_gather_object(everyone, problem, group=group)
     found = [(rank, p) for rank, p in enumerate(everyone) if p]
     if not found:
         return None
     rank, message = found[0]
     return f"rank {rank}: {message}" if name_rank and len(found) < len(everyone) else message
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective over every rank (a one-number all-reduce, on the GPU under NCCL): whether ``flag`` is True on
+    at least one rank."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -6,9 +6,15 @@ variable set every answer is "no", so a normal run never takes a fault path. The
 
     LAMEMO_FAULT_KILL_DURING_SAVE=S   ``kill_during_save(S)``: the process SIGKILLs itself while saving the
                                       checkpoint of step S, after every shard is written and before the marker
-                                      (``checkpoint/save.py``). A real crash mid-save: the checkpoint must stay
+                                      (``checkpoint/writer.py``). A real crash mid-save: the checkpoint must stay
                                       incomplete and resume must fall back to the previous one.
                                       Used by ``tests/checkpoint/test_checkpoint.py`` (kill during save).
+    LAMEMO_FAULT_KILL_WHILE_WRITING=S ``kill_while_writing(S, went_on)``: the checkpoint writer of step S
+                                      SIGKILLs its process after its first file, once the training loop has
+                                      gone on by two steps with the save in flight (at once for a synchronous
+                                      save): a crash in the middle of an asynchronous save
+                                      (``checkpoint/writer.py``). The previous checkpoint must stay usable.
+                                      Used by ``tests/checkpoint/test_async_save.py``.
     LAMEMO_FAULT_NAN_STEPS=3,4        ``nan_gradient_steps()``: the gradients are filled with NaN on those
                                       optimizer steps of the process (1-based, counted by the step guard,
                                       ``divergence.py``), so the divergence guard skips them and stops the run.
@@ -30,8 +36,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from typing import Callable
 
 KILL_DURING_SAVE_ENV = "LAMEMO_FAULT_KILL_DURING_SAVE"
+KILL_WHILE_WRITING_ENV = "LAMEMO_FAULT_KILL_WHILE_WRITING"
 NAN_STEPS_ENV = "LAMEMO_FAULT_NAN_STEPS"
 KILL_DURING_EXPORT_ENV = "LAMEMO_FAULT_KILL_DURING_EXPORT"
 EXPORT_MOMENTS = ("weights", "record", "staged", "swapped")
@@ -41,6 +50,15 @@ DROP_MEMORY_ENV = "LAMEMO_FAULT_DROP_MEMORY"
 def kill_during_save(step: int) -> None:
     """SIGKILL this process if a test asked for a crash while saving the checkpoint of ``step``."""
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_while_writing(step: int, went_on: Callable[[], bool]) -> None:
+    """SIGKILL this process if a test asked for a crash while the checkpoint of ``step`` is being written,
+    once ``went_on()`` says training has moved past the save."""
+    if os.environ.get(KILL_WHILE_WRITING_ENV) == str(step):
+        while not went_on():
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -8,14 +8,12 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from lamemo_parallel import ConfigError
 
 from .checkpoint import CheckpointError, complete_checkpoints
 from .config import TrainConfigError
 from .data.errors import DataError
+from .distributed import any_rank
 
 #: What is the user's to fix (config, layout, data, checkpoint), reported as one ``error:`` line with exit code 2
 #: (docs/reliability.md): the one list, used by start-up checks and the entry points.
@@ -76,14 +74,11 @@ class StopSignal:
         self.received = signum
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        stopping = any_rank(self.received is not None)
+        if stopping:
             # Stopping is agreed: a later SIGUSR1 / SIGTERM changes nothing, and one arrives on SLURM (the step's
             # processes are signalled directly and pretrain.launch forwards the same signal). Ignored, not handled:
             # at interpreter shutdown Python restores the default actions, which would kill the trainer (-10).
             for sig in (signal.SIGUSR1, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
-        return bool(flag.item() > 0)
+        return stopping

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from lamemo_parallel.config import variant_traits
 from lamemo_parallel.flops import StepShape
 from lamemo_parallel.inference import EvalResult, split_streams
 
-from .checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint, quarantine_checkpoints,
-                         rotate_checkpoints, save_checkpoint)
+from .checkpoint import (CheckpointError, CheckpointWriter, conclude_save, find_resume_checkpoint, load_checkpoint,
+                         quarantine_checkpoints, rotate_checkpoints, start_save)
 from .checkpoint.export import export_checkpoint
 from .config import TrainConfig
 from .data.mixture import build_streams, data_metrics, mixture_report, span_memory_reset
@@ -165,6 +166,7 @@ class Trainer:
                 log(f"metrics.jsonl: {rewound} record(s) past step {self.start_step} (trained again now) moved "
                     f"to metrics.rewound.jsonl")
         self.start_tracking()
+        self.writer = CheckpointWriter(self.config.run.async_save)     # collective: its own process group
         self.meter = self.throughput_meter()
         self.guard = self.engine.guard.guard
         self.profiler = StepProfiler(self.config.run.profile_steps, self.run_dir, self.rank, self.device, log)
@@ -289,14 +291,28 @@ class Trainer:
 
     def maybe_save(self, step: int, *, stopping: bool, skipped: bool) -> None:
         """A checkpoint when stopping, every run.save_interval accepted steps, and after the last step (before
-        the final evaluation and export). One extra is kept until the next accepted step confirms the newest
-        (pretrain/divergence.py)."""
+        the final evaluation and export). With run.async_save the loop goes on while it is written (one save in
+        flight; the one before exit is waited for); every rank learns that a save is over at the same step. One
+        extra is kept until the next accepted step confirms the newest (pretrain/divergence.py)."""
         config = self.config
+        self.conclude(self.writer.poll())
         interval = config.run.save_interval and step % config.run.save_interval == 0
         if stopping or (interval and not skipped) or step == config.run.steps:
-            save_checkpoint(engine=self.engine, streams=self.streams, config=config, step=step,
-                            layout=self.layout, tracker_run_id=self.run_id,
-                            keep=config.run.keep_checkpoints + 1, log=log)
+            began = time.perf_counter()
+            self.conclude(self.writer.wait())
+            waited = time.perf_counter() - began
+            start_save(engine=self.engine, streams=self.streams, config=config, step=step, layout=self.layout,
+                       tracker_run_id=self.run_id, writer=self.writer)
+            if stopping or step == config.run.steps or not config.run.async_save:
+                self.conclude(self.writer.wait())
+            elif step % config.run.log_interval == 0:
+                log(f"checkpoint of step {step}: the loop waited {waited:.2f} s for the previous save and "
+                    f"{time.perf_counter() - began - waited:.2f} s for the snapshot; writing in the background")
+
+    def conclude(self, outcome) -> None:
+        """A save that is over on every rank: pruning after it (the newest kept unconfirmed), or its failure."""
+        if outcome is not None:
+            conclude_save(outcome, config=self.config, keep=self.config.run.keep_checkpoints + 1, log=log)
             self.unconfirmed = True
 
     def confirm(self) -> None:
@@ -320,6 +336,7 @@ class Trainer:
         """Divergence (exit code 3): checkpoints written since the trouble began are quarantined, nothing is
         exported, the tracker is tagged."""
         note = ""
+        self.writer.wait()          # a save in flight is sealed or removed before anything is moved
         if self.rank == 0 and self.guard.first_bad_step is not None:
             moved = quarantine_checkpoints(self.run_dir, self.guard.first_bad_step - 1)
             if moved:

@@ -137,6 +137,15 @@ def run_main(main, argv: list) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main([str(a) for a in argv])
     return status, out.getvalue(), err.getvalue()
+def mount_tmpfs(path: Path, size_bytes: int) -> bool:
+    """A size-limited tmpfs at ``path`` (a full disk for save tests; needs root); False where mounting is not
+    allowed. The caller unmounts it (``umount``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return done.returncode == 0
 
 
 def one_error(result: subprocess.CompletedProcess) -> str:

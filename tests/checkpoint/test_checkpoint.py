@@ -12,7 +12,7 @@ from lamemo_parallel import LaMemoModel
 from pretrain.cli.checkpoint import main as checkpoint_command
 from pretrain.cli.export_checkpoint import main as export_command
 
-from helpers import ROOT, PicklePayload, launch, losses, run_main, subprocess_env
+from helpers import ROOT, PicklePayload, launch, losses, mount_tmpfs, run_main, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -260,7 +260,7 @@ def check_export_is_atomic(old_ckpt, new_ckpt, work):
     assert consistent(out) == old_ckpt.name and [p.name for p in out.parent.iterdir()] == ["model"]
     # ... a full disk and a read-only directory (a tmpfs, where mounting is allowed)
     disk = work / "disk"
-    if _mount_tmpfs(disk, 20 * 1024):
+    if mount_tmpfs(disk, 20 * 1024):
         try:
             full = subprocess.run(tool[:3] + [str(disk / "model")], capture_output=True, text=True)
             assert full.returncode == 2 and full.stderr.count("\n") == 1 and "No space left" in full.stderr
@@ -446,17 +446,6 @@ def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):
     assert runs[0].info.status == "FINISHED"
 
 
-def _mount_tmpfs(path, size_bytes) -> bool:
-    """A size-limited tmpfs (needs root); False where mounting is not allowed."""
-    import os
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    return done.returncode == 0
-
-
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     """The run directory on a tmpfs that holds one checkpoint but not two: the second save fails with one line
     naming the path and 'No space left on device', the half-written checkpoint is removed, the first one stays
@@ -468,7 +457,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     ckpt_bytes = sum(p.stat().st_size for p in (tmp_path / "straight" / "checkpoints" / "step_00000002").rglob("*")
                      if p.is_file())
     disk = tmp_path / "disk"
-    assert _mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
+    assert mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
     try:
         full = launch(1, overrides(corpus, disk / "run", *args))
         # docs/reliability.md: exit code 1 = failed after start-up (2 is kept for refusals before step 1)

@@ -1,0 +1,102 @@
+"""Asynchronous checkpoints (``run.async_save``, pretrain/checkpoint/writer.py): the same files and losses as a
+synchronous save, exact resume from them, kill -9 while one is being written, a failed background write agreed
+by every rank. Real two-stage pipeline runs (2 gloo ranks), folded into as few launches as possible."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from pretrain.checkpoint import rank_state_path
+
+from helpers import ROOT, base_overrides, launch, losses, mount_tmpfs
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 6
+
+
+def args(corpus, run_dir, *extra):
+    """Two pipeline stages, dropout on (the RNG state matters), a save every 2 steps."""
+    return [*base_overrides(corpus, run_dir), f"run.steps={STEPS}", "model.dropout=0.1", "parallel.pipeline=2",
+            "run.save_interval=2", "run.keep_checkpoints=3", *extra]
+
+
+def tensor_file_hashes(ckpt) -> dict[str, str]:
+    """sha256 of DeepSpeed's tensor files of a checkpoint, from its marker."""
+    files = json.loads((ckpt / "COMPLETE.json").read_text())["files"]
+    return {name: record["sha256"] for name, record in files.items()
+            if name.endswith(".pt") and not name.startswith("trainer_state")}
+
+
+def same(a, b) -> bool:
+    """Nested states equal, tensors bitwise (dtype, shape and values)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def trainer_state(ckpt, rank: int) -> dict:
+    """A rank's memory slots, data offset and torch RNG state as saved. Python's and numpy's generators are left
+    out: the trainer does not seed them (nothing in training draws from them), so they differ between runs."""
+    state = torch.load(rank_state_path(ckpt, rank), weights_only=True)
+    state["rng"] = {k: v for k, v in state["rng"].items() if k not in ("python", "numpy")}
+    return state
+
+
+def test_async_save_equals_sync_resumes_exactly_and_survives_kill_and_full_disk(corpus, tmp_path):
+    """Four launches. (1) A synchronous run. (2) The same run asynchronous, killed (-9) by its checkpoint writer
+    in the middle of step 4's save, after training went on to steps 5 and 6 with the save in flight. (3) Its
+    restart: it resumes from step 2's asynchronous checkpoint (the one before the half-written one), and every
+    checkpoint it writes completes; losses of every step and every tensor file of the last checkpoint are
+    bitwise those of the synchronous run. (4) The asynchronous run on a disk that holds one checkpoint: step 4's
+    background write fails, every rank stops at the same step with one error line, step 2 stays usable."""
+    from pretrain.checkpoint import validate
+    from pretrain.faults import KILL_WHILE_WRITING_ENV
+
+    sync = launch(2, args(corpus, tmp_path / "sync", "run.async_save=false"))
+    assert sync.returncode == 0, sync.stderr[-4000:]
+
+    run = tmp_path / "async"
+    killed = launch(2, args(corpus, run), env_extra={KILL_WHILE_WRITING_ENV: "4"})
+    assert killed.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step_00000002" / "COMPLETE.json").is_file()
+    assert (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / "COMPLETE.json").exists()
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]        # the loop trained on while step 4 was being written
+
+    again = launch(2, args(corpus, run))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
+    for step in (4, 6):
+        validate(ckpts / f"step_{step:08d}")         # complete: marker, sizes, sha256 of every file
+    a, b = losses(tmp_path / "sync"), losses(run)
+    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]     # bitwise
+    last = f"checkpoints/step_{STEPS:08d}"
+    assert tensor_file_hashes(tmp_path / "sync" / last) == tensor_file_hashes(run / last)    # the same bytes
+    assert all(same(trainer_state(tmp_path / "sync" / last, r), trainer_state(run / last, r)) for r in (0, 1))
+
+    ckpt_bytes = sum(p.stat().st_size for p in (tmp_path / "sync" / "checkpoints" / "step_00000002").rglob("*")
+                     if p.is_file())
+    disk = tmp_path / "disk"
+    assert mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
+    try:
+        full = launch(2, args(corpus, disk / "run"))
+        assert full.returncode != 0 and "exitcode  : 1" in full.stderr, full.stderr[-4000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and str(ROOT / "pretrain") not in full.stderr, full.stderr[-4000:]   # no traceback
+        assert "step_00000004" in errors[0] and "No space left on device" in errors[0]
+        assert "the newest complete one is" in errors[0] and "step_00000002" in errors[0]
+        assert not (disk / "run" / "checkpoints" / "step_00000004").exists()
+        validate(disk / "run" / "checkpoints" / "step_00000002")
+        assert losses(disk / "run")[2] == a[2]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    shutil.rmtree(disk, ignore_errors=True)
