@@ -86,22 +86,6 @@ def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, z
         check_export_reproduces_eval_loss(corpus, tmp_path / "straight", tmp_path, dp, zero)
 
 
-def test_kill_during_save_resumes_from_previous_checkpoint(corpus, tmp_path):
-    args = overrides(corpus, tmp_path / "run", "run.save_interval=2")
-    killed = launch(1, args, env_extra={"LAMEMO_FAULT_KILL_DURING_SAVE": "4"})
-    assert killed.returncode != 0
-    ckpts = tmp_path / "run" / "checkpoints"
-    assert (ckpts / "step_00000002" / "COMPLETE.json").exists()
-    assert (ckpts / "step_00000004").exists() and not (ckpts / "step_00000004" / "COMPLETE.json").exists()
-    again = launch(1, args)
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
-    straight = launch(1, overrides(corpus, tmp_path / "straight", "run.save_interval=2"))
-    assert straight.returncode == 0
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
-    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]
-
-
 def _resign(ckpt, *names):
     """Rewrite the manifest entries of ``names`` as an attacker with write access would (sizes and sha256 of
     the files as they are now), so only the pickle safety check stands between the file and a load."""
@@ -446,35 +430,43 @@ def test_resumed_run_logs_into_the_same_mlflow_run(corpus, tmp_path):
     assert runs[0].info.status == "FINISHED"
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
-    """The run directory on a tmpfs that holds one checkpoint but not two: the second save fails with one line
-    naming the path and 'No space left on device', the half-written checkpoint is removed, the first one stays
-    complete and a resume from it continues bitwise like an uninterrupted run."""
-    import shutil
-    args = ["run.save_interval=2", "run.keep_checkpoints=2", "run.steps=4"]
-    straight = launch(1, overrides(corpus, tmp_path / "straight", *args))
+def test_a_synchronous_save_killed_or_out_of_disk_keeps_the_previous_checkpoint(corpus, tmp_path):
+    """run.async_save=false (tests/checkpoint/test_async_save.py has the asynchronous cases). (1) kill -9 after
+    step 4's shards, before its marker: the restart resumes from step 2 and its losses are the straight run's,
+    bitwise. (2) The run directory on a tmpfs that holds one checkpoint but not two: the step-4 save fails with
+    one line naming the path and 'No space left on device', the half-written checkpoint is removed and step 2
+    stays complete."""
+    from pretrain.checkpoint import validate
+    from pretrain.faults import KILL_DURING_SAVE_ENV
+    settings = ["run.save_interval=2", "run.async_save=false"]
+    straight = launch(1, overrides(corpus, tmp_path / "straight", *settings))
     assert straight.returncode == 0, straight.stderr[-4000:]
+    args = overrides(corpus, tmp_path / "run", *settings)
+    killed = launch(1, args, env_extra={KILL_DURING_SAVE_ENV: "4"})
+    assert killed.returncode != 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "step_00000002" / "COMPLETE.json").exists()
+    assert (ckpts / "step_00000004").exists() and not (ckpts / "step_00000004" / "COMPLETE.json").exists()
+    again = launch(1, args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]
+
     ckpt_bytes = sum(p.stat().st_size for p in (tmp_path / "straight" / "checkpoints" / "step_00000002").rglob("*")
                      if p.is_file())
     disk = tmp_path / "disk"
     assert mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
     try:
-        full = launch(1, overrides(corpus, disk / "run", *args))
+        full = launch(1, overrides(corpus, disk / "run", *settings))
         # docs/reliability.md: exit code 1 = failed after start-up (2 is kept for refusals before step 1)
         assert full.returncode == 1, full.stderr[-4000:]
         errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and str(ROOT / "pretrain") not in full.stderr, full.stderr[-4000:]
         assert "step_00000004" in errors[0] and "No space left on device" in errors[0]
         assert "the newest complete one is" in errors[0] and "step_00000002" in errors[0]
-        ckpts = disk / "run" / "checkpoints"
-        assert not (ckpts / "step_00000004").exists()
-        from pretrain.checkpoint import validate
-        validate(ckpts / "step_00000002")
-        shutil.copytree(disk / "run", tmp_path / "moved")
+        assert not (disk / "run" / "checkpoints" / "step_00000004").exists()
+        validate(disk / "run" / "checkpoints" / "step_00000002")
+        assert losses(disk / "run")[2] == a[2]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
-    again = launch(1, overrides(corpus, tmp_path / "moved", *args))
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "moved")
-    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
