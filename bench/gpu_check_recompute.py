@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
@@ -35,14 +35,11 @@ from lamemo_parallel import LaMemoConfig, LaMemoModel  # noqa: E402
 from lamemo_parallel.attention import attention_backend_of, use_selective_recompute  # noqa: E402
 from lamemo_parallel.config import DEFAULT_VARIANT, RECOMPUTE_MODES  # noqa: E402
 
+from gpu_check import resolve_device, sync  # noqa: E402
+
 #: Issue 26's acceptance setting (bench/bench_recompute.py) and the CPU smoke run's.
 SETTING = dict(n_layer=4, d_model=256, n_head=8, d_inner=1024, vocab_size=257, seg_len=512, batch=4)
 TINY = dict(n_layer=2, d_model=32, n_head=2, d_inner=64, vocab_size=50, seg_len=8, batch=2)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def recompute_table(args) -> list[str]:
@@ -150,9 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a 2-layer d-32 model (the CPU smoke run)")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    args.device = resolve_device(args.device)
+    if args.device is None:
         return 2
     ok = True
     if args.what == "recompute":
