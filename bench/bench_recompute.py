@@ -19,8 +19,9 @@ The memory figure is the peak *above a short-segment run* (N = M = ``--short``) 
 activations, without the interpreter, weights, gradients and Adam-free baseline every run shares. Step time is
 the median of ``--steps`` timed steps after a warm-up step, and across ``--repeats`` rounds the median of those;
 the settings run interleaved, round by round, so the machine's load falls on all of them alike.
-``--mmap-threshold 65536`` fixes glibc's mmap threshold in the children, so that VmHWM counts the tensors rather
-than glibc's heap holes (see ``run_child``). One torch
+Each child fixes glibc's mmap threshold as the trainer does (``pretrain.host_memory.release_freed_memory``, called
+by ``build_engine``): otherwise glibc raises it to 32 MiB after the first large frees and VmHWM also counts the
+holes of its heap, ~150 MiB here for every setting (``--malloc-default`` measures that). One torch
 thread: on a loaded machine the CPU time of a one-thread run is the steadier figure (printed next to the wall
 time).
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from bench_model_step import Ours, build, timed  # noqa: E402
 from lamemo_parallel.attention import use_selective_recompute  # noqa: E402
 from lamemo_parallel.config import DEFAULT_VARIANT as LAMEMO, RECOMPUTE_MODES  # noqa: E402
+from pretrain.host_memory import release_freed_memory  # noqa: E402
 
 
 def peak_rss() -> int:
@@ -52,6 +53,8 @@ def peak_rss() -> int:
 
 
 def child(args) -> None:
+    if not args.malloc_default:
+        release_freed_memory()                      # as the trainer does before it builds the model
     torch.set_num_threads(1)
     args.mode, args.device, args.backend = "train", "cpu", "eager"
     model = build(LAMEMO, args)
@@ -75,12 +78,8 @@ def run_child(args, recompute: str, length: int) -> dict:
                "--d-model", str(args.d_model), "--d-inner", str(args.d_inner), "--layers", str(args.layers),
                "--heads", str(args.heads), "--vocab", str(args.vocab), "--dropout", str(args.dropout),
                "--dropatt", str(args.dropatt)]
-    # glibc raises its mmap threshold (up to 32 MiB) each time it frees a large block, so later tensors of
-    # 4-32 MiB come from its heap, whose free holes stay resident: VmHWM then counts that too. A fixed threshold
-    # (--mmap-threshold) gives every large tensor its own mapping, returned when freed: the tensors' own peak
-    # (what torch's allocator sees, and what a GPU's max_memory_allocated counts).
-    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}))
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    out = subprocess.run(command + (["--malloc-default"] if args.malloc_default else []), check=True,
+                         capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -99,8 +98,8 @@ def main():
     p.add_argument("--vocab", type=int, default=257, help="default: the byte tokenizer (enwik8 / text8 at N = M = 512)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--dropatt", type=float, default=0.0)
-    p.add_argument("--mmap-threshold", type=int, default=0,
-                   help="bytes: glibc's MALLOC_MMAP_THRESHOLD_ for the children (0: glibc's dynamic default)")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's dynamic mmap threshold (the trainer fixes it: pretrain/host_memory.py)")
     p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -123,7 +122,7 @@ def main():
     base = med["none"]
     print(f"\nN = M = {args.seg_len}, d {args.d_model}, {args.heads} heads, {args.layers} layers, batch {args.batch}, "
           f"vocabulary {args.vocab}, "
-          f"{'glibc mmap threshold ' + str(args.mmap_threshold) if args.mmap_threshold else 'glibc malloc defaults'}, "
+          f"{'glibc malloc defaults' if args.malloc_default else 'the trainer malloc setting'}, "
           f"dropout {args.dropout}, dropatt {args.dropatt}, one thread; medians of {args.repeats} rounds x {args.steps} steps")
     print(f"{'recompute':10s} {'peak above short (MiB)':>23s} {'x none':>7s} {'step wall (s)':>14s} {'x none':>7s} "
           f"{'step CPU (s)':>13s} {'x none':>7s}")
