@@ -18,6 +18,7 @@ weights 0.5 / 0.3 / 0.2, default spans of 512 tokens). Prints Markdown rows for 
 from __future__ import annotations
 
 import argparse
+import importlib
 import lzma
 import os
 import platform
@@ -105,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import megatron.core.datasets.indexed_dataset  # noqa: F401  (paid once, not part of throughput)
+        importlib.import_module("megatron.core.datasets.indexed_dataset")     # paid once, not part of throughput
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         text_file = tmp / "wiki.train.tokens"

@@ -17,7 +17,6 @@ and prints the largest |difference| of the per-token losses between it and ours.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import subprocess
 import sys

@@ -34,7 +34,7 @@ def run_layout(tp, pp, dp, args, out_dir):
            f"run.dir={out_dir}", f"run.steps={args.steps}", "run.mlflow=false", "run.resume=never",
            f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"data.micro_batches={args.micro_batches}",
            f"data.micro_batch_size={args.micro_batch_size // dp}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode:
         raise RuntimeError(f"layout {(tp, pp, dp)} failed:\n{result.stderr[-3000:]}")
     rates = [json.loads(x)["tokens_per_s"] for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BASELINE_VARIANT, RECOMPUTE_MODES, ConfigError, variant_traits
+from .memory import missing_rows
 from .positions import PositionEncodings, lookahead_position_scores, relative_shift, step_tables
 from .softmax import softmax_with_lse, statistics_dtype
 
@@ -108,8 +109,12 @@ class RelativeAttention(nn.Module):
 
     def forward(self, z: torch.Tensor, *, mem_len: int, positions: PositionEncodings, biases: GlobalBiases,
                 cached_vectors: torch.Tensor | None = None, cached_log_normalizers: torch.Tensor | None = None,
-                return_probs: bool = False, memory_rows_out: bool = True) -> AttentionResult:
+                return_probs: bool = False, memory_rows_out: bool = True,
+                memory_valid: torch.Tensor | None = None) -> AttentionResult:
         """``z`` = [memory rows; current rows], [B, M+N, d].
+
+        ``memory_valid`` [B] (``LaMemoMemory.valid``): how many of the M memory rows of each batch row are real
+        (the newest); the others are masked as keys for that row. None (every row real) adds no mask op.
 
         LaMemo: every row gets a query; returns all M+N rows. XL: memory rows are keys only; returns N rows.
         ``memory_rows_out=False`` (LaMemo's top layer, whose memory rows no later layer reads): returns the N
@@ -147,7 +152,7 @@ class RelativeAttention(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not cache_only_memory):
                 r_table = self.r_proj(positions.lookahead).view(-1, self.n_local_heads, self.d_head)
         core = dict(mem_len=M, tables=tables, biases=biases, recorded=recorded, fused=fused,
-                    cache_only_memory=cache_only_memory)
+                    cache_only_memory=cache_only_memory, key_offsets=missing_rows(memory_valid, M))
         if self.recompute_core and recorded is None and self.training and torch.is_grad_enabled():
             # Selective recompute: the linear layers' outputs above are kept; the scores, softmax, look-ahead and
             # interpolation are recomputed in backward. The cached memory enters as an explicit input, so the
@@ -163,10 +168,11 @@ class RelativeAttention(nn.Module):
         return AttentionResult(out, vectors.transpose(1, 2), lse.transpose(1, 2), recorded)
 
     def _attend(self, q_cur, q_mem, k, v, r_causal, r_table, cached_vectors, cached_lse, *, mem_len, tables,
-                biases, recorded, fused, cache_only_memory):
+                biases, recorded, fused, cache_only_memory, key_offsets=None):
         """The attention core from the projections: (c_t of the current rows [B, H, N, d_h]; LaMemo: every
         row's new C-bar [B, H, M+N, d_h] and Z-bar [B, H, M+N], else None, None). What selective recompute
-        (``recompute_core``) recomputes in backward; it holds no parameter except the global biases."""
+        (``recompute_core``) recomputes in backward; it holds no parameter except the global biases.
+        ``key_offsets`` [B] (None: none): keys before it are memory rows that batch row does not have."""
         M = mem_len
         # ---- causal attention of the current rows (exactly Transformer-XL) ---------------------------
         # The scale is folded into the (small) queries rather than applied to the [N, T] scores.
@@ -175,7 +181,7 @@ class RelativeAttention(nn.Module):
         if fused:
             # imported here: FlexAttention loads torch's compile stack, which the eager path never needs
             from .fused_attention import causal_attention
-            vec_cur, lse_cur = causal_attention(content_q, k, v, position, M)
+            vec_cur, lse_cur = causal_attention(content_q, k, v, position, M, key_offsets)
         else:
             # Each [B, H, N, M+N] tensor is dropped as soon as the next one exists (``del``): autograd keeps
             # none of them but the probabilities, so at most two are alive at once (a step's transient peak,
@@ -185,6 +191,8 @@ class RelativeAttention(nn.Module):
             scores = torch.matmul(content_q, k.transpose(-1, -2)).add_(shifted)
             del shifted
             scores = scores.masked_fill_(tables.causal_blocked, float("-inf"))
+            if key_offsets is not None:
+                scores = scores.masked_fill_(_keys_before(key_offsets, 0, k.shape[2]), float("-inf"))
             if self.lookahead:
                 # probs reach the loss only through ``probs @ v`` (a fresh gradient): its backward reuses it
                 probs, lse_cur = softmax_with_lse(scores, grad_in_place=True)   # Z_t, [B, H, N]
@@ -203,23 +211,29 @@ class RelativeAttention(nn.Module):
             return vec_cur, vec_cur, lse_cur
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cache_only_memory):
             vec_mem, lse_prev = self._lookahead(q_mem, k, v, tables.lookahead, r_table, biases,
-                                                cached_vectors, cached_lse, recorded, fused)
+                                                cached_vectors, cached_lse, recorded, fused, key_offsets)
         return vec_cur, torch.cat([vec_mem, vec_cur], dim=2), torch.cat([lse_prev, lse_cur], dim=2)
 
-    def _lookahead(self, q_mem, k, v, plan, r_table, biases, cached_vectors, cached_lse, recorded, fused):
+    def _lookahead(self, q_mem, k, v, plan, r_table, biases, cached_vectors, cached_lse, recorded, fused,
+                   key_offsets):
+        # Window keys a batch row does not have are masked. A real memory row never reaches one (its window is
+        # strictly to its right, and the rows a batch row lacks are its oldest) except in variant 33; the rows it
+        # lacks get finite junk (key p = M, the first current token, is always there) that nothing real reads.
         k_win, v_win = k[:, :, plan.start:plan.end], v[:, :, plan.start:plan.end]
         content_bias = biases.future_content if biases.future_content is not None else biases.content
         position_bias = biases.future_position if variant_traits(self.variant).future_position_bias else biases.position
         content_q = (q_mem + content_bias[:, None]) * self.scale
         position = lookahead_position_scores((q_mem + position_bias[:, None]) * self.scale, r_table, plan)
         if fused:
-            from .fused_attention import lookahead_attention
-            vec_new, lse_new = lookahead_attention(content_q, k_win, v_win, position, plan)
+            from .fused_attention import lookahead_attention     # imported here: see causal_attention above
+            vec_new, lse_new = lookahead_attention(content_q, k_win, v_win, position, plan, key_offsets)
         else:
             scores = torch.matmul(content_q, k_win.transpose(-1, -2)).add_(position)       # [B, H, M, W]
             del position                                      # (as in the causal part: two [B, H, M, W] at most)
             if plan.future_blocked is not None:   # 33 (full look-ahead ablation): same window, no future mask
                 scores = scores.masked_fill_(plan.future_blocked, float("-inf"))
+            if key_offsets is not None:
+                scores = scores.masked_fill_(_keys_before(key_offsets, plan.start, plan.end), float("-inf"))
             probs, lse_new = softmax_with_lse(scores, grad_in_place=True)     # Z+, [B, H, M], not detached
             del scores
             vec_new = torch.matmul(self.dropatt(probs), v_win)                # a_i, [B, H, M, d_h]
@@ -245,3 +259,10 @@ class RelativeAttention(nn.Module):
         flat = vectors.transpose(1, 2).reshape(b, t, self.n_local_heads * self.d_head)
         out = self.drop(self.o_proj(flat))
         return residual + out if self.pre_lnorm else self.norm(residual + out)
+
+
+def _keys_before(key_offsets: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[B, 1, 1, end - start] bool: True where key position p in [start, end) lies before the batch row's offset
+    (a memory row that row does not have)."""
+    keys = torch.arange(start, end, device=key_offsets.device)
+    return (keys[None, :] < key_offsets[:, None])[:, None, None, :]

@@ -47,6 +47,14 @@ def lookahead_block_mask(mem_len: int, start: int, width: int, strict: bool, dev
     return create_block_mask(future if strict else everything, None, None, mem_len, width, device=device)
 
 
+def _with_missing_rows(mask_mod, key_start: int, key_offsets: torch.Tensor, q_len: int, kv_len: int):
+    """A per-batch-row block mask (not cached: the offsets are data): ``mask_mod`` and key ``key_start + kv``
+    not before the row's ``key_offsets`` (memory rows that batch row does not have, ``LaMemoMemory.valid``)."""
+    def masked(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & (kv_idx + key_start >= key_offsets[b])
+    return create_block_mask(masked, key_offsets.shape[0], None, q_len, kv_len, device=key_offsets.device)
+
+
 def _run(query, key, value, score_mod, block_mask):
     out, aux = _kernel(query.device.type)(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                           scale=1.0, return_aux=AuxRequest(lse=True))
@@ -54,9 +62,10 @@ def _run(query, key, value, score_mod, block_mask):
 
 
 def causal_attention(content_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
-                     mem_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     mem_len: int, key_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """content_q [B, H, N, d_h] (scaled, with u), k / v [B, H, T, d_h], position [B, H, N, T]: row r of the
     distance table (distance T-1-r) for each current row, scaled, as in ``relative_shift``'s input.
+    ``key_offsets`` [B]: keys before it are masked for that batch row (None: none).
     Returns the attention vectors [B, H, N, d_h] and Z [B, H, N] (float32)."""
     N, T = content_q.shape[2], k.shape[2]
 
@@ -64,17 +73,23 @@ def causal_attention(content_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         # distance (M + q) - kv is table row N - 1 - q + kv; clamped where the mask discards the entry anyway
         return score + position[b, h, q_idx, torch.clamp(N - 1 - q_idx + kv_idx, max=T - 1)]
 
-    return _run(content_q, k, v, add_position, causal_block_mask(mem_len, N, content_q.device))
+    mask = causal_block_mask(mem_len, N, content_q.device)
+    if key_offsets is not None:
+        mask = _with_missing_rows(mask.mask_mod, 0, key_offsets, N, T)
+    return _run(content_q, k, v, add_position, mask)
 
 
 def lookahead_attention(content_q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
-                        position: torch.Tensor, plan: LookaheadPlan) -> tuple[torch.Tensor, torch.Tensor]:
+                        position: torch.Tensor, plan: LookaheadPlan, key_offsets: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """content_q [B, H, M, d_h] (scaled, with u / u+), k_win / v_win [B, H, W, d_h], position [B, H, M, W]
-    (``positions.lookahead_position_scores``, scaled). Returns a_i [B, H, M, d_h] and Z+ [B, H, M] (float32,
-    differentiable)."""
+    (``positions.lookahead_position_scores``, scaled); ``key_offsets`` as in ``causal_attention``. Returns a_i
+    [B, H, M, d_h] and Z+ [B, H, M] (float32, differentiable)."""
     def add_position(score, b, h, q_idx, kv_idx):
         return score + position[b, h, q_idx, kv_idx]
 
     mask = lookahead_block_mask(plan.mem_len, plan.start, plan.width, plan.future_blocked is not None,
                                 content_q.device)
+    if key_offsets is not None:
+        mask = _with_missing_rows(mask.mask_mod, plan.start, key_offsets, plan.mem_len, plan.width)
     return _run(content_q, k_win, v_win, add_position, mask)

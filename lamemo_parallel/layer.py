@@ -65,7 +65,8 @@ class DecoderLayer(nn.Module):
         return result._replace(output=self.ff(result.output))
 
     def step(self, hidden: torch.Tensor, memory: tuple, *, positions: PositionEncodings, biases: GlobalBiases,
-             mem_len: int | None = None, return_probs: bool = False, feeds_next_layer: bool = True) -> LayerStep:
+             mem_len: int | None = None, return_probs: bool = False, feeds_next_layer: bool = True,
+             valid: torch.Tensor | None = None) -> LayerStep:
         """One layer with its memory in and out (docs/method.md §4, §5).
 
         ``feeds_next_layer=False`` for the top layer: LaMemo's top-layer memory rows are discarded, so the
@@ -76,18 +77,19 @@ class DecoderLayer(nn.Module):
         its M memory rows; the new memory is the C-bar, Z-bar of every row it produced. Transformer-XL:
         ``hidden`` = the current rows, ``memory`` = (the cached input of this layer,); the new memory is that
         cache followed by this input. The new memory keeps its newest ``mem_len`` rows (None: all) and is
-        detached: the next segment reads it as a constant.
+        detached: the next segment reads it as a constant. ``valid`` [B]: the memory's real rows per batch row
+        (``LaMemoMemory.valid``; None: all), the others masked as keys; the caller advances it.
         """
         if self.attn.lookahead:
             vectors, log_normalizers = memory
             result = self(hidden, mem_len=vectors.shape[1], positions=positions, biases=biases,
                           cached_vectors=vectors, cached_log_normalizers=log_normalizers, return_probs=return_probs,
-                          memory_rows_out=feeds_next_layer)
+                          memory_rows_out=feeds_next_layer, memory_valid=valid)
             new = (_newest(result.vectors, mem_len), _newest(result.log_normalizers, mem_len))
         else:
             (cached_input,) = memory
             result = self(torch.cat([cached_input, hidden], dim=1), mem_len=cached_input.shape[1],
-                          positions=positions, biases=biases, return_probs=return_probs)
+                          positions=positions, biases=biases, return_probs=return_probs, memory_valid=valid)
             rows = cached_input.shape[1] + hidden.shape[1] if mem_len is None else mem_len
             new = (newest_rows(cached_input, hidden, rows).detach(),)
         return LayerStep(result.output, new, result.probs)

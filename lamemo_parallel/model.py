@@ -12,7 +12,6 @@ from typing import NamedTuple
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -21,7 +20,7 @@ from .config import LaMemoConfig, resolve_mem_len
 from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
 from .linear import PlainParts
-from .memory import LaMemoMemory, newest_rows
+from .memory import LaMemoMemory, advance_valid, newest_rows
 from .model_files import check_state_dict, load_model_dir, save_model_dir
 from .positions import inverse_frequencies, position_encodings
 from .sharding import sharding_table
@@ -172,7 +171,12 @@ class LaMemoModel(nn.Module):
 
         hidden, new_memory = self._layers(emb, memory, positions, biases, attentions, mem_len)
         hidden = self.drop(hidden)
-        new_memory = new_memory.detach().compact() if mem_len > 0 else self.empty_memory(B)
+        if mem_len > 0:
+            # rows a batch row did not have stay masked, the N new ones are real (LaMemoMemory.valid)
+            new_memory = new_memory.detach().compact()
+            new_memory = new_memory.with_valid(advance_valid(memory.valid, N, new_memory.length))
+        else:
+            new_memory = self.empty_memory(B)
 
         nll = self.token_nll(hidden, targets) if targets is not None else None
         logits = None
@@ -189,7 +193,7 @@ class LaMemoModel(nn.Module):
         layer_memories = []
         for i, layer in enumerate(self.layers):
             inputs = dict(positions=positions, biases=biases, mem_len=mem_len, return_probs=attentions is not None,
-                          feeds_next_layer=i < len(self.layers) - 1)
+                          feeds_next_layer=i < len(self.layers) - 1, valid=memory.valid)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 result = checkpoint(layer.step, hidden, memory.layer(i), use_reentrant=False, **inputs)
             else:
@@ -222,14 +226,15 @@ class LaMemoModel(nn.Module):
         """Collective: C-bar / Z-bar gathered over heads (the single-device memory); the rest is replicated."""
         heads = self.parallel.gather_heads
         return LaMemoMemory(embeddings=memory.embeddings, vectors=[heads(t) for t in memory.vectors],
-                            log_normalizers=[heads(t) for t in memory.log_normalizers], hidden=list(memory.hidden))
+                            log_normalizers=[heads(t) for t in memory.log_normalizers], hidden=list(memory.hidden),
+                            valid=memory.valid)
 
     def shard_memory(self, memory: LaMemoMemory) -> LaMemoMemory:
         """This rank's heads of a single-device memory (no communication)."""
         heads = self.parallel.shard
         return LaMemoMemory(embeddings=memory.embeddings, vectors=[heads(t, 2) for t in memory.vectors],
                             log_normalizers=[heads(t, 2) for t in memory.log_normalizers],
-                            hidden=list(memory.hidden))
+                            hidden=list(memory.hidden), valid=memory.valid)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:

@@ -100,12 +100,19 @@ def save_model_dir(path: str | Path, config: LaMemoConfig, state_dict: dict[str,
     return path
 
 
-def load_model_dir(path: str | Path) -> tuple[LaMemoConfig, dict[str, torch.Tensor]]:
-    """The config and the CPU state dict of a model directory."""
+def require_model_dir(path: str | Path) -> Path:
+    """``path`` as a Path if it holds a model's config and weights, else FileNotFoundError naming what is missing
+    (a cheap check: nothing is read)."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME}")
+    return path
+
+
+def load_model_dir(path: str | Path) -> tuple[LaMemoConfig, dict[str, torch.Tensor]]:
+    """The config and the CPU state dict of a model directory."""
+    path = require_model_dir(path)
     config = LaMemoConfig.load(path / CONFIG_NAME)
     weights_path = path / WEIGHTS_NAME
     try:

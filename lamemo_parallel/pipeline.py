@@ -44,8 +44,8 @@ from .init import draw_init_seed, initialise_parameters
 from .layer import DecoderLayer
 from .linear import PlainParts
 from .memory import LaMemoMemory
-from .pipeline_runtime import (ACT, CONTENT, FIRST_MEMORY, FUTURE_CONTENT, FUTURE_POSITION, POS_AHEAD, POS_CAUSAL,
-                               POSITION, StageRuntime)
+from .pipeline_runtime import (ACT, CONTENT, FIRST_MEMORY, FUTURE_CONTENT, FUTURE_POSITION, MEMORY_VALID, POS_AHEAD,
+                               POS_CAUSAL, POSITION, StageRuntime)
 from .sharding import (BIAS_NAMES, bias_names, check_parts, pipeline_name, sharding_table, stage_bounds, stage_names,
                        stage_plan)
 
@@ -110,7 +110,7 @@ class DecoderLayerPipe(nn.Module):
         first = FIRST_MEMORY + width * self.position
         # The store keeps the newest mem_len rows on commit (StageMemory.commit), so the step keeps them all.
         result = self.layer.step(x, carry[first:first + width], positions=positions, biases=biases,
-                                 feeds_next_layer=self.index < self.n_layer - 1)
+                                 feeds_next_layer=self.index < self.n_layer - 1, valid=carry[MEMORY_VALID])
         return (result.hidden, *carry[ACT + 1:first], *result.memory, *carry[first + width:])
 
 
@@ -259,7 +259,7 @@ class LaMemoPipelineModule(PipelineModule):
     def gathered_memory(self, slot: int) -> LaMemoMemory | None:
         """Collective over the pipeline (and TP) group: the single-device memory of micro-batch ``slot`` on
         every rank (heads gathered, all layers), or None before the first step."""
-        local = self.runtime.memory.get(slot)
+        local = self.runtime.memory.state()[slot]       # with the slot's valid lengths, when it has some
         if local is not None:
             local = dict(local)
             for name in sorted(local):

@@ -9,7 +9,8 @@ layer l, which the stage holding layer l keeps itself.
 
 Inside a stage a *carry* tuple flows through the functions (layout ``ACT .. FIRST_MEMORY`` below): the
 activation, the global biases u, v, v+, u+ (``None`` where a variant has none), the position tables of the
-step, then this stage's memory inputs per layer (C-bar, Z-bar for LaMemo; the cached layer input for XL).
+step, the memory's per-row valid lengths (``LaMemoMemory.valid``: None when every row is real), then this
+stage's memory inputs per layer (C-bar, Z-bar for LaMemo; the cached layer input for XL).
 A decoder layer replaces its own memory entries with the new rows it produced (detached). So with activation
 checkpointing (DeepSpeed's ``activation_checkpoint_interval``; only ``DecoderLayerPipe`` is checkpointable)
 a recompute reads the memory it was given at forward time (an explicit input of the checkpointed function,
@@ -22,7 +23,8 @@ slot is the forward count within the step: DeepSpeed's schedules run the forward
 order on every stage. Names follow ``LaMemoMemory.tensors()`` with global layer indices, so the union of the
 stages' memories (heads gathered) is the single-device memory.
 
-Shapes: the memory length M is the same for every slot; it grows 0, N, 2N, .. up to mem_len over the first
+Shapes: the memory length M is the same for every slot (a slot whose rows have no memory yet, e.g. streams added by
+a restart, holds M zero rows marked not real: ``StageMemory.valid``); it grows 0, N, 2N, .. up to mem_len over the first
 steps and is constant after that. The trainer calls DeepSpeed's ``reset_activation_shape()`` on the steps
 where the inter-stage shape changes (see pretrain/engines/pipeline.py), so steady-state steps use DeepSpeed's
 static-shape path and the first segments are exactly the single-device model's (no padded, masked rows).
@@ -41,12 +43,12 @@ from torch import nn
 
 from .attention import PositionEncodings
 from .config import LaMemoConfig
-from .memory import LaMemoMemory
+from .memory import VALID, LaMemoMemory, advance_valid, clear_invalid
 from .positions import inverse_frequencies, position_encodings
 
 #: Positions in the carry tuple that flows through a stage.
-ACT, CONTENT, POSITION, FUTURE_POSITION, FUTURE_CONTENT, POS_CAUSAL, POS_AHEAD = range(7)
-FIRST_MEMORY = 7
+ACT, CONTENT, POSITION, FUTURE_POSITION, FUTURE_CONTENT, POS_CAUSAL, POS_AHEAD, MEMORY_VALID = range(8)
+FIRST_MEMORY = 8
 
 
 def layer_memory_names(layer: int, lookahead: bool) -> list[str]:
@@ -58,12 +60,15 @@ def layer_memory_names(layer: int, lookahead: bool) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- memory
 class StageMemory:
-    """The memory one pipeline stage keeps, per micro-batch slot: name -> [B, M, ...] tensor (detached)."""
+    """The memory one pipeline stage keeps, per micro-batch slot: name -> [B, M, ...] tensor (detached), and
+    the slot's per-row valid lengths (``LaMemoMemory.valid``; None: every row real). Every stage advances the
+    valid lengths alike (N real rows per step), so the stages agree without talking."""
 
     def __init__(self, n_slots: int, names: list[str], mem_len: int):
         self.names = list(names)
         self.mem_len = mem_len
         self.slots: list[dict[str, torch.Tensor] | None] = [None] * n_slots
+        self.valid: list[torch.Tensor | None] = [None] * n_slots
 
     def get(self, slot: int) -> dict[str, torch.Tensor] | None:
         return self.slots[slot]
@@ -75,33 +80,66 @@ class StageMemory:
             raise RuntimeError(f"the micro-batch slots hold memories of different lengths {sorted(lengths)}")
         return lengths.pop()
 
-    def commit(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep the newest ``mem_len`` rows of every tensor (as ``LaMemoMemory.last`` and ``detach``)."""
+    def commit(self, slot: int, tensors: dict[str, torch.Tensor], valid: torch.Tensor | None = None,
+               added: int = 0) -> None:
+        """Keep the newest ``mem_len`` rows of every tensor (as ``LaMemoMemory.last`` and ``detach``); ``valid``
+        (the slot's valid lengths before this step) gains the ``added`` new rows, and rows not real are zeroed."""
         if sorted(tensors) != sorted(self.names):
             raise RuntimeError(f"memory commit of {sorted(tensors)}, this stage keeps {sorted(self.names)}")
-        self.slots[slot] = {name: t[:, max(0, t.shape[1] - self.mem_len):].detach().contiguous()
-                            for name, t in tensors.items()}
+        kept = {name: t[:, max(0, t.shape[1] - self.mem_len):].detach() for name, t in tensors.items()}
+        valid = advance_valid(valid, added, next(iter(kept.values())).shape[1])
+        self.slots[slot] = {name: clear_invalid(t, valid).contiguous() for name, t in kept.items()}
+        self.valid[slot] = valid
 
     def reset(self) -> None:
         self.slots = [None] * len(self.slots)
+        self.valid = [None] * len(self.slots)
+
+    def forget(self, rows: list[list[bool]] | None = None) -> None:
+        """``reset`` when ``rows`` is None or marks every row; else the marked rows (per slot, per batch row) get
+        valid length 0 (zeroed, masked) and the others keep their memory. Every stage does it alike."""
+        if rows is None or all(all(r) for r in rows) or all(s is None for s in self.slots):
+            self.reset()
+            return
+        for slot, (tensors, mask) in enumerate(zip(self.slots, rows)):
+            if tensors is None or not any(mask):
+                continue
+            first = tensors[self.names[0]]
+            valid = self.valid[slot]
+            valid = torch.full((first.shape[0],), first.shape[1], dtype=torch.long, device=first.device) \
+                if valid is None else valid
+            valid = torch.where(torch.tensor(mask, device=first.device), 0, valid)
+            self.slots[slot] = {n: clear_invalid(t, valid) for n, t in tensors.items()}
+            self.valid[slot] = valid
 
     def state(self) -> list[dict[str, torch.Tensor] | None]:
-        """Per slot: name -> tensor (this rank's layers and heads), or None for a slot not run yet."""
-        return [None if s is None else dict(s) for s in self.slots]
+        """Per slot: name -> tensor (this rank's layers and heads, plus ``valid`` [B] when some row of the slot
+        is not real), or None for a slot not run yet."""
+        return [None if s is None else {**s, **({} if v is None else {VALID: v})}
+                for s, v in zip(self.slots, self.valid)]
 
     def load_state(self, state: list[dict[str, torch.Tensor] | None]) -> None:
+        """Restore ``state()``'s per-slot memory. A slot without memory (None) next to slots with some gets M zero
+        rows, none of them real (one memory length for all slots; e.g. a slot of streams a restart added)."""
         if len(state) != len(self.slots):
             raise ValueError(f"memory for {len(state)} micro-batch slots, this stage has {len(self.slots)}")
         for k, s in enumerate(state):
-            if s is not None and sorted(s) != sorted(self.names):
+            if s is not None and sorted(set(s) - {VALID}) != sorted(self.names):
                 raise ValueError(f"memory of slot {k} holds {sorted(s)}; this pipeline stage keeps "
                                  f"{sorted(self.names)} (was it saved with another pipeline partition?)")
-        old = self.slots
-        self.slots = [None if s is None else dict(s) for s in state]
+        old = self.slots, self.valid
+        self.slots = [None if s is None else {n: t for n, t in s.items() if n != VALID} for s in state]
+        self.valid = [None if s is None else s.get(VALID) for s in state]
+        shape = next((s for s in self.slots if s is not None), None)
+        for k, s in enumerate(self.slots):
+            if s is None and shape is not None:
+                self.slots[k] = {n: torch.zeros_like(t) for n, t in shape.items()}
+                rows = next(iter(shape.values())).shape[0]
+                self.valid[k] = torch.zeros(rows, dtype=torch.long, device=next(iter(shape.values())).device)
         try:
             self.length()
         except RuntimeError:
-            self.slots = old
+            self.slots, self.valid = old
             raise
 
 
@@ -164,6 +202,7 @@ class StageRuntime:
                                f"micro-batches of a step (call runtime.begin_step before every train_batch)")
         self.forwards += 1
         old = self.memory.get(slot) or self._empty_memory(x)
+        valid = self.memory.valid[slot]
         M = old[self.memory.names[0]].shape[1]
         pending = {}
         if self.lookahead and self.first:
@@ -180,17 +219,17 @@ class StageRuntime:
             if unused and torch.is_grad_enabled():
                 x = x + sum(b.sum() for b in unused) * 0.0
         positions = self._positions(M, N, x.dtype, x.device, slot, biases.training)
-        self._current = (slot, pending)
-        return (x, *biases.tensors(), positions.causal, positions.lookahead,
+        self._current = (slot, pending, valid, N)
+        return (x, *biases.tensors(), positions.causal, positions.lookahead, valid,
                 *[old[name] for name in self.carry_names])
 
     def exit(self, carry: tuple) -> torch.Tensor:
         """Commit the new memory of this forward; return the stage's single output tensor."""
-        slot, pending = self._current
+        slot, pending, valid, added = self._current
         self._current = None
         new = dict(pending)
         new.update(zip(self.carry_names, carry[FIRST_MEMORY:]))
-        self.memory.commit(slot, new)
+        self.memory.commit(slot, new, valid, added)
         return carry[ACT]       # the top layer returns its current rows only (DecoderLayer.step)
 
     # ------------------------------------------------------------------ helpers

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from .config import LaMemoConfig
 from .megatron_parts import MegatronParts
 from .model import LaMemoModel
-from .model_files import CONFIG_NAME, WEIGHTS_NAME, check_state_dict
+from .model_files import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, require_model_dir
 
 
 class TensorParallelLaMemoModel(LaMemoModel):
@@ -73,10 +73,7 @@ class TensorParallelLaMemoModel(LaMemoModel):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None,
                         tp_group=None) -> "TensorParallelLaMemoModel":
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a LaMemo model directory: it needs {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}")
+        path = require_model_dir(path)
         model = cls(LaMemoConfig.load(path / CONFIG_NAME), initialize=False, tp_group=tp_group)
         # one full tensor at a time: read it, keep this rank's slice (the whole model is never in memory)
         with safe_open(str(path / WEIGHTS_NAME), framework="pt", device="cpu") as weights:

@@ -60,7 +60,7 @@ def probability(text: str) -> float:
 
 def device(text: str) -> str:
     """cpu, cuda or cuda:N, refused at parse time when no GPU is visible."""
-    import torch
+    import torch     # costly: only a --device argument needs it, and light commands share this module
     if text != "cpu" and not text.startswith("cuda"):
         raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
     if text.startswith("cuda") and not torch.cuda.is_available():

@@ -8,6 +8,7 @@ which DeepSpeed catches), and the entry is removed again, so a later ``import ml
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 
@@ -16,11 +17,11 @@ def import_deepspeed(tracking: bool) -> None:
     if "deepspeed" in sys.modules:
         return
     if tracking or "mlflow" in sys.modules:
-        import deepspeed  # noqa: F401
+        importlib.import_module("deepspeed")
         return
     sys.modules["mlflow"] = None        # type: ignore[assignment]
     try:
-        import deepspeed  # noqa: F401
+        importlib.import_module("deepspeed")
     finally:
         if sys.modules.get("mlflow", 0) is None:
             del sys.modules["mlflow"]

@@ -17,15 +17,17 @@ import functools
 import sys
 from pathlib import Path
 
+from .cli_args import OneLineParser, positive_int
+from .data.demo_corpus import write_demo_corpus
+from .data.errors import DataError
+from .data.indexed import load_tokens, preprocess
+from .data.tokenizer import tokenizer_description, train_tokenizer
 from .progress import progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(data_dir: Path, vocab_size: int) -> None:
-    from .data.demo_corpus import write_demo_corpus
-    from .data.indexed import preprocess
-    from .data.tokenizer import tokenizer_description, train_tokenizer
     data_dir.mkdir(parents=True, exist_ok=True)
     texts = write_demo_corpus(data_dir / "text")
     tokenizer_dir = data_dir / "tokenizer"
@@ -38,7 +40,6 @@ def prepare_data(data_dir: Path, vocab_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_args import OneLineParser, positive_int
     parser = OneLineParser(prog="python -m pretrain.demo", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs", help="where data and the run go (default: runs/)")
@@ -47,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for the trainer")
     args = parser.parse_args(argv)
 
+    # torch, the trainer and the model load once the arguments are read: --help and a bad argument answer at once
+    import torch
+    from lamemo_parallel import LaMemoModel
+    from lamemo_parallel.inference import evaluate_tokens
+    from .checkpoint.export import export_checkpoint
     from .config import TrainConfigError, load_config
-    from .data.errors import DataError
     from .trainer import run
     workdir = Path(args.workdir)
     data_dir = workdir / "demo-data"
@@ -67,13 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import torch
-
-    from lamemo_parallel import LaMemoModel
-    from lamemo_parallel.inference import evaluate_tokens
-
-    from .checkpoint.export import export_checkpoint
-    from .data.indexed import load_tokens
     export = run_dir / "export"
     export_checkpoint(run_dir, export, overwrite=True, show_progress=True)       # the newest checkpoint -> single-device format
     print(f"[demo] exported the newest checkpoint of {run_dir} to {export}", flush=True)

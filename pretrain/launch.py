@@ -16,19 +16,21 @@ import os
 import signal
 import sys
 
+import psutil
+from torch.distributed.elastic.multiprocessing import api
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun_main
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _children() -> list[int]:
-    import psutil
     return [child.pid for child in psutil.Process().children(recursive=False)]
 
 
 def install() -> None:
     """Replace torch.distributed.elastic's signal handler (it looks the module-level name up when it starts
     the workers) by one that forwards the first SIGTERM / SIGUSR1."""
-    from torch.distributed.elastic.multiprocessing import api
-
     original = api._terminate_process_handler
     received: set[int] = set()
 
@@ -63,8 +65,6 @@ class _DropChildFailure(logging.Filter):
 def main() -> None:
     install()
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropChildFailure())
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
     try:
         torchrun_main()
     except ChildFailedError as err:

@@ -13,7 +13,7 @@ def build_optimizer(params, cfg: OptimSection, device: torch.device) -> torch.op
     On CPU torch's optimizer is used: DeepSpeed's own CPU Adam would cost a 60-70 s C++ build per start."""
     if device.type == "cuda":
         try:
-            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]  # optional: not on PyPI
             return FusedAdam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                              adam_w_mode=cfg.name == "adamw")
         except ImportError:

@@ -26,7 +26,7 @@ from lamemo_parallel.sharding import sharding_table
 from .config import TrainConfig, TrainConfigError, model_config
 from .data.errors import DataError
 from .data.indexed import _paths, load_tokens
-from .data.sources import expand_prefixes, load_sources, parse_sources
+from .data.sources import Source, expand_prefixes, load_sources, parse_sources
 from .data.tokenizer import check_vocab_matches, load_tokenizer
 from .distributed import first_problem
 from .layout import Layout, split_layers
@@ -42,7 +42,7 @@ FRAMEWORK_BYTES = int(0.6 * GiB)
 class RunData:
     tokenizer: object
     train: object          # numpy memmap of the training split, or a list of Source for a mixture
-    valid: object | None   # numpy memmap of the validation split, a list of Source, or None
+    valid: list | None     # the validation split as a list of Source (a prefix is one source), or None
 
 
 def token_file_bytes(prefix: str) -> int:
@@ -103,6 +103,9 @@ def check_data(config: TrainConfig, *, verify_checksums: bool, log=print) -> Run
                 split[key] = load(key, value)
             except (DataError, OSError) as err:
                 raise DataError(f"{key}={value}: {err}") from None
+            if key == "data.valid":         # scored per source like a list (one source named after the stem)
+                spec, = parse_sources(value, key, weights_required=False)
+                split[key] = [Source(spec.name, 1.0, split[key], (value,))]
     return RunData(tokenizer=tokenizer, train=split["data.train"], valid=split.get("data.valid"))
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint.format import read_marker
 from .config import TrainConfig, TrainConfigError
+from .data.identity import changed_sources, data_identity, describe
 
 APPLIED = ("lr", "betas", "eps", "weight_decay")
 SCHEDULE = ("warmup_steps", "schedule", "min_lr", "clip_grad")
@@ -86,8 +88,6 @@ def check_data_on_resume(ckpt: Path, config: TrainConfig, log=print) -> bool:
     ``run.data_changed``, or with ``run.data_changed=restart_streams`` one logged line and True when the
     training streams must start at position zero with empty memory (a changed validation split alone only
     makes the evaluation numbers incomparable)."""
-    from .checkpoint.format import read_marker
-    from .data.identity import changed_sources, data_identity, describe
     saved = read_marker(Path(ckpt)).get("data")
     if saved is None:
         log(f"warning: checkpoint {ckpt} records no data identity (an older version wrote it): data.train and "

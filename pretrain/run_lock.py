@@ -38,7 +38,8 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +65,7 @@ class RunLock:
         age = time.time() - self.path.stat().st_mtime
         if holder.get("host") == socket.gethostname():
             pid = int(holder.get("pid", -1))
-            if pid <= 0 or not _alive(pid):
+            if pid <= 0 or not pid_alive(pid):
                 return f"process {pid} on {holder.get('host')} is gone"
             if holder.get("start") and _process_start(pid) != holder.get("start"):
                 return f"pid {pid} now belongs to another process"

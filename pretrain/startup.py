@@ -8,10 +8,13 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig, TrainConfigError
+from .data.mixture import build_streams, mixture_report
 from .distributed import launch_world_size
 from .layout import Layout, resolve_layout
-from .preflight import agree
+from .preflight import agree, check_data, check_memory, dry_run_report, estimate_memory
 from .run_errors import USER_ERRORS
+from .run_lock import RunLockError, has_previous_run, move_previous_run_aside
+from .tracking import TrackingError
 
 
 def log(message: str) -> None:
@@ -38,7 +41,7 @@ def init_model_parallel(layout: Layout) -> int:
     """megatron-core's process groups (tensor, pipeline, data); returns this rank's data-parallel rank."""
     if layout.tensor == 1 and layout.pipeline == 1:
         return dist.get_rank()
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state   # costly: only model-parallel layouts load megatron-core
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tensor,
                                                  pipeline_model_parallel_size=layout.pipeline)
@@ -48,7 +51,6 @@ def init_model_parallel(layout: Layout) -> int:
 def claim_run_dir(config: TrainConfig, run_dir, lock) -> None:
     """Rank 0: take the run directory's lock and check the reuse rules (run.resume=never / run.overwrite). The
     previous run is moved aside later (``replace_previous_run``), once every start-up check has passed."""
-    from .run_lock import has_previous_run
     try:
         lock.acquire(log=log)
     except OSError as err:
@@ -68,7 +70,6 @@ def claim_run_dir(config: TrainConfig, run_dir, lock) -> None:
 def replace_previous_run(config: TrainConfig, run_dir) -> None:
     """Rank 0, after the start was accepted: with run.resume=never run.overwrite=true, move the previous run
     aside (a start refused before this point leaves the run directory as it was)."""
-    from .run_lock import has_previous_run, move_previous_run_aside
     if config.run.resume == "never" and config.run.overwrite and has_previous_run(run_dir):
         moved = move_previous_run_aside(run_dir)
         log(f"run.overwrite: moved the previous run in {run_dir} to {moved}")
@@ -76,8 +77,6 @@ def replace_previous_run(config: TrainConfig, run_dir) -> None:
 
 def checked(action, *args, **kwargs):
     """Run a start-up check on every rank; a problem on any rank stops all of them with one message."""
-    from .run_lock import RunLockError
-    from .tracking import TrackingError
     result, problem = None, None
     try:
         result = action(*args, **kwargs)
@@ -89,8 +88,6 @@ def checked(action, *args, **kwargs):
 
 def dry_run(config: TrainConfig) -> int:
     """--dry-run: every start-up check and the report, no process group, no engine, nothing written."""
-    from .data.mixture import build_streams, mixture_report
-    from .preflight import check_data, check_memory, dry_run_report, estimate_memory
     device = resolve_device(config)
     layout = resolve_layout(config, launch_world_size(), cuda=device.type == "cuda")
     data = check_data(config, verify_checksums=False)

@@ -18,21 +18,30 @@ from lamemo_parallel.config import variant_traits
 from lamemo_parallel.flops import StepShape
 from lamemo_parallel.inference import EvalResult, split_streams
 
-from .checkpoint import CheckpointError
+from .checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint, quarantine_checkpoints,
+                         rotate_checkpoints, save_checkpoint)
+from .checkpoint.export import export_checkpoint
 from .config import TrainConfig
+from .data.mixture import build_streams, data_metrics, mixture_report, span_memory_reset
+from .data.sources import Source
+from .deepspeed_import import import_deepspeed
 from .distributed import init_distributed, launch_world_size
+from .divergence import DivergenceError
 from .layout import Layout, resolve_layout
+from .preflight import check_data, check_memory
 from .profiling import StepProfiler
+from .resume_settings import apply_changed_settings, check_data_on_resume
 from .run_errors import USER_ERRORS, RunFailed, StopSignal, failure, newest_checkpoint_note
+from .run_lock import RunLock
 from .startup import (checked, claim_run_dir, init_model_parallel, log, replace_previous_run, resolve_device,
                       set_cpu_threads)
+from .throughput import ThroughputMeter, format_console_line, resolve_peak_tflops
+from .tracking import Tracker, resolve_loggers
 from .tracking.metrics_rewind import rewind_metrics
 
 
 def run(config: TrainConfig) -> Path:
     """The whole run on this rank (every rank calls it): process set-up, the run directory's lock, training."""
-    from .deepspeed_import import import_deepspeed
-    from .run_lock import RunLock
     import_deepspeed(tracking=config.run.mlflow and "mlflow" in config.run.loggers)
     device = resolve_device(config)
     # Before the process group: a layout every rank finds impossible stops each rank alone (a rank that left a
@@ -61,35 +70,34 @@ def rank_streams(tokens, streams_per_rank: int, dp_size: int = 1, dp_rank: int =
     return streams[dp_rank * streams_per_rank:(dp_rank + 1) * streams_per_rank]
 
 
-def evaluate_validation(engine, config: TrainConfig, *, bits_per_char: bool = False) -> dict | None:
+def evaluate_validation(engine, config: TrainConfig, valid: list[Source] | None, *,
+                        bits_per_char: bool = False) -> dict | None:
     """Validation loss of the current weights with streaming memory, through the parallel model: every stage
     and TP rank takes part, each data-parallel rank scores its own ``run.eval_batch_size`` streams (the
     single-device evaluation with batch size eval_batch_size x DP), and the sums are all-reduced over the
     data-parallel group. The result is the same on every rank.
 
-    Each validation source (``data.valid`` as a list; a prefix is one source named after its stem) is scored on
-    its own as ``valid/<name>/loss`` and ``valid/<name>/ppl`` (``bpc`` with ``bits_per_char``, for byte
-    tokenizers); ``valid/loss`` and the ``eval_*`` keys are the token-weighted total over the sources."""
-    if not config.data.valid:
+    ``valid`` is the validation split as start-up's data check loaded it (``preflight.check_data``: token files
+    opened and verified once, memory-mapped, not read again at each evaluation). Each source (``data.valid`` as a
+    list; a prefix is one source named after its stem) is scored on its own as ``valid/<name>/loss`` and
+    ``valid/<name>/ppl`` (``bpc`` with ``bits_per_char``, for byte tokenizers); ``valid/loss`` and the ``eval_*``
+    keys are the token-weighted total over the sources."""
+    if not valid:
         return None
-    from .data.indexed import load_tokens
-    from .data.sources import expand_prefixes, parse_sources
     mem_len = config.data.eval_mem_len if config.data.eval_mem_len is not None else config.data.mem_len
     dp_size = engine.layout.data
     out, nll_sum, n_tokens = {}, 0.0, 0
-    for spec in parse_sources(config.data.valid, "data.valid", weights_required=False):
-        parts = [load_tokens(prefix) for prefix in expand_prefixes(spec, "data.valid")]
-        tokens = torch.from_numpy((np.concatenate(parts) if len(parts) > 1 else parts[0]).astype("int64"))
-        if config.run.eval_tokens:
-            tokens = tokens[:config.run.eval_tokens + 1]
+    for source in valid:
+        scored = source.tokens[:config.run.eval_tokens + 1] if config.run.eval_tokens else source.tokens[:]
+        tokens = torch.from_numpy(np.asarray(scored, dtype=np.int64))
         streams = rank_streams(tokens, config.run.eval_batch_size, dp_size, engine.dp_rank)
         local = engine.evaluate(streams, tgt_len=config.data.tgt_len, mem_len=mem_len)
         sums = torch.tensor([local.nll_sum, float(local.n_tokens)], dtype=torch.float64, device=engine.device)
         if dp_size > 1:
             dist.all_reduce(sums, group=engine.dp_group)
         r = EvalResult(nll_sum=sums[0].item(), n_tokens=int(sums[1].item()))
-        out[f"valid/{spec.name}/loss"] = r.loss
-        out[f"valid/{spec.name}/bpc" if bits_per_char else f"valid/{spec.name}/ppl"] = (
+        out[f"valid/{source.name}/loss"] = r.loss
+        out[f"valid/{source.name}/bpc" if bits_per_char else f"valid/{source.name}/ppl"] = (
             r.bits_per_token if bits_per_char else r.perplexity)
         nll_sum, n_tokens = nll_sum + r.nll_sum, n_tokens + r.n_tokens
     r = EvalResult(nll_sum=nll_sum, n_tokens=n_tokens)
@@ -101,7 +109,6 @@ def export_final(run_dir: Path) -> Path:
     """``run_dir/final``: the newest checkpoint (the last step's, saved just before) exported offline from its
     shards by rank 0, as ``tools/export_checkpoint.py`` does. The other ranks do not wait for it (no
     barrier to time out on a long export)."""
-    from .checkpoint.export import export_checkpoint
     out = run_dir / "final"
     if dist.get_rank() == 0:
         export_checkpoint(run_dir, out, overwrite=True)
@@ -119,7 +126,6 @@ class Trainer:
         self.unconfirmed = False   # the newest checkpoint's update has not yet been followed by an accepted step
 
     def run(self) -> Path:
-        from .divergence import DivergenceError
         self.set_up()
         status, step = "FINISHED", self.start_step
         try:
@@ -165,15 +171,12 @@ class Trainer:
 
     def check_inputs(self) -> None:
         """Every rank agrees the data, the memory estimate and the resume point are usable before building."""
-        from .checkpoint import find_resume_checkpoint
-        from .data.mixture import build_streams, mixture_report
-        from .preflight import check_data, check_memory
-        from .resume_settings import check_data_on_resume
         config, layout, d = self.config, self.layout, self.config.data
         dp_rank = init_model_parallel(layout)
         data = checked(check_data, config, verify_checksums=self.rank == 0, log=log)
         self.streams = checked(build_streams, data.train, d, dp_size=layout.data, dp_rank=dp_rank)
         self.bits_per_char = data.tokenizer.kind == "byte"
+        self.valid = data.valid              # loaded once here, scored at every evaluation
         if isinstance(data.train, list):
             log(mixture_report(self.streams, config.run.steps))
         estimate = checked(check_memory, config, layout, self.device)
@@ -195,9 +198,9 @@ class Trainer:
 
     def build_engine(self) -> None:
         """The engine for the layout; on resume, the checkpoint loaded into it and changed settings applied."""
-        from .checkpoint import load_checkpoint
+        # DeepSpeed and megatron-core load here, after run() has imported DeepSpeed without its autotuner's mlflow
+        # (pretrain/deepspeed_import.py), and never for --dry-run.
         from .engines import build_engine
-        from .resume_settings import apply_changed_settings
         config = self.config
         try:
             self.engine = build_engine(config, self.layout, config.model.vocab_size, self.device)
@@ -214,7 +217,6 @@ class Trainer:
             raise failure(err, "start-up failed", self.rank, self.run_dir) from err
 
     def start_tracking(self) -> None:
-        from .tracking import Tracker, resolve_loggers
         config, run_dir = self.config, self.run_dir
         loggers = resolve_loggers(config.run.loggers, config.run.mlflow)
         self.tracker = Tracker(run_dir, run_name=run_dir.name, enabled=self.rank == 0, mlflow="mlflow" in loggers,
@@ -226,7 +228,6 @@ class Trainer:
             self.tracker.log_artifacts(config.data.tokenizer, "tokenizer")
 
     def throughput_meter(self):
-        from .throughput import ThroughputMeter, resolve_peak_tflops
         m, d, config = self.config.model, self.config.data, self.config
         return ThroughputMeter(
             StepShape(m.n_layer, m.d_model, m.d_inner, m.vocab_size, d.tgt_len, d.mem_len,
@@ -239,11 +240,10 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> bool:
         """Train one optimizer step and do what follows it; True when the run stops here (checkpoint saved)."""
-        from .data.mixture import data_metrics, span_memory_reset
-        from .throughput import format_console_line
         config, guard = self.config, self.guard
-        if span_memory_reset(self.streams, config.data):    # every rank decides alike from the loader state
-            self.engine.reset_memory()                     # (pipelined: each stage empties its own store)
+        forget = span_memory_reset(self.streams, config.data)   # every rank decides alike from the loader state
+        if forget is not None:                                 # the rows beginning a span (pipelined: each stage
+            self.engine.reset_memory(forget)                   # empties them in its own store)
         self.meter.begin()
         result = self.engine.train_step(self.streams.next_step())
         self.meter.end(mem_len=min(config.data.mem_len, (step - 1) * config.data.tgt_len))
@@ -279,7 +279,7 @@ class Trainer:
         """Validation metrics every run.eval_interval steps (the last step's come from ``finish``)."""
         every = self.config.run.eval_interval
         if every and step % every == 0 and step < self.config.run.steps:
-            return evaluate_validation(self.engine, self.config, bits_per_char=self.bits_per_char) or {}
+            return evaluate_validation(self.engine, self.config, self.valid, bits_per_char=self.bits_per_char) or {}
         return {}
 
     def should_stop(self, step: int) -> bool:
@@ -291,7 +291,6 @@ class Trainer:
         """A checkpoint when stopping, every run.save_interval accepted steps, and after the last step (before
         the final evaluation and export). One extra is kept until the next accepted step confirms the newest
         (pretrain/divergence.py)."""
-        from .checkpoint import save_checkpoint
         config = self.config
         interval = config.run.save_interval and step % config.run.save_interval == 0
         if stopping or (interval and not skipped) or step == config.run.steps:
@@ -302,7 +301,6 @@ class Trainer:
 
     def confirm(self) -> None:
         """An accepted step confirms the newest checkpoint: the extra one kept for it can go."""
-        from .checkpoint import rotate_checkpoints
         if self.unconfirmed and self.rank == 0:
             rotate_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
         self.unconfirmed = False
@@ -310,7 +308,7 @@ class Trainer:
     # ------------------------------------------------------------------ end
     def finish(self) -> None:
         """After the last step: the final validation, the last confirmation, the export."""
-        final_eval = evaluate_validation(self.engine, self.config, bits_per_char=self.bits_per_char)
+        final_eval = evaluate_validation(self.engine, self.config, self.valid, bits_per_char=self.bits_per_char)
         if final_eval:
             self.tracker.log_metrics(self.config.run.steps, final_eval)
             log(f"validation: loss {final_eval['eval_loss']:.4f} | ppl {final_eval['eval_ppl']:.2f}")
@@ -321,7 +319,6 @@ class Trainer:
     def diverged(self, err: BaseException, step: int) -> RunFailed:
         """Divergence (exit code 3): checkpoints written since the trouble began are quarantined, nothing is
         exported, the tracker is tagged."""
-        from .checkpoint import quarantine_checkpoints
         note = ""
         if self.rank == 0 and self.guard.first_bad_step is not None:
             moved = quarantine_checkpoints(self.run_dir, self.guard.first_bad_step - 1)

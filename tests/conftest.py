@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, WIKITEXT2, free_port, shakespeare_text, tiny_config as _tiny_config
+from helpers import ROOT, WIKITEXT2, free_port, shakespeare_text, tiny_config as _tiny_config, tiny_model as _tiny_model
 
 from pretrain.data.tokenizer import train_tokenizer
 
@@ -78,3 +78,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_config():
     """The one tiny-model factory: ``tiny_config(vocab_size, **overrides)`` -> LaMemoConfig (tests/helpers.py)."""
     return _tiny_config
+
+
+@pytest.fixture
+def tiny_model():
+    """``tiny_model(vocab_size, size=MATH_MODEL, *, seed=0, perturb=0.1, **overrides)`` -> LaMemoModel in eval mode
+    (tests/helpers.py)."""
+    return _tiny_model

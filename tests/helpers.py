@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import importlib
 import json
 import lzma
@@ -57,15 +60,36 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
 
 
+# The tiny models' few sizes. Tests whose sizes are part of what they check (divisible head counts for tensor
+# parallelism, the paper's configs, exact FLOP counts) say so where they build their own.
 #: The tiny model of the tests that need "some LaMemo model" (2 layers, d_model 16, 2 heads of 8, d_inner 32).
 TINY_MODEL = dict(n_layer=2, d_model=16, n_head=2, d_inner=32)
+#: The model-maths tests' size (against docs/method.md's transcription, the fused path, the tables): d_inner 24
+#: (not a multiple of d_model, so a transposed feed-forward weight cannot fit) and a wide initialisation, so the
+#: attention is far from uniform and a wrong term shows in the logits.
+MATH_MODEL = dict(TINY_MODEL, d_inner=24, init_std=0.3)
 
 
-def tiny_config(vocab_size: int, **overrides):
-    """The one tiny-model factory (also the ``tiny_config`` fixture of tests/conftest.py): ``TINY_MODEL`` with
-    ``vocab_size`` and any overrides (variant, lengths, or the size a test is about)."""
+def tiny_config(vocab_size: int, size: dict = TINY_MODEL, **overrides):
+    """The one tiny-model factory (also the ``tiny_config`` fixture of tests/conftest.py): ``size`` (one of the
+    sizes above) with ``vocab_size`` and any overrides (variant, lengths, or the size a test is about)."""
     from lamemo_parallel import LaMemoConfig
-    return LaMemoConfig(**{**TINY_MODEL, "vocab_size": vocab_size, **overrides})
+    return LaMemoConfig(**{**size, "vocab_size": vocab_size, **overrides})
+
+
+def tiny_model(vocab_size: int, size: dict = MATH_MODEL, *, seed: int = 0, perturb: float = 0.1, **overrides):
+    """``LaMemoModel(tiny_config(...))`` in eval mode, initialised from ``seed``; every parameter then moved by
+    ``perturb`` x N(0, 1), so the biases (initialised to 0) and LayerNorms (to 1) matter in what a test compares."""
+    import torch
+
+    from lamemo_parallel import LaMemoModel
+    torch.manual_seed(seed)
+    model = LaMemoModel(tiny_config(vocab_size, size, **overrides)).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return model
 
 
 BASE_STEPS = 5
@@ -82,9 +106,12 @@ def base_overrides(corpus: Path, run_dir: Path) -> list[str]:
 
 def launch(nproc: int, overrides: list[str], timeout: float = 300, env_extra: dict[str, str] | None = None,
            config: Path = TINY_CONFIG) -> subprocess.CompletedProcess:
-    """One real ``torchrun`` of ``python -m pretrain.train`` with ``nproc`` processes (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "pretrain.train", "--config", str(config), *overrides]
+    """One real run of ``python -m pretrain.train`` with ``nproc`` processes (gloo on CPU): under ``torchrun``
+    for several, and for one process the trainer alone, as a user starts it (it gives itself a 127.0.0.1
+    rendezvous, pretrain/distributed.py); that saves the launcher's interpreter and imports (seconds a launch)."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                 "--master-addr=127.0.0.1", f"--master-port={free_port()}"] if nproc > 1 else [sys.executable])
+    cmd = [*launcher, "-m", "pretrain.train", "--config", str(config), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(**(env_extra or {})),
                           timeout=timeout, cwd=ROOT)
 
@@ -101,6 +128,15 @@ def launcher(nproc: int, overrides: list[str], env_extra: dict | None = None,
     reports a failed trainer in one line), with ``nproc`` trainers on the tiny config (gloo on CPU)."""
     return subprocess.run(launcher_cmd(nproc, overrides), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=subprocess_env(**(env_extra or {})))
+
+
+def run_main(main, argv: list) -> tuple[int, str, str]:
+    """A command's ``main(argv)`` in this process, as its console script runs it: (status, stdout, stderr).
+    Cheaper than a subprocess (no interpreter, no imports) for tests of a command's messages and exit codes."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([str(a) for a in argv])
+    return status, out.getvalue(), err.getvalue()
 
 
 def one_error(result: subprocess.CompletedProcess) -> str:

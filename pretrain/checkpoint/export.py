@@ -23,12 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lamemo_parallel import LaMemoConfig
+from lamemo_parallel.model_files import CONFIG_NAME, WEIGHTS_NAME, code_files, save_model_config
 
 from .. import faults
+from ..data.errors import DataError
+from ..data.tokenizer import load_tokenizer
 from ..progress import progress
-from ..run_lock import _alive as pid_alive      # the run lock's liveness test of a pid
+from ..run_lock import pid_alive
 from .format import SELF_HASH, CheckpointError, complete_checkpoints, validate
 from .model_card import write_transformers_files
 from .shards import ShardReader
@@ -75,7 +79,6 @@ def exported_files(out: Path) -> set[str]:
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse to write over a file, over an existing model unless asked to, and over a directory holding
     anything an export did not write (it is replaced as a whole)."""
-    from lamemo_parallel.model_files import WEIGHTS_NAME
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is a file; the export writes a directory")
     if not out.is_dir():
@@ -165,9 +168,6 @@ def write_streaming_safetensors(path: Path, names: list[str], shapes: dict[str, 
 def verify_export(out: Path, reader: ShardReader) -> None:
     """The written file has exactly the model's tensors with the model's shapes (read lazily: the header
     and nothing else), so ``LaMemoModel.from_pretrained`` will accept it."""
-    from safetensors import safe_open
-
-    from lamemo_parallel.model_files import WEIGHTS_NAME
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
         written = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     expected = {name: list(e.shape) for name, e in reader.table.items()}
@@ -192,8 +192,6 @@ class _CopyFailed(Exception):
 
 def tokenizer_record(ckpt: Path) -> dict:
     """The checkpoint's tokenizer as export.json records it (what the tools check a tokenizer against)."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import load_tokenizer
     if not (ckpt / "tokenizer").is_dir():
         return {}
     try:
@@ -209,7 +207,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     the fp32 masters, cast to ``dtype``), tokenizer/, export.json and config.json into a staging directory
     and move it into place as ``out`` in one rename. Every failure is a :class:`CheckpointError` (one line)
     and leaves ``out`` as it was."""
-    from lamemo_parallel.model_files import CONFIG_NAME, WEIGHTS_NAME, code_files, save_model_config
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(checkpoint)

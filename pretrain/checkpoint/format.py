@@ -24,8 +24,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ..distributed import first_problem
 from .errors import CheckpointError
+from .safe_load import check_pickle_is_safe
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
@@ -118,7 +121,6 @@ def read_marker(ckpt: Path) -> dict:
 def check_files(ckpt: Path, meta: dict, *, rank: int = 0, world: int = 1) -> None:
     """Every listed file present with its size (all of them), and sha256 plus the pickle safety scan for this
     rank's share of them (``share_of``)."""
-    from .safe_load import check_pickle_is_safe
     names = sorted(meta["files"])
     for name in names:
         path = ckpt / name
@@ -164,7 +166,6 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def _agreed_error(ckpt: Path) -> str | None:
     """Validate on every rank of the job (each hashes its share of the files); the first problem any rank
     found, the same on all ranks (None: usable)."""
-    import torch.distributed as dist
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     error = None

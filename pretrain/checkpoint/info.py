@@ -28,6 +28,7 @@ def _streams(indexes: list[dict]) -> dict | None:
     if state.get("mixture"):        # pretrain/data/mixture.py: spans of sources, no single offset
         return {"count": layout["num_streams"], "tgt_len": layout["tgt_len"], "span": layout["span"],
                 "next_span": state["schedule"]["next_span"], "position": state["streams"]["pos"][0],
+                "positions_differ": len(set(state["streams"]["pos"])) > 1,
                 "read": {s["name"]: int(r) for s, r in zip(layout["sources"], state["read"])},
                 "per_data_rank": dict(sorted(per_rank.items()))}
     pairs = (layout["num_tokens"] - 1) // layout["num_streams"]
@@ -106,7 +107,9 @@ def describe(info: dict) -> str:
                      f"{m['tgt_len']}, mem_len {m['mem_len']}")
     s = info.get("streams")
     if s and "span" in s:
-        lines.append(f"streams: {s['count']} over a mixture, each {s['position']} pairs into its span of {s['span']} "
+        spread = f"stream 0 {s['position']} pairs into its span of" if s.get("positions_differ") else \
+            f"each {s['position']} pairs into its span of"        # streams out of step after a stream-count change
+        lines.append(f"streams: {s['count']} over a mixture, {spread} {s['span']} "
                      f"(next global span {s['next_span']}, segments of {s['tgt_len']}); target tokens read: "
                      + ", ".join(f"{name} {read:,}" for name, read in s["read"].items()))
     elif s:

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from .. import faults
 from . import safe_load
 from .format import MARKER, TRAINER_META, CheckpointError, rank_state_path
-from .reshard_memory import MemoryReshardError, reshard_memory
+from .reshard import reshard_load, target_parts
+from .reshard_memory import MemoryReshardError, reshard_memory, saved_rank_indexes
 from .save import layout_record
 from .state import rng_state, set_rng_state
 
@@ -43,7 +44,6 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_s
             return meta
         head = "resume: the global stream count changed; "
     else:
-        from .reshard import reshard_load
         changed = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ours if saved.get(k) != ours[k])
         head = (f"warning: checkpoint layout differs from this run's ({changed}): resharding weights and optimizer "
                 f"state from the shards; ")
@@ -60,7 +60,6 @@ def load_checkpoint(ckpt: Path, *, engine, streams, layout, log=print, restore_s
 def _continue_streams(ckpt: Path, marker: dict, engine, streams, layout) -> str:
     """The loader's position and the memory of every stream that continues, resharded onto this rank's slots;
     returns what happened, for the log line."""
-    from .reshard import target_parts
     saved = safe_load.safe_load(rank_state_path(ckpt, 0), mmap=True)["streams"]     # its memory stays on disk
     old = saved.get("layout") or {}
     streams.load_state_dict(saved, strict=False)
@@ -69,29 +68,25 @@ def _continue_streams(ckpt: Path, marker: dict, engine, streams, layout) -> str:
         engine.reset_memory()
         return "the data changed (another token file or tgt_len): the memory starts empty"
     continuing = min(old["num_streams"], streams.num_streams)
-    slots = streams.slot_streams()
-    keep = [all(s < continuing for s in ids) for ids in slots]
     note = streams.change_note or f"all {streams.num_streams} streams keep their position and memory"
-    if any(keep) and not all(keep) and layout.pipeline > 1:
-        keep = [False] * len(slots)      # a pipeline stage keeps one memory length for all its slots
-    if any(not k and any(s < continuing for s in ids) for k, ids in zip(keep, slots)):
-        note += ("; on this rank a micro-batch mixes continuing and added streams (or, pipelined, the slots "
-                 "differ), so its memory starts empty")
-    memory = None
-    if any(keep):
-        try:
-            memory = reshard_memory(ckpt, marker, model_config=engine.model_config, tp_rank=engine.tp_rank,
-                                    tp_size=layout.tensor, stage=int(engine.stage), parts=target_parts(engine),
-                                    slot_streams=[ids for k, ids in zip(keep, slots) if k],
-                                    dtype=engine_dtype(engine))
-        except MemoryReshardError as err:
-            return f"{note}; but {err}: the memory starts empty"
+    if streams.num_streams > continuing:
+        note += "; the added streams start with an empty memory (valid length 0, masked row by row)"
+    slots = streams.slot_streams()
+    if not any(s < continuing for ids in slots for s in ids):
+        engine.reset_memory()
+        return note
+    try:
+        memory = reshard_memory(ckpt, marker, model_config=engine.model_config, tp_rank=engine.tp_rank,
+                                tp_size=layout.tensor, stage=int(engine.stage), parts=target_parts(engine),
+                                slot_streams=slots, dtype=engine_dtype(engine), added_from=continuing)
+    except MemoryReshardError as err:
+        engine.reset_memory()
+        return f"{note}; but {err}: the memory starts empty"
     if memory is None:
         engine.reset_memory()
-        return note + ("; no memory was saved yet" if any(keep) else "; the memory starts empty")
-    filled = iter(memory)
-    engine.load_memory_state([{n: t.to(engine.device) for n, t in next(filled).items()} if k else None
-                              for k in keep])
+        return note + "; no memory was saved yet"
+    engine.load_memory_state([None if slot is None else {n: t.to(engine.device) for n, t in slot.items()}
+                              for slot in memory])
     faults.drop_memory_on_resume(engine)
     return note
 
@@ -108,7 +103,6 @@ def restorable_rng(ckpt: Path, engine, saved: dict, ours: dict) -> tuple[dict, b
     saved rank at the same tensor, pipeline and data-parallel coordinates) only when nothing but the ZeRO stage
     or the precision changed, so that the ranks compute exactly what they computed before; otherwise every rank
     keeps its fresh seed."""
-    from .reshard_memory import saved_rank_indexes
     if all(saved.get(k) == ours[k] for k in ours if k not in ("zero_stage", "precision")):
         coords = (engine.tp_rank, int(engine.stage), int(engine.dp_rank))
         for index in saved_rank_indexes(ckpt):

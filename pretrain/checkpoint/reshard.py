@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from lamemo_parallel.sharding import shard, sharding_table
+
+from ..layout import split_layers
 from .shard_index import MOMENTS, single_device_parameters
 from .reshard_zero3 import set_zero3_partition
 from .shards import ShardReader
@@ -51,21 +54,18 @@ def _ensure_zero_optimizer_state(engine, step: int) -> None:
 
 def target_parts(engine) -> list[range]:
     """The layers of every pipeline stage of this run."""
-    from ..layout import split_layers
     p = engine.config.parallel
     return split_layers(engine.model_config.n_layer, p.pipeline, p.pipeline_partition)
 
 
 def _target_table(engine):
-    from lamemo_parallel.sharding import sharding_table
     return sharding_table(engine.model_config, engine.layout.tensor, target_parts(engine))
 
 
 def reshard_load(ckpt: Path, meta: dict, engine) -> None:
     """Load weights and Adam moments saved under another layout into this run's engine (every rank)."""
+    # DeepSpeed loads only where an engine exists: export and `lamemo-checkpoint info` read checkpoints without it
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from lamemo_parallel.sharding import shard
     reader = ShardReader(ckpt, meta)
     module = engine.module
     device = next(module.parameters()).device

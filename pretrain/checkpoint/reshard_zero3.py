@@ -29,8 +29,8 @@ def zero3_partition(param, full: torch.Tensor) -> torch.Tensor:
 
 def set_zero3_partition(param, master: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
     """Write the module weight, fp32 master and Adam moments of ``param``'s ZeRO-3 partition."""
+    # DeepSpeed loads only where an engine exists: export and `lamemo-checkpoint info` read checkpoints without it
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
     device = param.ds_tensor.device
     part = zero3_partition(param, master).to(device)
     param.ds_tensor.data.copy_(part.to(param.ds_tensor.dtype))

@@ -15,6 +15,7 @@ pickle references without unpickling it and refuses any outside the allow-list.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from pathlib import Path
 
@@ -47,7 +48,6 @@ class OpaqueRecord:
 def _allowed(real_classes: bool) -> list:
     if not real_classes:
         return [(OpaqueRecord, f"{module}.{name}") for module, name in DEEPSPEED_RECORDS]
-    import importlib
     return [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_RECORDS]
 
 
@@ -102,6 +102,7 @@ def write_failure(path: str | Path, err: BaseException) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _safe_engine_class():
+    # DeepSpeed loads only where an engine exists: export and `lamemo-checkpoint info` read checkpoints without it
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lamemo_parallel.sharding import sharding_table
+
 from .. import faults
 from ..distributed import first_problem
 from ..data.identity import data_identity
+from ..layout import split_layers
 from . import safe_load
 from .format import (FORMAT_VERSION, MARKER, TRAINER_META, CheckpointError, checkpoint_root, complete_checkpoints,
                      listed_files, rank_state_path, sealed, sha256_file, shard_index_path, share_of, step_tag)
@@ -37,7 +40,6 @@ class CheckpointSaveError(CheckpointError):
 
 def stage_sizes(config) -> list[int]:
     """Layers per pipeline stage as this config resolves them."""
-    from ..layout import split_layers
     p = config.parallel
     return [len(r) for r in split_layers(config.model.n_layer, p.pipeline, p.pipeline_partition)]
 
@@ -92,7 +94,6 @@ def _hash_share(ckpt: Path) -> dict[str, dict]:
 def tensor_table(ckpt: Path, model_config, tp_size: int, parts) -> dict[str, dict]:
     """Every parameter: full shape, TP split, owning stages and all its pieces (read from the per-rank
     indexes: rank 0 reads a few small JSON files, no tensor)."""
-    from lamemo_parallel.sharding import sharding_table
     table = sharding_table(model_config, tp_size, parts)
     out = {name: {"shape": list(e.shape), "split_dim": e.split_dim, "padded": e.padded, "stages": list(e.stages),
                   "pieces": []} for name, e in table.items()}
@@ -156,7 +157,6 @@ def save_checkpoint(*, engine, streams, config, step: int, layout, tracker_run_i
 
 
 def _write_marker(ckpt: Path, engine, config, layout, step: int, hashes: list[dict]) -> None:
-    from ..layout import split_layers
     p = config.parallel
     files = {name: record for share in hashes for name, record in share.items()}
     marker = {"format": FORMAT_VERSION, "step": step, "layout": layout_record(config, layout),

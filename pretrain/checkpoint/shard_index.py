@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -70,7 +71,6 @@ def rank_pieces(engine, ckpt_dir: str, tag_dir: str) -> list[dict]:
                                      [file, ["optimizer_state_dict", "single_partition_of_fp32_groups", g], offset],
                                      moments))
     elif hasattr(opt, "fp32_partitioned_groups_flat"):                                     # ZeRO 3
-        import torch.distributed as dist
         file = rel(engine.shard_file(ckpt_dir, tag, "zero"))
         dp_rank = dist.get_rank(group=opt.dp_process_group)
         for g, group in enumerate(opt.fp16_groups):

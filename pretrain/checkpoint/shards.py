@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lamemo_parallel import LaMemoConfig
+from lamemo_parallel.sharding import merge, sharding_table
 
 from .format import CheckpointError
 from .safe_load import safe_load
@@ -24,7 +25,6 @@ class ShardReader:
     """Merged tensors of a validated checkpoint (``meta`` = its COMPLETE.json)."""
 
     def __init__(self, ckpt: Path, meta: dict):
-        from lamemo_parallel.sharding import sharding_table
         self.ckpt, self.meta = Path(ckpt), meta
         if "tensors" not in meta or "layout" not in meta or "model" not in meta:
             raise CheckpointError(f"checkpoint {ckpt} has no tensor table in its {ckpt.name}/COMPLETE.json (it was "
@@ -82,5 +82,4 @@ class ShardReader:
                 raise CheckpointError(f"checkpoint {self.ckpt}: the pieces of {name} on TP rank {tp_rank} cover "
                                       f"{int(covered.sum())} of {flat.numel()} elements")
             shards.append(flat.view(local_shape))
-        from lamemo_parallel.sharding import merge
         return merge(entry, shards).contiguous()

@@ -32,6 +32,7 @@ import torch
 from lamemo_parallel import LaMemoModel
 from lamemo_parallel.inference import segment_count, segments, split_streams
 from pretrain.cli.model_inputs import check_token_file, load_model, model_tokenizer
+from pretrain.data.indexed import load_tokens
 from pretrain.progress import progress
 from pretrain.cli_args import OneLineParser, device, non_negative_int, positive_float, positive_int
 
@@ -162,7 +163,6 @@ def _add_lookahead(result: Utilization, layer: int, probs: torch.Tensor, window:
 # ---------------------------------------------------------------------------------------------- inputs
 def load_token_ids(args, model_dir: Path, vocab_size: int) -> torch.Tensor:
     if args.tokens:
-        from pretrain.data.indexed import load_tokens          # lazily: only this input needs it
         check_token_file(args.tokens, model_dir)
         has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
         ids = np.asarray(load_tokens(args.tokens, tokenizer=model_tokenizer(model_dir, args.tokenizer, vocab_size)
@@ -206,10 +206,10 @@ def write_csv(results: list[Utilization], path: Path) -> None:
 
 def plot(results: list[Utilization], path: Path, *, per_layer: bool, logy: bool, width: float, height: float,
          dpi: int) -> None:
+    # matplotlib (about a second to import) loads only when a plot is drawn
     import matplotlib
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
-
+    matplotlib.use("Agg")
     has_lookahead = any(h.counts.size for res in results for h in res.lookahead)
     fig = Figure(figsize=(width, height), dpi=dpi)
     axes = fig.subplots(1, 2 if has_lookahead else 1, squeeze=False)[0]

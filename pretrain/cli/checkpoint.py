@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="one JSON object instead of the report")
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 and pickle checks (fast)")
     args = parser.parse_args(argv)
+    # torch loads with the checkpoint package: after the arguments, so --help and usage errors answer at once
     from pretrain.checkpoint import CheckpointError
     from pretrain.checkpoint.export import resolve_checkpoint
     from pretrain.checkpoint.info import checkpoint_info, describe, to_json

@@ -18,6 +18,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from lamemo_parallel import LaMemoConfig
+from pretrain.config import TrainConfig
+
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 REGENERATE = "python -m pretrain.cli.config_docs"
 
@@ -50,8 +53,6 @@ def _default(f: dataclasses.Field) -> str:
 
 def render() -> str:
     """The whole of docs/config.md; raises ValueError naming every field without a description."""
-    from lamemo_parallel import LaMemoConfig
-    from pretrain.config import TrainConfig
 
     fallback = {"model": field_docs(LaMemoConfig)}
     lines = ["# Configuration reference", "",

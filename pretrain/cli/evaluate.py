@@ -33,7 +33,8 @@ import torch
 from lamemo_parallel.inference import evaluate_tokens
 from pretrain.progress import progress
 from pretrain.cli_args import OneLineParser, clamp_len, device, non_negative_int, positive_int
-from pretrain.cli.model_inputs import load_model
+from pretrain.cli.model_inputs import check_token_file, load_model, model_tokenizer
+from pretrain.data.indexed import load_tokens
 from pretrain.data.tokenizer import split_lines_keepends
 
 
@@ -78,9 +79,7 @@ class EncodedText:
 
 def load_eval_tokens(args, model_dir: Path, vocab_size: int) -> tuple[torch.Tensor, EncodedText | None]:
     """The token ids to score and, for --text, what text each prefix of them encodes."""
-    from .model_inputs import check_token_file, model_tokenizer
     if args.tokens:
-        from pretrain.data.indexed import load_tokens
         has_tokenizer = args.tokenizer or (model_dir / "tokenizer").is_dir()
         tokenizer = model_tokenizer(model_dir, args.tokenizer, vocab_size) if has_tokenizer else None
         check_token_file(args.tokens, model_dir)

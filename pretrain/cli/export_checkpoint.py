@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     # A file-size limit (ulimit -f) would otherwise kill the process with SIGXFSZ mid-write; ignored, the
     # write fails with EFBIG and is reported like a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # torch loads with the checkpoint package: after the arguments, so --help and usage errors answer at once
     from pretrain.checkpoint import CheckpointError
     from pretrain.checkpoint.export import export_checkpoint
     try:

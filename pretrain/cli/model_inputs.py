@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
+
 from lamemo_parallel import LaMemoModel
+from lamemo_parallel.model_files import WEIGHTS_NAME, ModelFileError
 
 from pretrain.data.errors import DataError
+from pretrain.data.indexed import read_meta
+from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
 
 
 def load_model(model_dir: str | Path, device=None) -> LaMemoModel:
     """``LaMemoModel.from_pretrained``; a missing, truncated or damaged file is an OSError / ValueError with
     one line (lamemo_parallel.model_files). For an export, the weights and export.json must name the same
     source checkpoint (its manifest hash is in both)."""
-    from safetensors import safe_open
-
-    from lamemo_parallel.model_files import WEIGHTS_NAME, ModelFileError
     model = LaMemoModel.from_pretrained(model_dir, device=device)
     recorded = export_record(model_dir, "checkpoint_manifest_sha256")
     if recorded is not None:
@@ -53,7 +55,6 @@ def model_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None, voc
                     alternative: str = ""):
     """The tokenizer for ``model_dir`` (``tokenizer_dir`` or MODEL/tokenizer), refused unless it belongs to
     the model. ``alternative`` names what the user could give instead of a tokenizer (for the message)."""
-    from pretrain.data.tokenizer import check_vocab_matches, load_tokenizer
     directory = Path(tokenizer_dir) if tokenizer_dir else Path(model_dir) / "tokenizer"
     if not tokenizer_dir and not directory.is_dir():
         raise DataError(f"{model_dir} has no tokenizer/ directory: pass --tokenizer DIR (the tokenizer the model "
@@ -70,7 +71,6 @@ def model_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None, voc
 def check_token_file(prefix: str | Path, model_dir: str | Path) -> None:
     """Without a tokenizer at hand, a token file made with another tokenizer than the one the export recorded
     is refused (with one, ``load_tokens(prefix, tokenizer=...)`` checks it)."""
-    from pretrain.data.indexed import read_meta
     expected, made_with = recorded_fingerprint(model_dir), read_meta(prefix)["tokenizer_fingerprint"]
     if expected is not None and made_with != expected:
         raise DataError(f"{prefix} was tokenized with a different tokenizer than the one {model_dir} was exported "

@@ -74,7 +74,7 @@ def read_jsonl(path: Path, label: str) -> RunCurves:
 
 
 def _client(tracking_uri: str):
-    try:
+    try:      # mlflow: only for runs read from a tracking server or store, and it may be absent
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise PlotError("reading MLflow runs needs mlflow-skinny (pip install mlflow-skinny)") from None
@@ -83,9 +83,8 @@ def _client(tracking_uri: str):
 
 def read_mlflow(tracking_uri: str, run_ref: str, experiment: str, label: str | None,
                 metrics: list[str]) -> RunCurves:
-    from mlflow.exceptions import MlflowException
-
     client = _client(tracking_uri)
+    from mlflow.exceptions import MlflowException     # present: _client has imported mlflow
     try:
         run = None
         if re.fullmatch(r"[0-9a-f]{32}", run_ref):
@@ -165,10 +164,10 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def plot(runs: list[RunCurves], metrics: list[str], out: Path, *, x_axis: str, window: int, logy: bool,
          width: float, height: float, dpi: int, title: str | None) -> None:
+    # matplotlib (about a second to import) loads only when a plot is drawn
     import matplotlib
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
-
+    matplotlib.use("Agg")
     fig = Figure(figsize=(width, height), dpi=dpi)
     axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, metrics):

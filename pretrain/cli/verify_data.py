@@ -9,12 +9,13 @@ One line per prefix (``ok: PREFIX (N tokens, sha256 verified)``); the first prob
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from pretrain.cli_args import OneLineParser
 from pretrain.data.cli import run_tool
+from pretrain.data.indexed import load_tokens
+from pretrain.data.tokenizer import load_tokenizer
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -23,8 +24,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer", metavar="DIR", help="also require this tokenizer's fingerprint")
     parser.add_argument("--size-only", action="store_true", help="skip the sha256 (sizes and index only)")
     args = parser.parse_args(argv)
-    from pretrain.data.indexed import load_tokens
-    from pretrain.data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     for prefix in args.prefixes:
         tokens = load_tokens(prefix, verify="size" if args.size_only else "checksum", tokenizer=tokenizer)

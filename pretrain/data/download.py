@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from pretrain.data.demo_corpus import write_demo_corpus
 from pretrain.data.errors import DataError
 from pretrain.progress import progress as progress_display
 from pretrain.data.textio import PathLike
@@ -324,8 +325,6 @@ def _is_prepared(out: Path) -> bool:
 
 def prepare_demo(out_dir: PathLike) -> Path:
     """Write the offline demo corpus (standard-library sources, see ``demo_corpus``) to ``out_dir/demo``."""
-    from pretrain.data.demo_corpus import write_demo_corpus
-
     out = Path(out_dir) / "demo"
     write_demo_corpus(out)
     return out

@@ -28,7 +28,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pretrain.data.tokenizer import EOS, UNK, ByteTokenizer, SentencePieceTokenizer, Tokenizer, WordTokenizer
+from sentencepiece import sentencepiece_model_pb2 as pb   # the proto says which pieces are user-defined
+
+from pretrain.data.tokenizer import (EOS, UNK, ByteTokenizer, SentencePieceTokenizer, Tokenizer, WordTokenizer,
+                                     atomic_write_text)
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -47,8 +50,6 @@ def _replace(pattern: dict, content: str) -> dict:
 
 
 def _sentencepiece(tok: SentencePieceTokenizer) -> dict:
-    from sentencepiece import sentencepiece_model_pb2 as pb   # the proto says which pieces are user-defined
-
     proto = pb.ModelProto()
     proto.ParseFromString(tok.model_proto)
     kinds = pb.ModelProto.SentencePiece
@@ -129,9 +130,8 @@ def transformers_tokenizer(tok: Tokenizer) -> tuple[dict, dict]:
 
 def write_transformers_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer`` into ``directory``."""
-    from pretrain.data.tokenizer import _atomic_write_text
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_json, config = transformers_tokenizer(tok)
-    _atomic_write_text(directory / TOKENIZER_JSON, json.dumps(tokenizer_json, ensure_ascii=False) + "\n")
-    _atomic_write_text(directory / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / TOKENIZER_JSON, json.dumps(tokenizer_json, ensure_ascii=False) + "\n")
+    atomic_write_text(directory / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")

@@ -244,11 +244,12 @@ def preprocess(
         print(f"{output_prefix}: up to date (same inputs and tokenizer); use --force to rebuild", file=sys.stderr)
         return Path(output_prefix)
 
+    # torch and megatron-core (seconds to import) only to write token files: reading them needs numpy alone
     import torch
 
     with warnings.catch_warnings():  # megatron-core warns about optional CUDA extensions on import
         warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder   # (see above)
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp_bin = bin_path.with_name(bin_path.name + ".tmp")

@@ -21,20 +21,24 @@ Each stream holds its current span (global index, source, start) and its positio
 stream whose span is used up takes the next global span; when several need one in the same step they take them
 in stream-id order (stream ids as in :func:`pretrain.data.streams.stream_id`). The rule, "span ``g`` goes to
 whichever stream needs a new span next, in (step, stream id) order", does not depend on how many streams there
-are, which is what a restart with another stream count needs: keep the schedule (credits, per-source cursors,
-the global counter) and hand out new spans from the counter on. Today such a restart starts every stream on a
-fresh span (:meth:`MixtureStreams.load_state_dict` with ``strict=False``), skipping the unread rest of the spans
-in progress.
+are, which is what a restart with another stream count needs (:meth:`MixtureStreams.load_state_dict` with
+``strict=False``; the loader's one rule, :func:`pretrain.data.streams.stream_count_change`): the schedule (credits,
+per-source cursors, the global counter) is kept; the streams that continue keep their span and position; the unread
+rest of each retired stream's span joins a **pool** of pieces (source, start, length), which the streams that need
+a span take first, in (step, stream id) order, before new global spans; added streams need one at once. No pair
+of a span handed out is skipped, and no span is read twice.
 
 The span boundary is a document boundary for the model; ``data.span_memory`` says what the memory does there.
 ``keep`` (the default) carries it across: inside one source the documents are already concatenated and the
 memory crosses every ``<eos>`` (Transformer-XL's practice), so a source switch is one more such boundary, marked
 by the ``<eos>`` that ends the previous span's last document only when it happens to fall there. ``reset``
-empties the engine's memory before every step whose segments begin new spans (:func:`span_memory_reset`). That
-needs no per-row memory mask: all spans are ``P`` pairs long and all streams take their first span at the same
-step, so every stream begins a new span at the same steps, and a restart with another stream count starts every
-stream on a fresh span at once (:meth:`MixtureStreams.starts_new_spans` checks it). The decision is a pure
-function of the loader state, so every rank takes it alike and resume stays bitwise.
+empties, before every step, the memory of each row whose segment begins a new span (:func:`span_memory_reset`,
+row by row through the memory's per-row valid lengths, ``lamemo_parallel.memory.LaMemoMemory.valid``). In a run
+that never changed its stream count all spans are ``P`` pairs long and all streams take their first span at the
+same step, so every row begins a new span at the same steps and that is the whole memory, exactly as emptying it;
+after a stream-count change, pieces of retired streams' spans and the added streams' first spans put the streams
+out of step, and only the rows that begin a span forget. The decision is a pure function of the loader state, so
+every rank takes it alike and resume stays bitwise.
 
 Span length. ``P`` is ``data.span_len`` rounded up to a multiple of ``tgt_len`` (a span is whole segments, so
 every stream switches at a step boundary). After ``n`` steps the share of source ``i`` in the tokens read is
@@ -42,7 +46,8 @@ off its weight by at most about ``P / (S * n * tgt_len)`` (one span in the spans
 and 2 streams, 400 steps of 32 tokens land within 2 % (see docs/data.md).
 
 State (:meth:`MixtureStreams.state_dict`): the schedule's credits, per-source cursors (spans taken) and global
-counter, each stream's span and position, and the target tokens read per source; all plain integers.
+counter, each stream's span, length and position, the pool, and the target tokens read per source; all plain
+integers.
 """
 from __future__ import annotations
 
@@ -56,9 +61,9 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
-from pretrain.data.sources import (DATA_CHANGED_HINT, DEFAULT_SPAN_LEN, LAYOUT_CHANGED_HINT, Source, check_same_sources,
-                                   parse_sources, sources_record)
-from pretrain.data.streams import SegmentStreams, stream_id
+from pretrain.data.sources import (DATA_CHANGED_HINT, DEFAULT_SPAN_LEN, LAYOUT_CHANGED_HINT, Source, parse_sources,
+                                   sources_record)
+from pretrain.data.streams import SegmentStreams, stream_count_change, stream_id
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -185,8 +190,13 @@ class MixtureStreams:
         """Global index of each stream's current span (-1: none yet)."""
         self.stream_source = np.zeros(S, dtype=np.int64)
         self.stream_start = np.zeros(S, dtype=np.int64)
+        self.stream_size = np.full(S, self.span, dtype=np.int64)
+        """Pairs of each stream's current span: ``P``, or less for a piece of a retired stream's span."""
         self.stream_pos = np.full(S, self.span, dtype=np.int64)
-        """Pairs of its current span each stream has read (``span``: used up, takes a new one next step)."""
+        """Pairs of its current span each stream has read (``stream_size``: used up, takes a new one next step)."""
+        self.pool: list[list[int]] = []
+        """Unread rests of retired streams' spans, ``[global index, source, start, pairs]``, handed out before new
+        spans (after a change of the stream count)."""
         self.read = [0] * len(self.sources)
         """Target tokens read from each source by all streams (all data-parallel ranks) since the start."""
         self._local = np.array([[stream_id(self.dp_rank, m, r, micro_batches=self.micro_batches,
@@ -237,33 +247,23 @@ class MixtureStreams:
     # -- stepping -----------------------------------------------------------------------------------------
     def _hand_out_spans(self) -> None:
         """Streams whose span is used up take the next global spans, in stream-id order."""
-        due = np.flatnonzero(self.stream_pos >= self.span)
+        due = np.flatnonzero(self.stream_pos >= self.stream_size)
         if len(due):
-            spans = np.array([self.schedule.next() for _ in range(len(due))], dtype=np.int64)
-            self.stream_span[due], self.stream_source[due], self.stream_start[due] = spans.T
+            spans = np.array([self.pool.pop(0) if self.pool else [*self.schedule.next(), self.span] for _ in due],
+                             dtype=np.int64)
+            self.stream_span[due], self.stream_source[due], self.stream_start[due], self.stream_size[due] = spans.T
             self.stream_pos[due] = 0
         self._reading = np.bincount(self.stream_source, minlength=len(self.sources)).tolist()
-        self._due = int((self.span - self.stream_pos).min())
+        self._due = int((self.stream_size - self.stream_pos).min())
 
-    def starts_new_spans(self) -> bool:
-        """Whether the segments the next :meth:`next_step` returns begin new spans, for every stream at once
-        (True at the first step and after a restart that started every stream afresh). Every stream switches at
-        the same steps: spans are all ``P`` pairs long, a multiple of ``tgt_len``, and every stream takes its
-        first span at the same step (:meth:`load_state_dict` keeps that after a stream-count change). A pure
-        function of the loader state, so every rank answers alike without communicating (``data.span_memory``).
-
-        Raises:
-            RuntimeError: only some streams begin a new span (impossible by construction; a corrupted state).
-        """
+    def new_span_rows(self) -> list[list[bool]] | None:
+        """Which of this rank's rows (per micro-batch slot) begin a new span with the segment the next
+        :meth:`next_step` returns, or None when none does (``data.span_memory``). A pure function of the loader
+        state, so every rank answers alike without communicating."""
         if self._due > 0:                       # no span used up (python ints: this runs every step)
-            return False
-        due = self.stream_pos >= self.span
-        if due.all():
-            return True
-        if due.any():
-            raise RuntimeError(f"mixture streams out of step: {int(due.sum())} of {self.num_streams} begin a new "
-                               "span at this step (all spans are the same length and start together)")
-        return False
+            return None
+        due = (self.stream_pos >= self.stream_size)[self._local]
+        return due.reshape(self.micro_batches, self.micro_batch_size).tolist() if due.any() else None
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The next segment of this rank's streams (as ``SegmentStreams.next_step``), then advance every stream."""
@@ -307,38 +307,59 @@ class MixtureStreams:
         """The schedule, each stream's span and position, tokens read per source; ``layout`` for checking."""
         return {"mixture": True, "schedule": self.schedule.state_dict(),
                 "streams": {"span": self.stream_span.tolist(), "source": self.stream_source.tolist(),
-                            "start": self.stream_start.tolist(), "pos": self.stream_pos.tolist()},
+                            "start": self.stream_start.tolist(), "size": self.stream_size.tolist(),
+                            "pos": self.stream_pos.tolist()},
+                "pool": [list(piece) for piece in self.pool],
                 "read": list(self.read), "epochs": self.epochs(), "layout": self.layout()}
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
-        """Restore exactly. Changed sources or weights are refused (:func:`check_same_sources`); another stream
-        count or segment length raises with ``strict``, otherwise keeps the schedule and per-source counts and
-        starts every stream on a fresh span (warning: the token order then differs from an uninterrupted run)."""
+        """Restore exactly (the sources and weights are the start-up's to check: ``pretrain/data/identity.py``).
+        Another stream count or segment length raises with ``strict``. Otherwise another stream count alone
+        follows the loader's one rule (:func:`pretrain.data.streams.stream_count_change`; the module docstring
+        says how spans are handed out then) and sets :attr:`change_note`; another segment or span length keeps
+        the schedule and per-source counts and starts every stream on a fresh span (a warning: the token order
+        then differs from an uninterrupted run)."""
         if not isinstance(state, dict) or not state.get("mixture"):
             raise DataError("the checkpoint's loader state is a single-source one but data.train is a mixture; "
                             + DATA_CHANGED_HINT)
         saved = state.get("layout") or {}
-        check_same_sources(saved.get("sources"), sources_record(self.sources))
         self.schedule.load_state_dict(state["schedule"])
         self.read = [int(r) for r in state["read"]]
         ours = self.layout()
         self.change_note = None
-        if all(saved.get(k) == ours[k] for k in ("num_streams", "tgt_len", "span")):
-            streams = state["streams"]
-            for name in ("span", "source", "start", "pos"):
-                getattr(self, f"stream_{name}")[:] = np.asarray(streams[name], dtype=np.int64)
-            self._due = 0                       # recount which streams read what before the next step
-            return
-        detail = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in ("num_streams", "tgt_len", "span")
-                           if saved.get(k) != ours[k])
-        if strict:
+        changed = [k for k in ("num_streams", "tgt_len", "span") if saved.get(k) != ours[k]]
+        detail = ", ".join(f"{k} {saved.get(k)} -> {ours[k]}" for k in changed)
+        if changed and strict:
             raise DataError(f"the data layout changed since the checkpoint ({detail}); the saved spans no longer "
                             "fit the streams; " + LAYOUT_CHANGED_HINT)
-        self.stream_pos[:] = self.span          # every stream takes a fresh span at the next step
-        self._due = 0
-        self.change_note = f"every stream starts a fresh span from global span {self.schedule.next_span} ({detail})"
-        warnings.warn(f"data layout changed ({detail}): every stream starts a fresh span from global span "
-                      f"{self.schedule.next_span}; the token order differs from an uninterrupted run", stacklevel=2)
+        self._due = 0                           # recount which streams read what before the next step
+        if changed and changed != ["num_streams"]:
+            self.stream_pos[:] = self.stream_size[:] = self.span      # every stream takes a fresh span next step
+            self.pool = []
+            self.change_note = f"every stream starts a fresh span from global span {self.schedule.next_span} ({detail})"
+            warnings.warn(f"data layout changed ({detail}): every stream starts a fresh span from global span "
+                          f"{self.schedule.next_span}; the token order differs from an uninterrupted run", stacklevel=2)
+            return
+        streams = state["streams"]
+        old = len(streams["span"])
+        columns = {name: np.asarray(streams.get(name, [self.span] * old), dtype=np.int64)
+                   for name in ("span", "source", "start", "size", "pos")}      # "size": older states hold P
+        pool = [list(map(int, piece)) for piece in state.get("pool", [])]
+        keep = min(old, self.num_streams)
+        self.stream_pos[:] = self.stream_size[:] = self.span   # added streams: take a span at the next step
+        for name, column in columns.items():
+            getattr(self, f"stream_{name}")[:keep] = column[:keep]
+        for j in range(keep, old):              # retired: the unread rest of the span joins the pool
+            rest = int(columns["size"][j] - columns["pos"][j])
+            if rest > 0:
+                pool.append([int(columns["span"][j]), int(columns["source"][j]),
+                             int(columns["start"][j] + columns["pos"][j]), rest])
+        self.pool = pool
+        if changed:
+            self.change_note = stream_count_change(
+                old, self.num_streams, f"at global span {self.schedule.next_span}",
+                f"{sum(p[3] for p in pool)} unread pairs of retired streams' spans ({len(pool)} pieces) go first to "
+                "the streams that need a span; no span is skipped")
 
 
 # ---------------------------------------------------------------------------------------------- the trainer's use
@@ -353,13 +374,16 @@ def build_streams(train: Any, data, *, dp_size: int, dp_rank: int):
     return SegmentStreams(train, **common)
 
 
-def span_memory_reset(streams, data) -> bool:
-    """``data.span_memory: reset``: whether the engine's memory is emptied before the step ``streams`` is about
-    to read, because its segments begin new spans (:meth:`MixtureStreams.starts_new_spans`; at the first step
-    the memory is empty anyway). A pure function of the loader state that every rank (every pipeline stage,
-    every data-parallel rank) steps alike and a checkpoint restores, so ranks agree without communicating and
-    resume stays bitwise. ``data`` is the config's data section."""
-    return data.span_memory == "reset" and isinstance(streams, MixtureStreams) and streams.starts_new_spans()
+def span_memory_reset(streams, data) -> list[list[bool]] | None:
+    """``data.span_memory: reset``: the rows (per micro-batch slot of this rank) whose memory is emptied before
+    the step ``streams`` is about to read, because their segments begin new spans
+    (:meth:`MixtureStreams.new_span_rows`; at the first step the memory is empty anyway); None: no row. A pure
+    function of the loader state that every rank (every pipeline stage, every data-parallel rank) steps alike and
+    a checkpoint restores, so ranks agree without communicating and resume stays bitwise. ``data`` is the
+    config's data section."""
+    if data.span_memory != "reset" or not isinstance(streams, MixtureStreams):
+        return None
+    return streams.new_span_rows()
 
 
 def data_metrics(streams, train: Any) -> dict[str, float]:

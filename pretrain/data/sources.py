@@ -187,19 +187,3 @@ def sources_record(sources: Sequence[Source]) -> list[dict[str, Any]]:
             for s in sources]
 
 
-def check_same_sources(saved: list[dict[str, Any]] | None, ours: list[dict[str, Any]], key: str = "data.train") -> None:
-    """Refuse, by name, a change of sources or weights since the checkpoint (the one place that decides it)."""
-    if saved is None or saved == ours:
-        return
-    old, new = {s["name"]: s for s in saved}, {s["name"]: s for s in ours}
-    changes = [f"{n} removed" for n in old if n not in new] + [f"{n} added" for n in new if n not in old]
-    for name in (n for n in new if n in old):
-        for field, label in (("weight", "weight"), ("num_tokens", "tokens"), ("fingerprint", "token files")):
-            if old[name].get(field) != new[name].get(field):
-                changes.append(f"{name} {label} {old[name].get(field)} -> {new[name].get(field)}")
-    if not changes and [s["name"] for s in saved] != [s["name"] for s in ours]:
-        changes.append("order " + ", ".join(s["name"] for s in saved) + " -> " + ", ".join(s["name"] for s in ours))
-    raise DataError(f"{key} sources changed since the checkpoint ({'; '.join(changes)}): the saved loader state "
-                    f"no longer names the same spans; {DATA_CHANGED_HINT}")
-
-

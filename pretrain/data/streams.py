@@ -43,6 +43,19 @@ def stream_id(dp_rank: int, micro_batch: int, row: int, *, micro_batches: int, m
     return (dp_rank * micro_batches + micro_batch) * micro_batch_size + row
 
 
+def stream_count_change(old: int, new: int, where: str, unread: str) -> str:
+    """The one rule of a changed global stream count, for every loader (one token file: :class:`SegmentStreams`;
+    a mixture: ``pretrain.data.mixture.MixtureStreams``), as the one log line that says what happened. Streams
+    ``0 .. min(old, new) - 1`` continue: the same id keeps its position, its memory and what it was reading.
+    Streams from ``old`` on (more streams) are added: they start on data nobody has read, with an empty memory.
+    Streams from ``new`` on (fewer streams) are retired: their unread data goes to the streams that continue, so
+    it is not lost from the epoch. ``where`` says where the change falls, ``unread`` what stays unread, in the
+    loader's own units (pairs of an epoch, spans of a schedule)."""
+    return (f"data: streams {old} -> {new} {where}: {min(old, new)} continue with their position and memory, "
+            f"{max(0, new - old)} start on unread data, {max(0, old - new)} retired (their unread data goes to "
+            f"the others); {unread}")
+
+
 def _as_numpy(tokens: Any) -> np.ndarray:
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
@@ -167,8 +180,8 @@ class SegmentStreams:
 
     def _continue_from(self, old: "SegmentStreams") -> None:
         """Take over a loader of another stream count mid-epoch (docs/checkpoints.md, "A changed global stream
-        count"): continuing streams keep their position, added streams start on unread data, retired streams'
-        unread data goes to the others; the rest of the epoch is ``U`` pairs per stream, then regular epochs."""
+        count", :func:`stream_count_change`): the rest of the epoch is ``U`` pairs per stream, then regular epochs;
+        the continuing streams read their own rest first, the others share the pool of what is left over."""
         rests, S, S2 = old._epoch_rest(), old.num_streams, self.num_streams
         unread = sum(n for _, n in rests[0])
         share = unread * S // S2 // self.tgt_len * self.tgt_len
@@ -185,10 +198,8 @@ class SegmentStreams:
         self.plan = {"epoch": epoch, "begin": old.offset, "end": old.offset + share, "spans": spans}
         self.origin = [epoch + 1, old.offset + share]
         self._shift_epoch = None
-        self.change_note = (f"data: streams {S} -> {S2} at pair {position} of epoch {epoch}: {min(S, S2)} continue "
-                            f"with their position and memory, {max(0, S2 - S)} start on unread data, "
-                            f"{max(0, S - S2)} retired (their unread data goes to the others); "
-                            f"{unread * S - share * S2} pairs of the epoch stay unread")
+        self.change_note = stream_count_change(S, S2, f"at pair {position} of epoch {epoch}",
+                                               f"{unread * S - share * S2} pairs of the epoch stay unread")
 
     def roll_shifts(self, epoch: int) -> np.ndarray:
         """Rotation of every stream (all S, indexed by stream id) in ``epoch``; zeros without a roll."""

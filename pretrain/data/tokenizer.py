@@ -44,6 +44,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+
 from pretrain.data.errors import DataError
 from pretrain.data.textio import PathLike, decode_utf8, expand_inputs, iter_lines
 from pretrain.progress import progress
@@ -118,7 +120,7 @@ class Tokenizer(abc.ABC):
             "options": self._options(),
             "fingerprint": self.fingerprint(),
         }
-        _atomic_write_text(directory / TOKENIZER_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / TOKENIZER_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
     def fingerprint(self) -> str:
         """sha256 of everything that decides the ids; equal fingerprints mean identical tokenization."""
@@ -150,8 +152,6 @@ class SentencePieceTokenizer(Tokenizer):
     MODEL_FILE = "tokenizer.model"
 
     def __init__(self, model_proto: bytes, kind: str) -> None:
-        import sentencepiece as spm
-
         if kind not in ("bpe", "unigram"):
             raise DataError(f"sentencepiece kind must be 'bpe' or 'unigram', not {kind!r}")
         self.kind = kind
@@ -278,7 +278,7 @@ class WordTokenizer(Tokenizer):
         return "".join(out)
 
     def _write_model_files(self, directory: Path) -> dict[str, str]:
-        _atomic_write_text(directory / self.VOCAB_FILE, "".join(w + "\n" for w in self.itos))
+        atomic_write_text(directory / self.VOCAB_FILE, "".join(w + "\n" for w in self.itos))
         return {"vocab": self.VOCAB_FILE}
 
     def _model_bytes(self) -> bytes:
@@ -375,8 +375,6 @@ def _train_sentencepiece(
     seed: int = 0,
     spm_options: dict[str, Any] | None = None,
 ) -> SentencePieceTokenizer:
-    import sentencepiece as spm
-
     failure: list[BaseException] = []
 
     def sentences() -> Iterator[str]:
@@ -528,5 +526,5 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode("utf-8"))

@@ -206,8 +206,9 @@ class PipelineEngine(EngineBase):
         self.runtime.memory.load_state([None if s is None else {k: v.to(self.device) for k, v in s.items()}
                                         for s in state])
 
-    def reset_memory(self) -> None:
-        self.runtime.memory.reset()
+    def reset_memory(self, rows: list[list[bool]] | None = None) -> None:
+        """Empty this stage's memory store; ``rows`` (per slot, per batch row): only the rows marked True."""
+        self.runtime.memory.forget(rows)
 
     def gathered_memory(self) -> LaMemoMemory | None:
         """Collective over the pipeline and TP groups: this data-parallel rank's memory in the single-device

@@ -130,8 +130,16 @@ class PlainEngine(EngineBase):
                              f"{len(self.memories)}")
         self.memories = [None if s is None else LaMemoMemory.from_state_dict(s, self.device) for s in state]
 
-    def reset_memory(self) -> None:
-        self.memories = [None] * len(self.memories)
+    def reset_memory(self, rows: list[list[bool]] | None = None) -> None:
+        """Empty the memory; ``rows`` (per slot, per batch row): only the rows marked True, the others keep
+        theirs (``LaMemoMemory.valid``: the forgotten rows are masked, as an empty memory)."""
+        for slot, memory in enumerate(self.memories):
+            forget = None if rows is None else torch.tensor(rows[slot], dtype=torch.bool)
+            if memory is None or forget is None or bool(forget.all()):
+                self.memories[slot] = None
+            elif bool(forget.any()):
+                self.memories[slot] = memory.with_valid(
+                    torch.where(forget.to(memory.embeddings.device), 0, memory.full_valid()))
 
     def evaluate(self, streams: torch.Tensor, *, tgt_len: int, mem_len: int) -> EvalResult:
         """Score this data-parallel rank's evaluation ``streams`` [E, L + 1] with the parallel model itself

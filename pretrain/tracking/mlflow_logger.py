@@ -244,6 +244,7 @@ class Tracker:
                 thread_name=f"{other.name.lower()}-logger"))
 
     def _open_run(self, params: dict[str, Any], resume: bool) -> None:
+        # mlflow loads only when MLflow tracking is on (2-3 s of import, in the trainer's process)
         from mlflow.tracking import MlflowClient
 
         _check_reachable(self.tracking_uri, self.connect_timeout_s)
@@ -270,7 +271,7 @@ class Tracker:
                     self.tracking_uri)
 
     def _previous_run(self, client):
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException     # lazily, as in _open_run
 
         if not self.run_id_path.is_file():
             logger.warning("resuming, but %s is missing: starting a new MLflow run", self.run_id_path)
@@ -301,7 +302,7 @@ class Tracker:
         return client.create_experiment(self.experiment, artifact_location=location)
 
     def _log_params_now(self, params: dict[str, Any], existing: dict[str, str]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param     # lazily, as in _open_run
 
         new, changed = [], {}
         for key, value in params.items():
@@ -333,7 +334,7 @@ class Tracker:
             queue.submit(f"metrics at step {step}", lambda other=other: other.log(int(step), values, now))
         if not self.use_mlflow:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric     # lazily, as in _open_run
 
         timestamp = int(now * 1000)
         batch = [Metric(clean_key(k), v, timestamp, int(step)) for k, v in values.items()]
@@ -371,7 +372,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not (self.active and self.use_mlflow):
             return
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag     # lazily, as in _open_run
 
         batch = [RunTag(clean_key(k), str(v)[:5000]) for k, v in tags.items()]
         self._submit("tags", lambda: self._client.log_batch(self.run_id, tags=batch))

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lamemo_parallel import LaMemoModel
+from pretrain.cli.checkpoint import main as checkpoint_command
+from pretrain.cli.export_checkpoint import main as export_command
 
-from helpers import ROOT, PicklePayload, launch, losses, subprocess_env
+from helpers import ROOT, PicklePayload, launch, losses, run_main, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -52,25 +54,25 @@ def token_counts(run_dir):
 @pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 1, 0), (2, 2, 1, 0), (1, 2, 2, 1), (2, 1, 2, 1)])
 def test_resumed_run_equals_straight_run_bitwise(corpus, tmp_path, tp, pp, dp, zero):
     """Dropout on, 2 micro-batches: exact resume needs the RNG states, the data offset and the memory of every
-    micro-batch slot on every stage; per-source token counts resume too (a mixture on ``MIXTURE_LAYOUTS``). For the layouts in ``EXPORT_LAYOUTS`` the straight run's newest checkpoint
+    micro-batch slot on every stage; per-source token counts resume too (a mixture on ``MIXTURE_LAYOUTS``). The
+    straight run saves at step 3 and trains on (so the save must be a snapshot, not the live tensors); a second
+    run resumes from that checkpoint. For the layouts in ``EXPORT_LAYOUTS`` the straight run's newest checkpoint
     is also exported offline (:func:`check_export_reproduces_eval_loss`)."""
     layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}"]
     if (tp, pp, dp, zero) in MIXTURE_LAYOUTS:
         layout += mixture(corpus)
     n = tp * pp * dp
-    straight = launch(n, overrides(corpus, tmp_path / "straight", *layout))
+    straight = launch(n, overrides(corpus, tmp_path / "straight", *layout, "run.save_interval=3"))
     assert straight.returncode == 0, straight.stderr[-4000:]
-    first = launch(n, overrides(corpus, tmp_path / "resumed", *layout, "run.exit_after=3"))
-    assert first.returncode == 0, first.stderr[-4000:]
-    assert "stopping at step 3" in first.stdout
-    second = launch(n, overrides(corpus, tmp_path / "resumed", *layout))
+    saved = tmp_path / "straight" / "checkpoints" / "step_00000003"
+    second = launch(n, overrides(corpus, tmp_path / "resumed", *layout, f"run.resume={saved}"))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from" in second.stdout and "step_00000003" in second.stdout
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert sorted(a) == list(range(1, STEPS + 1)) and sorted(b) == list(range(4, STEPS + 1))
     assert [a[s] for s in range(4, STEPS + 1)] == [b[s] for s in range(4, STEPS + 1)]    # bitwise
-    counts = token_counts(tmp_path / "straight")
-    assert counts == token_counts(tmp_path / "resumed")
+    counts, resumed_counts = token_counts(tmp_path / "straight"), token_counts(tmp_path / "resumed")
+    assert resumed_counts == {s: counts[s] for s in range(4, STEPS + 1)}
     final = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["valid/loss"] == final["eval_loss"] and final["valid/train/loss"] == final["eval_loss"]
     assert final["valid/train/bpc"] == final["eval_bits_per_token"]       # byte tokenizer: bits per character
@@ -171,30 +173,29 @@ def test_broken_checkpoints_fall_back_or_fail_clearly(corpus, tmp_path):
     # an explicit broken checkpoint stops the trainer with one message; the payload never runs
     for broken, expected in ((step[7], "is truncated or altered"), (step[2], "could run code")):
         bad = launch(1, overrides(corpus, run, f"run.resume={broken}", "run.steps=8"))
-        # torchrun prints its own summary of a failed child; no frame of our code may appear (a clean exit 2)
-        assert bad.returncode != 0 and expected in bad.stderr and "exitcode  : 2" in bad.stderr, bad.stderr[-3000:]
+        # no frame of our code may appear (a clean exit 2)
+        assert bad.returncode == 2 and expected in bad.stderr, bad.stderr[-3000:]
         assert str(ROOT / "pretrain") not in bad.stderr and "site-packages/deepspeed" not in bad.stderr
     assert not marker.exists()
     # a checkpoint of another model is refused by name
     other = launch(1, overrides(corpus, run, "model.d_inner=48", "run.steps=8"))
     assert other.returncode != 0 and "another model" in other.stderr and "d_inner" in other.stderr
-    # the export tool refuses the damaged checkpoints with one line each and exports the good one
-    tool = [sys.executable, str(ROOT / "tools" / "export_checkpoint.py")]
+    # the export command (lamemo-export, its main in this process) refuses the damaged checkpoints with one line
+    # each and exports the good one
     for broken, expected in ((step[7], "truncated"), (step[5], "corrupted"), (step[4], "damaged"),
                              (step[2], "could run code"), (step[8], "was edited")):
-        refused = subprocess.run(tool + [str(broken), str(tmp_path / "x")], capture_output=True, text=True)
-        assert refused.returncode == 2 and expected in refused.stderr and "Traceback" not in refused.stderr
-        assert refused.stderr.count("\n") == 1
+        status, _, err = run_main(export_command, [broken, tmp_path / "x"])
+        assert status == 2 and expected in err and err.startswith("error: ") and err.count("\n") == 1, err
     assert not marker.exists()
-    ok = subprocess.run(tool + [str(step[1]), str(tmp_path / "x")], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    status, _, err = run_main(export_command, [step[1], tmp_path / "x"])
+    assert status == 0, err
     # exporting onto an existing file, or over an exported model, is one line (--force replaces the model)
     (tmp_path / "file").write_text("keep me")
     for target in (tmp_path / "file", tmp_path / "x"):
-        again = subprocess.run(tool + [str(step[1]), str(target)], capture_output=True, text=True)
-        assert again.returncode == 2 and again.stderr.startswith("error: ") and again.stderr.count("\n") == 1
+        status, _, err = run_main(export_command, [step[1], target])
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert (tmp_path / "file").read_text() == "keep me"
-    assert subprocess.run(tool + [str(step[1]), str(tmp_path / "x"), "--force"]).returncode == 0
+    assert run_main(export_command, [step[1], tmp_path / "x", "--force"])[0] == 0
 
 
 def check_export_is_atomic(old_ckpt, new_ckpt, work):
@@ -398,15 +399,8 @@ def test_resharded_resume_continues_exactly_with_the_memory(corpus, tmp_path, ca
 
 
 def info_command(*args) -> tuple[int, str, str]:
-    """``lamemo-checkpoint`` in this process (its main, as the console script runs it): (status, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from pretrain.cli.checkpoint import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(["info", *map(str, args)])
-    return status, out.getvalue(), err.getvalue()
+    """``lamemo-checkpoint info`` in this process (its main, as the console script runs it): (status, stdout, stderr)."""
+    return run_main(checkpoint_command, ["info", *args])
 
 
 def check_info(ckpt, step, ranks, settings):
@@ -478,7 +472,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     try:
         full = launch(1, overrides(corpus, disk / "run", *args))
         # docs/reliability.md: exit code 1 = failed after start-up (2 is kept for refusals before step 1)
-        assert full.returncode != 0 and "exitcode  : 1" in full.stderr, full.stderr[-4000:]
+        assert full.returncode == 1, full.stderr[-4000:]
         errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and str(ROOT / "pretrain") not in full.stderr, full.stderr[-4000:]
         assert "step_00000004" in errors[0] and "No space left on device" in errors[0]

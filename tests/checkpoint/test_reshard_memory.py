@@ -26,6 +26,7 @@ XL = next(v for v in SUPPORTED_VARIANTS if not variant_traits(v).looks_ahead)
 
 
 def model(variant, n_layer=3, **extra):
+    # its own size: 4 heads (split over TP 2), 3 layers (uneven stages), small rows to compare bitwise
     return LaMemoConfig(vocab_size=50, n_layer=n_layer, d_model=8, n_head=4, d_inner=16, variant=variant, **extra)
 
 
@@ -101,7 +102,7 @@ def test_every_rank_gets_its_streams_heads_and_layers(tmp_path, variant, source,
         got = reshard_memory(ckpt, marker, model_config=config, tp_rank=tp_rank, tp_size=layout["tp"], stage=stage,
                              parts=split_layers(config.n_layer, layout["pp"]), slot_streams=slots)
         assert [sorted(s) for s in got] == [sorted(s) for s in expected]
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             assert all(torch.equal(g[name], e[name]) for name in e)        # bitwise
 
 

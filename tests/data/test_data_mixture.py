@@ -8,12 +8,13 @@ import collections
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import ROOT
 from pretrain.config import TrainConfigError, load_config
 from pretrain.data.errors import DataError
 from pretrain.data.mixture import MixtureStreams, SpanSchedule, data_metrics
-from pretrain.data.sources import Source, TokenConcat, check_same_sources, parse_sources, sources_record
+from pretrain.data.sources import Source, TokenConcat, parse_sources
 from pretrain.data.streams import SegmentStreams
 
 BASE = 1_000_000     # token value = source * BASE + position: a delivered token says where it came from
@@ -103,7 +104,7 @@ def test_resume_at_any_step_is_exact() -> None:
         (resumed,) = loaders(srcs, dp_size=1, micro_batch_size=3, roll_seed=3, span_len=64)
         resumed.load_state_dict(state)
         for step in range(k, 40):
-            for (a, b), (c, d) in zip(resumed.next_step(), ref[step]):
+            for (a, b), (c, d) in zip(resumed.next_step(), ref[step], strict=True):
                 assert (a == c).all() and (b == d).all()
         assert resumed.read == straight.read
 
@@ -128,39 +129,62 @@ def test_sources_too_short_for_one_span_per_stream_are_refused() -> None:
         loaders(sources(sizes=(2_000, 90_000)), dp_size=2, micro_batch_size=4, span_len=512)
 
 
-def test_changed_sources_or_weights_are_refused_by_name() -> None:
+def test_a_single_source_state_and_a_mixture_state_refuse_each_other() -> None:
+    """(Changed sources or weights are refused at start-up, by pretrain/data/identity.py, before the loader.)"""
     (loader,) = loaders(sources(), dp_size=1)
     loader.next_step()
     state = loader.state_dict()
-    (reweighted,) = loaders(sources(weights=(1, 2)), dp_size=1)
-    with pytest.raises(DataError, match=r"s1 weight 3.0 -> 2.0.*run.data_changed=restart_streams"):
-        reweighted.load_state_dict(state)
-    renamed = sources()
-    renamed[0].name = "other"
-    with pytest.raises(DataError, match="s0 removed; other added"):
-        loaders(renamed, dp_size=1)[0].load_state_dict(state)
     with pytest.raises(DataError, match="single-source"):
         loader.load_state_dict(SegmentStreams(np.arange(9000), tgt_len=32, dp_size=1, dp_rank=0, micro_batches=1,
                                               micro_batch_size=4).state_dict())
     single = SegmentStreams(np.arange(9000), tgt_len=32, dp_size=1, dp_rank=0, micro_batches=1, micro_batch_size=4)
     with pytest.raises(DataError, match="a mixture's but data.train is one token file.*restart_streams"):
         single.load_state_dict(state)
-    check_same_sources(sources_record(sources()), sources_record(sources()))   # the same: accepted
 
 
-def test_changed_stream_count_is_refused_strictly_and_restarts_spans_otherwise() -> None:
-    (loader,) = loaders(sources(), dp_size=1, micro_batch_size=4)
-    for _ in range(7):
-        loader.next_step()
+def _pairs(inputs: torch.Tensor) -> set[int]:
+    return set(inputs.flatten().tolist())
+
+
+@pytest.mark.parametrize("before,after", [(4, 8), (8, 4), (4, 6)])
+def test_changed_stream_count_continues_the_streams_and_hands_out_unread_spans(before, after) -> None:
+    """The loader's one rule (streams.stream_count_change) for a mixture, mid-span: refused strictly; otherwise
+    streams 0 .. min - 1 read bitwise what a run that kept ``before`` streams reads next, until their spans end;
+    added streams start on spans nobody read; retired streams' unread rests are read by the others (no pair is
+    lost or read twice); it resumes exactly inside the change; another tgt_len still restarts every span."""
+    P, T = 96, 32
+    (loader,) = loaders(sources(), dp_size=1, micro_batch_size=before, span_len=P)
+    read_before = set()
+    for _ in range(4):                                   # 1 span + 1 segment: every stream mid-span
+        read_before |= _pairs(loader.next_step()[0][0])
     state = loader.state_dict()
-    (wider,) = loaders(sources(), dp_size=1, micro_batch_size=8)
-    with pytest.raises(DataError, match="num_streams 4 -> 8"):
-        wider.load_state_dict(state)
-    with pytest.warns(UserWarning, match="fresh span from global span"):
-        wider.load_state_dict(state, strict=False)
-    assert wider.read == loader.read and wider.schedule.next_span == loader.schedule.next_span
-    wider.next_step()
-    assert wider.stream_span.min() == loader.schedule.next_span
+    (other,) = loaders(sources(), dp_size=1, micro_batch_size=after, span_len=P)
+    with pytest.raises(DataError, match=f"num_streams {before} -> {after}"):
+        other.load_state_dict(state)
+    other.load_state_dict(state, strict=False)
+    keep = min(before, after)
+    assert other.change_note.startswith(f"data: streams {before} -> {after} at global span {before * 2}: {keep} "
+                                        f"continue with their position and memory")
+    rests = (before - keep) * (P - T)
+    assert f"{rests} unread pairs of retired streams' spans" in other.change_note
+    straight = [loader.next_step()[0][0] for _ in range(2)]
+    changed = [other.next_step()[0][0] for _ in range(2)]
+    for a, b in zip(straight, changed):
+        assert torch.equal(a[:keep], b[:keep])          # continuing streams: their own spans, bitwise
+    assert not _pairs(torch.stack([b[keep:] for b in changed])) & (read_before | _pairs(torch.stack(straight)[:, :keep]))
+    # the retired streams' rests are read by somebody after the change, and no pair is read twice
+    read_after = [other.next_step()[0][0] for _ in range(40)]
+    every = torch.cat([torch.stack(changed).flatten(), torch.stack(read_after).flatten()]).tolist()
+    rest_of_retired = _pairs(torch.stack(straight)[:, keep:])
+    assert rest_of_retired <= set(every)
+    assert len(every) == len(set(every)) and not set(every) & read_before
+    resumed_state = other.state_dict()
+    (again,) = loaders(sources(), dp_size=1, micro_batch_size=after, span_len=P)
+    again.load_state_dict(resumed_state)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(other.next_step(), again.next_step()))
+    (longer,) = loaders(sources(), dp_size=1, micro_batch_size=after, span_len=P, tgt_len=48)
+    with pytest.warns(UserWarning, match="fresh span"):
+        longer.load_state_dict(state, strict=False)
 
 
 def test_shards_are_read_as_one_source() -> None:
@@ -217,31 +241,32 @@ def test_bad_source_lists_are_refused_at_load(value: str, message: str) -> None:
         load_config(None, [f"data.train={value}"])
 
 
-def test_every_stream_begins_its_spans_at_the_same_steps_also_after_a_stream_count_change() -> None:
-    """data.span_memory=reset needs no per-row mask: spans of P = 3 segments begin for all streams together at
-    steps 1, 4, 7, ... (and at the step after a restart on another stream count); only some would raise."""
-    def begins(loader: MixtureStreams, steps: int) -> list[bool]:
+def test_span_memory_reset_forgets_the_rows_that_begin_a_span() -> None:
+    """data.span_memory=reset: spans of P = 3 segments begin for all streams together at steps 1, 4, 7, ... (the
+    whole memory); after a stream-count change mid-span only the rows that begin a span (the added streams, then
+    the pieces of retired streams' spans) forget, row by row."""
+    def begins(loader: MixtureStreams, steps: int) -> list:
         out = []
         for _ in range(steps):
-            out.append(loader.starts_new_spans())
-            before = loader.stream_span.copy()
+            rows = loader.new_span_rows()
+            out.append(None if rows is None else [r for row in rows for r in row])
+            before = loader.stream_span.copy(), loader.stream_pos.copy()
             loader.next_step()
-            changed = loader.stream_span != before          # the streams that did take a new span
-            assert changed.all() == out[-1] and changed.any() == out[-1]
+            began = (loader.stream_pos == 32) & ((loader.stream_span != before[0]) | (before[1] >= 32))
+            assert began.tolist() == (out[-1] or [False] * loader.num_streams)
         return out
 
     (loader,) = loaders(sources(), dp_size=1, micro_batch_size=4, span_len=96)      # P = 96 = 3 x tgt_len 32
-    assert begins(loader, 8) == [True, False, False, True, False, False, True, False]
-    (wider,) = loaders(sources(), dp_size=1, micro_batch_size=8, span_len=96)
-    with pytest.warns(UserWarning, match="fresh span"):
-        wider.load_state_dict(loader.state_dict(), strict=False)     # mid-span: every stream starts afresh
-    assert begins(wider, 4) == [True, False, False, True]
-    begins(wider, 2)                                                # at the next boundary
-    state = wider.state_dict()
-    state["streams"]["pos"][0] -= 32                                # a corrupted state: one stream out of step
-    wider.load_state_dict(state)
-    with pytest.raises(RuntimeError, match="out of step: 7 of 8"):
-        wider.starts_new_spans()
+    every, none = [True] * 4, None
+    assert begins(loader, 8) == [every, none, none, every, none, none, every, none]
+    (wider,) = loaders(sources(), dp_size=1, micro_batch_size=6, span_len=96)
+    wider.load_state_dict(loader.state_dict(), strict=False)     # 1 segment before the boundary; 4, 5 added
+    assert begins(wider, 3) == [[False] * 4 + [True] * 2, [True] * 4 + [False] * 2, None]
+    (narrower,) = loaders(sources(), dp_size=1, micro_batch_size=2, span_len=96)
+    narrower.load_state_dict(wider.state_dict(), strict=False)   # streams 2, 3 retire with 1 segment left each
+    assert narrower.pool == [[int(wider.stream_span[j]), int(wider.stream_source[j]),
+                              int(wider.stream_start[j]) + 64, 32] for j in (2, 3)]
+    assert begins(narrower, 3) == [None, [True, True], [True, True]]     # the pieces, then new spans
 
 
 @pytest.mark.parametrize("overrides,message", [

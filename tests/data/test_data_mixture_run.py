@@ -191,7 +191,7 @@ def test_span_memory_reset_empties_the_memory_where_spans_begin_and_resumes_bitw
                             dp_size=1, dp_rank=0)
     for _ in range(4):
         streams.next_step()
-    assert streams.starts_new_spans()
+    assert streams.new_span_rows() == [[True, True]]                # every row of the one micro-batch
     [(inputs, targets)] = streams.next_step()                       # step 5's segments, one micro-batch
     with torch.no_grad():
         empty = model(inputs, targets=targets, memory=None).nll.float().mean().item()

@@ -4,24 +4,17 @@ and generation that computes only the logits it samples from."""
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
 from lamemo_parallel.positions import (lookahead_distances, lookahead_position_scores, lookahead_table_row,
                                        lookahead_window, step_tables)
 from lamemo_parallel.softmax import softmax_with_lse
 from lamemo_parallel.generation import generate
+from helpers import tiny_model
 from spec_reference import SpecModel
 from test_model_properties import run_segments
 
 
 def make_model(variant=3, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=37, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, variant=variant, init_std=0.3)
-    cfg.update(overrides)
-    model = LaMemoModel(LaMemoConfig(**cfg)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_model(37, variant=variant, seed=seed, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------- window positions
@@ -126,7 +119,7 @@ def test_softmax_with_lse_gradient():
     refs = [lambda s: (torch.softmax(s, -1) * weights).sum(),
             lambda s: (torch.logsumexp(s, -1) * lse_weights).sum(),
             lambda s: (torch.softmax(s, -1) * weights).sum() + (torch.logsumexp(s, -1) * lse_weights).sum()]
-    for fn, ref in zip(fns, refs):
+    for fn, ref in zip(fns, refs, strict=True):
         grad, = torch.autograd.grad(fn(x), x)
         expected, = torch.autograd.grad(ref(x), x)
         torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)

@@ -3,21 +3,14 @@ unfused implementation), forward and backward in bf16 / fp32 on CUDA (the compil
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from helpers import tiny_model
 
 # every variant, and M = N, M < N, M > N for LaMemo (each CPU case costs a few seconds of unfused FlexAttention)
 CASES = [(0, 4, 7), (3, 5, 5), (3, 5, 3), (3, 4, 7), (31, 4, 7), (32, 5, 5), (33, 4, 7)]
 
 
 def make_model(variant, *, d_head=8, seed=0, device="cpu"):
-    torch.manual_seed(seed)
-    config = LaMemoConfig(vocab_size=37, n_layer=2, d_model=2 * d_head, n_head=2, d_head=d_head, d_inner=24,
-                          variant=variant, init_std=0.3)
-    model = LaMemoModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.to(device)
+    return tiny_model(37, d_model=2 * d_head, d_head=d_head, variant=variant, seed=seed).to(device)
 
 
 def run(model, tokens, seg_len, mem_len, backend):

@@ -5,21 +5,15 @@ import sys
 import pytest
 import torch
 
-from lamemo_parallel import CheckpointMismatchError, LaMemoConfig, LaMemoModel
+from lamemo_parallel import CheckpointMismatchError, LaMemoModel
 from lamemo_parallel.convert import OfficialImportError, import_official, to_official_state_dict
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, tiny_config, tiny_model
 
 
 
 def random_model(variant, **kw):
-    torch.manual_seed(3)
-    model = LaMemoModel(LaMemoConfig(vocab_size=29, n_layer=2, d_model=16, n_head=2, d_inner=24, variant=variant,
-                                     init_std=0.2, **kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_model(29, seed=3, perturb=0.05, variant=variant, init_std=0.2, **kw)
 
 
 def outputs(model, tokens, seg=5):

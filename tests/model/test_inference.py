@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
 from lamemo_parallel.inference import evaluate_tokens, segments, split_streams
+
+from helpers import TINY_MODEL, tiny_model
 
 
 def test_evaluate_tokens_equals_the_model_run_by_hand_and_calls_progress_once_per_segment():
-    torch.manual_seed(0)
-    model = LaMemoModel(LaMemoConfig(vocab_size=41, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32,
-                                     variant=3, init_std=0.3))
+    model = tiny_model(41, TINY_MODEL, perturb=0, variant=3, init_std=0.3)
     tokens = torch.randint(0, 41, (24,))
     streams = split_streams(tokens, 2)                 # 23 predictions // 2 streams = 11 each, + 1 target
     assert torch.equal(streams, torch.stack([tokens[0:12], tokens[11:23]]))

@@ -5,20 +5,19 @@ import math
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel, MemoryMismatchError
+from lamemo_parallel import MemoryMismatchError
 from lamemo_parallel.attention import use_selective_recompute
 from lamemo_parallel.config import RECOMPUTE_MODES
 from lamemo_parallel.positions import lookahead_window
+
+from helpers import TINY_MODEL, tiny_model
 
 VARIANTS = [0, 3, 31, 32, 33]
 
 
 def make_model(variant=3, n_layer=2, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=41, n_layer=n_layer, d_model=16, n_head=2, d_head=8, d_inner=32, variant=variant,
-               init_std=0.3)
-    cfg.update(overrides)
-    return LaMemoModel(LaMemoConfig(**cfg)).eval()
+    return tiny_model(41, TINY_MODEL, seed=seed, perturb=0, n_layer=n_layer, variant=variant, init_std=0.3,
+                      **overrides)
 
 
 def run_segments(model, tokens, seg_len, mem_len, **kwargs):

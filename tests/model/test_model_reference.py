@@ -2,19 +2,12 @@
 import pytest
 import torch
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from helpers import tiny_model
 from spec_reference import SpecModel
 
 
 def small_model(variant, *, pre_lnorm=False, clamp_len=-1, seed=0):
-    torch.manual_seed(seed)
-    config = LaMemoConfig(vocab_size=37, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, variant=variant,
-                          pre_lnorm=pre_lnorm, clamp_len=clamp_len, init_std=0.3)
-    model = LaMemoModel(config).eval()
-    with torch.no_grad():   # make every bias and LN parameter matter
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_model(37, variant=variant, pre_lnorm=pre_lnorm, clamp_len=clamp_len, seed=seed)
 
 
 # M = N, M < N and M > N; variant 33 requires M >= N (docs/method.md §5; see test_variant33_rejects_short_memory).

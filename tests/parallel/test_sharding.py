@@ -19,6 +19,7 @@ from lamemo_parallel.sharding import ParamShard, merge, pipeline_name, shard, sh
 
 
 def make_config(variant, **overrides):
+    # its own size: 4 heads of 4 split over TP 2 and 4, and 3 layers give uneven pipeline stages
     cfg = dict(vocab_size=41, n_layer=3, d_model=16, n_head=4, d_head=4, d_inner=24, variant=variant, init_std=0.3)
     cfg.update(overrides)
     return LaMemoConfig(**cfg)

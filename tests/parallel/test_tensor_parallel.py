@@ -21,6 +21,7 @@ BATCH, SEG_LEN, MEM_LEN, N_SEG = 2, 4, 6, 4
 
 
 def make_config(variant, n_head=2, **overrides):
+    # its own size: heads of 4 whose count divides by the TP degree; vocabulary 41 needs padding on every degree
     cfg = dict(vocab_size=41, n_layer=2, d_model=16, n_head=n_head, d_head=4, d_inner=24, variant=variant,
                init_std=0.3)
     cfg.update(overrides)
@@ -80,7 +81,7 @@ def _worker(rank, world, port, workdir, cases):
                 "memory_round_trip": all(
                     all(torch.equal(a, b) for a, b in zip(model.shard_memory(g).tensors().values(),
                                                           m.tensors().values(), strict=True))
-                    for g, m in zip(gathered, memories)),
+                    for g, m in zip(gathered, memories, strict=True)),
                 "grads": model.to_full_layout({n: p.grad for n, p in params.items()}),
                 "replicated_grads": {n: p.grad.clone() for n, p in params.items() if not is_split(p)},
                 "state_dict": model.full_state_dict(),

@@ -27,7 +27,7 @@ def test_a_field_without_description_is_refused(monkeypatch):
     class Config(TrainConfig):
         extra: Extra = dataclasses.field(default_factory=Extra)
 
-    monkeypatch.setattr("pretrain.config.TrainConfig", Config)
+    monkeypatch.setattr(config_docs, "TrainConfig", Config)
     with pytest.raises(ValueError, match=r"extra\.undocumented") as err:
         config_docs.render()
     assert "extra.documented" not in str(err.value)

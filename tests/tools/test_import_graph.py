@@ -9,6 +9,9 @@ Importing a submodule is an edge to that module only, not to the packages above 
 from __future__ import annotations
 
 import ast
+import io
+import textwrap
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +119,84 @@ def test_model_library_never_imports_the_trainer():
              for module, imported in import_graph().items() if module.split(".")[0] == "lamemo_parallel"}
     wrong = {module: imported for module, imported in wrong.items() if imported}
     assert not wrong, f"lamemo_parallel imports pretrain: {wrong}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imports at the top of the file unless a comment says why (cost or cycle). An import inside a function is
+# accepted when a comment sits on one of its lines or on the line just above it; a run of such imports one under
+# the other shares the comment above the first (one comment for a function's lazy block).
+LAZY_IMPORT_PACKAGES = ("lamemo_parallel", "pretrain", "tools")
+
+
+def _comment_lines(source: str) -> set[int]:
+    return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT}
+
+
+def function_imports(source: str) -> list[ast.stmt]:
+    """Every ``import`` / ``from ... import`` statement inside a function (methods and nested functions too)."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append(child)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(source), False)
+    return sorted(found, key=lambda n: n.lineno)
+
+
+def unexplained_imports(source: str) -> list[int]:
+    """Line numbers of the function-level imports that no comment explains (see above)."""
+    comments = _comment_lines(source)
+    explained_ends: set[int] = set()      # last line of each explained import (what the next one may lean on)
+    bad = []
+    for node in function_imports(source):
+        lines = range(node.lineno, node.end_lineno + 1)
+        if any(line in comments for line in lines) or node.lineno - 1 in comments or node.lineno - 1 in explained_ends:
+            explained_ends.add(node.end_lineno)
+        else:
+            bad.append(node.lineno)
+    return bad
+
+
+def test_unexplained_import_finder_on_examples():
+    source = textwrap.dedent('''\
+        import os                      # module level: never a finding
+
+
+        def light():
+            import json
+            return json
+
+
+        def heavy():
+            # torch is costly: only this command needs it
+            import torch
+            from torch import nn
+            x = 1
+            import numpy
+            import yaml  # cycle: yaml's loader imports this module
+            return torch, nn, numpy, yaml, x
+
+
+        class Engine:
+            def build(self):
+                def inner():
+                    from deepspeed import utils
+                    return utils
+                return inner
+        ''')
+    assert unexplained_imports(source) == [5, 14, 22]
+
+
+def test_function_level_imports_say_why():
+    found = {}
+    for package in LAZY_IMPORT_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            bad = unexplained_imports(path.read_text())
+            if bad:
+                found[str(path.relative_to(ROOT))] = bad
+    assert found == {}, ("imports inside functions without a comment saying why (cost or cycle): move them to "
+                         f"the top of the file, or say why on the line or the line above: {found}")

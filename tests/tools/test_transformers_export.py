@@ -20,7 +20,7 @@ from pretrain.checkpoint.model_card import model_card
 from pretrain.data.hf_tokenizer import write_transformers_tokenizer
 from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
 
-from helpers import ROOT, WIKITEXT2, load_tool, shakespeare_text, subprocess_env
+from helpers import ROOT, WIKITEXT2, shakespeare_text, subprocess_env, tiny_config
 from test_import_graph import import_graph
 
 #: Run first in the child: every import of lamemo_parallel or pretrain fails, as where this package is absent.
@@ -66,8 +66,7 @@ def make_export(out: Path, tokenizer_dir: Path, **model) -> Path:
     checked in tests/checkpoint): weights, config and code, tokenizer/ and its transformers files, README.md."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_dir)
-    config = LaMemoConfig(vocab_size=tokenizer.vocab_size, **{"n_layer": 2, "d_model": 16, "n_head": 4, "d_inner": 32,
-                                                               **model})
+    config = tiny_config(tokenizer.vocab_size, **{"n_head": 4, **model})
     LaMemoModel(config).save_pretrained(out)
     shutil.copytree(tokenizer_dir, out / "tokenizer")
     write_transformers_tokenizer(tokenizer, out)
@@ -91,7 +90,7 @@ def test_the_copied_code_is_the_model_librarys_and_nothing_else(tmp_path):
             todo.extend(graph[module])
     assert "lamemo_parallel.model" in closure and "lamemo_parallel.attention" in closure
     assert {f"lamemo_parallel.{p.stem}" for p in code_files()} == closure
-    LaMemoModel(LaMemoConfig(vocab_size=11, n_layer=1, d_model=8, n_head=2, d_inner=8)).save_pretrained(tmp_path)
+    LaMemoModel(tiny_config(11, n_layer=1)).save_pretrained(tmp_path)
     for source in code_files():
         assert (tmp_path / source.name).read_bytes() == source.read_bytes(), source.name
     config = json.loads((tmp_path / "config.json").read_text())

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel import LaMemoModel
 from lamemo_parallel.flops import StepShape
 from pretrain.throughput import ThroughputMeter, format_console_line
 from pretrain.tracking import (
@@ -32,7 +32,7 @@ from pretrain.tracking import (
     flatten_params,
 )
 
-from helpers import free_port, jsonl_values, subprocess_env, tensorboard_scalars
+from helpers import free_port, jsonl_values, subprocess_env, tensorboard_scalars, tiny_config
 
 PARAMS = {"model.variant": 3, "model.d_model": 16, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999),
           "data.eval_mem_len": None, "run.dir": "ignored"}
@@ -47,7 +47,7 @@ def tiny_run(tracker: Tracker, run_dir: Path, *, first_step: int = 1, steps: int
     """A real (tiny) training loop: model, optimizer, throughput meter, console line, tracker."""
     torch.manual_seed(0)
     N = M = 8
-    config = LaMemoConfig(vocab_size=32, n_layer=1, d_model=16, n_head=2, d_inner=32, tgt_len=N, mem_len=M)
+    config = tiny_config(32, n_layer=1, tgt_len=N, mem_len=M)
     model = LaMemoModel(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     shape = StepShape(1, 16, 32, 32, N, M, lookahead=True)

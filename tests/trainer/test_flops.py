@@ -136,6 +136,7 @@ def test_formula_matches_torch_flop_counter_on_the_model(variant, N, M):
     positions against all M distances before gathering the window, which only differs when M > N)."""
     torch.manual_seed(0)
     B, L = 2, 2
+    # its own size: the counted FLOPs are checked against StepShape's formula for exactly these dimensions
     config = LaMemoConfig(vocab_size=5, n_layer=L, d_model=4, n_head=2, d_inner=8, variant=variant, tgt_len=N,
                           mem_len=M)
     model = LaMemoModel(config).eval()

@@ -16,7 +16,7 @@ from pretrain.layout import Layout
 
 
 def test_bf16_model_keeps_fp32_frequencies_and_distinct_sinusoids_for_every_distance():
-    config = LaMemoConfig(vocab_size=11, n_layer=1, d_model=64, n_head=2, d_inner=16)
+    config = LaMemoConfig(vocab_size=11, n_layer=1, d_model=64, n_head=2, d_inner=16)   # d_model 64: 32 frequencies
     reference = LaMemoModel(config).position_encodings(512, 512, torch.float32).causal   # distances 1023..0
     model = LaMemoModel(config).to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY_CONFIG, base_overrides, free_port, launcher, launcher_cmd, one_error, subprocess_env
+from helpers import ROOT, TINY_CONFIG, base_overrides, free_port, launch, launcher, launcher_cmd, one_error, subprocess_env
 
 from lamemo_parallel import LaMemoModel
 from pretrain.cli.status import render, run_status
@@ -198,13 +198,15 @@ def test_non_finite_gradient_skips_the_update_under_zero(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
+    """One process: the trainer alone (as a user starts it), and under the project's launcher where the launcher
+    is what is checked (a refused start is its one line)."""
     run_dir = tmp_path / "run"
     base = [*base_overrides(corpus, run_dir), "run.steps=4", "run.save_interval=1"]
-    first = launcher(1, [*base, "run.exit_after=3"])
+    first = launch(1, [*base, "run.exit_after=3"])
     assert first.returncode == 0, first.stderr[-3000:]
     # the newest checkpoint is damaged: the resume falls back to step 2 and steps 3.. are trained again, once
     (run_dir / "checkpoints" / "step_00000003" / "COMPLETE.json").unlink()
-    again = launcher(1, [*base, "optim.lr=0.001", "optim.weight_decay=0.01"])
+    again = launch(1, [*base, "optim.lr=0.001", "optim.weight_decay=0.01"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "optim.lr 0.003 -> 0.001" in again.stdout and "optim.weight_decay 0.0 -> 0.01" in again.stdout
     assert "resumed from" in again.stdout and "step_00000002" in again.stdout
@@ -215,11 +217,11 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     expected = 0.001 * lr_factor(2, total_steps=4, warmup_steps=0, schedule="cosine", lr=0.001, min_lr=0.0)
     assert records[3]["lr"] == pytest.approx(expected, rel=1e-9)
     # an unreachable MLflow server: retried for run.mlflow_connect_timeout_s, then one line; nothing is lost
-    unreachable = launcher(1, [*base, "run.mlflow=true", "run.mlflow_connect_timeout_s=2"],
+    unreachable = launch(1, [*base, "run.mlflow=true", "run.mlflow_connect_timeout_s=2"],
                          env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 2 and "is not reachable" in one_error(unreachable)
     # a logger that cannot start (W&B refuses its settings): one line before step 1, nothing changed
-    no_wandb = launcher(1, [*base, "run.loggers=[wandb]"], env_extra={"WANDB_MODE": "bogus"})
+    no_wandb = launch(1, [*base, "run.loggers=[wandb]"], env_extra={"WANDB_MODE": "bogus"})
     assert no_wandb.returncode == 2 and "cannot start the W&B run" in one_error(no_wandb)
     assert metric_steps(run_dir) == [1, 2, 3, 4] and (run_dir / "checkpoints" / "step_00000004").is_dir()
     # other data of the same size and tokenizer: refused before step 1 by name, and the refused start changes
@@ -239,24 +241,24 @@ def test_run_directory_reuse_and_resume_with_changed_settings(corpus, tmp_path):
     assert "ChildFailedError" not in other_data.stderr
     assert "step 1/" not in other_data.stdout and "step 5/" not in other_data.stdout
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
-    restarted = launcher(1, [*base, f"data.train={tmp_path / 'other'}", "run.steps=5",
+    restarted = launch(1, [*base, f"data.train={tmp_path / 'other'}", "run.steps=5",
                            "run.data_changed=restart_streams"])
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "run.data_changed=restart_streams: data.train" in restarted.stdout and "position 0" in restarted.stdout
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5]
     # run.resume=never in a used directory: refused; with run.overwrite=true the old run is moved aside whole
-    refused = launcher(1, [*base, "run.resume=never"])
+    refused = launch(1, [*base, "run.resume=never"])
     assert refused.returncode == 2 and "run.overwrite=true" in one_error(refused)
     # ... and with run.overwrite=true but a start refused later (here: data.valid missing), nothing is moved
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    refused_later = launcher(1, [*base, "run.resume=never", "run.overwrite=true", f"data.valid={tmp_path / 'none'}"])
+    refused_later = launch(1, [*base, "run.resume=never", "run.overwrite=true", f"data.valid={tmp_path / 'none'}"])
     assert refused_later.returncode == 2 and "data.valid" in one_error(refused_later)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     # a refused first start in a new directory leaves no directory behind
-    new_dir = launcher(1, [*base_overrides(corpus, tmp_path / "new"), f"data.valid={tmp_path / 'none'}"])
+    new_dir = launch(1, [*base_overrides(corpus, tmp_path / "new"), f"data.valid={tmp_path / 'none'}"])
     assert new_dir.returncode == 2 and "data.valid" in one_error(new_dir) and not (tmp_path / "new").exists()
-    fresh = launcher(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
+    fresh = launch(1, [*base, "run.resume=never", "run.overwrite=true", "run.steps=2"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000005").is_dir()
