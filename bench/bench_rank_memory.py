@@ -11,6 +11,8 @@ final evaluation and ``final/`` export run: 'after-save'). Every rank records it
 (``/proc/self/clear_refs`` = 5) at its start. The table gives, per rank and phase, the big run's peak minus the
 tiny run's, as a fraction of the big model's weights + gradients + Adam moments in fp32 (16 bytes / parameter).
 Issue 10's acceptance: the worst rank's overall peak (max over phases) minus the tiny run's <= 0.40 x that.
+Issue 26: the per-rank estimate that ``pretrain.train --dry-run`` prints for the same big run is printed next to
+each rank's absolute peak (``--estimate-only``: the estimate alone, without the launches).
 
 The worker mode (``--worker OUT``, one process per rank under torchrun) wraps the trainer's phase functions
 (``pretrain.engines.build_engine``, ``PlainEngine.train_step``, ``pretrain.trainer.evaluate_validation``,
@@ -126,24 +128,42 @@ def model_parameters(sizes: dict, vocab: int = 257) -> int:
     return total
 
 
-def launch(sizes: dict, args, data: Path, run_dir: Path, out: Path) -> dict[int, dict]:
-    from pretrain.distributed import free_port
-    world = args.tensor * args.pipeline * args.data_parallel
-    out.mkdir(parents=True, exist_ok=True)
-    train_args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"data.train={data / 'train'}",
+def train_args(sizes: dict, args, data: Path, run_dir: Path) -> list[str]:
+    """The trainer's command line of one run (the measured launches and the dry run share it)."""
+    return ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"data.train={data / 'train'}",
                   f"data.valid={data / 'train'}", f"data.tokenizer={data / 'tok'}", f"run.dir={run_dir}",
                   f"run.steps={args.steps}", "run.mlflow=false", "run.resume=never", f"run.eval_interval={args.steps - 1}",
                   f"run.eval_tokens={args.eval_tokens}", "run.eval_batch_size=2", "data.tgt_len=32",
                   "data.mem_len=32", "data.micro_batch_size=1", "data.micro_batches=2", "model.dropout=0.0",
                   f"parallel.tensor={args.tensor}", f"parallel.pipeline={args.pipeline}",
                   f"parallel.zero_stage={args.zero_stage}", *[f"{k}={v}" for k, v in sizes.items()]]
+
+
+def launch(sizes: dict, args, data: Path, run_dir: Path, out: Path) -> dict[int, dict]:
+    from pretrain.distributed import free_port
+    world = args.tensor * args.pipeline * args.data_parallel
+    out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(Path(__file__).resolve()), "--worker", str(out), "--", *train_args]
+           f"--master-port={free_port()}", str(Path(__file__).resolve()), "--worker", str(out), "--",
+           *train_args(sizes, args, data, run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode:
         raise RuntimeError(f"run failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+def dry_run_estimate_gib(sizes: dict, args, data: Path, run_dir: Path) -> float:
+    """The per-rank estimate that ``pretrain.train --dry-run`` prints for the same run (one process, told the
+    world size the launcher would give it)."""
+    world = args.tensor * args.pipeline * args.data_parallel
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WORLD_SIZE=str(world))
+    result = subprocess.run([sys.executable, "-m", "pretrain.train", "--dry-run", *train_args(sizes, args, data, run_dir)],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    found = re.search(r"memory estimate: ([0-9.]+) GiB per rank", result.stdout)
+    if result.returncode or not found:
+        raise RuntimeError(f"dry run failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return float(found.group(1))
 
 
 def main() -> int:
@@ -155,6 +175,8 @@ def main() -> int:
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--eval-tokens", type=int, default=512)
+    p.add_argument("--estimate-only", action="store_true",
+                   help="print only --dry-run's per-rank estimate for the big run (no launch)")
     args, rest = p.parse_known_args()
     if args.worker:
         return worker(Path(args.worker), [a for a in rest if a != "--"])
@@ -164,9 +186,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = prepare_data(tmp)
+        estimate = dry_run_estimate_gib(BIG, args, data, tmp / "big-run")
+        layout = f"(TP, PP, DP) = ({args.tensor}, {args.pipeline}, {args.data_parallel}), ZeRO {args.zero_stage}"
+        if args.estimate_only:
+            print(f"{layout}: --dry-run estimate {estimate:.2f} GiB per rank")
+            return 0
         tiny = launch(TINY, args, data, tmp / "tiny-run", tmp / "tiny")
         big = launch(BIG, args, data, tmp / "big-run", tmp / "big")
-    layout = f"(TP, PP, DP) = ({args.tensor}, {args.pipeline}, {args.data_parallel}), ZeRO {args.zero_stage}"
     print(f"{layout}; big model {params:,} parameters, 16 B/param = {budget_kib / 1024 ** 2:.2f} GiB; "
           f"{args.steps} steps, eval {args.eval_tokens} tokens, one save")
     print("peak RSS of the big run minus the tiny run, per phase, as a fraction of 16 B x parameters "
@@ -184,6 +210,12 @@ def main() -> int:
         worst = max(worst, ratio)
         print(f"| {rank} | " + " | ".join(cells) + f" | **{ratio:.3f}** ({b / 1024:.0f} / {t / 1024:.0f}) |")
     print(f"worst rank overall: {worst:.3f} x (acceptance <= 0.40)")
+    # Issue 26: the dry run's per-rank estimate against each rank's absolute peak (VmHWM over all phases).
+    peaks = {rank: max(big[rank]["peaks_kib"].values()) / 1024 ** 2 for rank in big}
+    ratios = [estimate / peak for peak in peaks.values()]
+    print(f"--dry-run estimate {estimate:.2f} GiB per rank; measured peak per rank (GiB): "
+          + ", ".join(f"{peaks[r]:.2f}" for r in sorted(peaks))
+          + f"; estimate / peak {min(ratios):.2f}-{max(ratios):.2f} (acceptance 0.75-1.25)")
     return 0
 
 

@@ -6,12 +6,22 @@
 Issue 26's setting: N = M = 512, d = 256, 8 heads, 4 layers, d_ff = 1024, one process, fp32, a full memory;
 dropout 0.1 and attention dropout 0 (the paper's configs, configs/*-base.yaml; ``--dropatt`` to change it:
 attention dropout adds a mask and a second probability tensor per layer, which ``none`` keeps and the
-recompute redraws). Each (setting, length) runs in a fresh child process (``--child``), so its peak resident memory
+recompute redraws). The rest, chosen to be representative of that setting rather than to pass: N = M = 512 is
+the paper's character-level setting (configs/enwik8-*-base.yaml, text8-*-base.yaml: tgt_len = mem_len = 512),
+whose vocabulary is the byte tokenizer's 257 (``--vocab``, default 257; the word- and BPE-level configs train
+at N = M = 150 or shorter); batch 4 (``--batch``): every activation, the logits included, is linear in the
+batch, so the ratio to ``none`` does not depend on it beyond the small fixed part (W_R on the distance table),
+and 4 keeps one step of ``none`` around 1 GiB and a few seconds on one CPU thread (the paper's 20 per GPU
+would be 5x both). ``--vocab 10000`` shows a word-piece-sized output layer for comparison (its logits, their
+softmax and gradient, 3 x 78 MiB kept by every setting, lower all three ratios). Each (setting, length) runs in a fresh child process (``--child``), so its peak resident memory
 (VmHWM; a new process image starts its own high-water mark, unlike ru_maxrss across fork + exec) is its own.
 The memory figure is the peak *above a short-segment run* (N = M = ``--short``) of the same setting: the
 activations, without the interpreter, weights, gradients and Adam-free baseline every run shares. Step time is
 the median of ``--steps`` timed steps after a warm-up step, and across ``--repeats`` rounds the median of those;
-the settings run interleaved, round by round, so the machine's load falls on all of them alike. One torch
+the settings run interleaved, round by round, so the machine's load falls on all of them alike.
+Each child fixes glibc's mmap threshold as the trainer does (``pretrain.host_memory.release_freed_memory``, called
+by ``build_engine``): otherwise glibc raises it to 32 MiB after the first large frees and VmHWM also counts the
+holes of its heap, ~150 MiB here for every setting (``--malloc-default`` measures that). One torch
 thread: on a loaded machine the CPU time of a one-thread run is the steadier figure (printed next to the wall
 time).
 """
@@ -31,6 +41,7 @@ import torch  # noqa: E402
 from bench_model_step import Ours, build, timed  # noqa: E402
 from lamemo_parallel.attention import use_selective_recompute  # noqa: E402
 from lamemo_parallel.config import DEFAULT_VARIANT as LAMEMO, RECOMPUTE_MODES  # noqa: E402
+from pretrain.host_memory import release_freed_memory  # noqa: E402
 
 
 def peak_rss() -> int:
@@ -42,6 +53,8 @@ def peak_rss() -> int:
 
 
 def child(args) -> None:
+    if not args.malloc_default:
+        release_freed_memory()                      # as the trainer does before it builds the model
     torch.set_num_threads(1)
     args.mode, args.device, args.backend = "train", "cpu", "eager"
     model = build(LAMEMO, args)
@@ -65,7 +78,8 @@ def run_child(args, recompute: str, length: int) -> dict:
                "--d-model", str(args.d_model), "--d-inner", str(args.d_inner), "--layers", str(args.layers),
                "--heads", str(args.heads), "--vocab", str(args.vocab), "--dropout", str(args.dropout),
                "--dropatt", str(args.dropatt)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(command + (["--malloc-default"] if args.malloc_default else []), check=True,
+                         capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -81,9 +95,11 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=10000)
+    p.add_argument("--vocab", type=int, default=257, help="default: the byte tokenizer (enwik8 / text8 at N = M = 512)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--dropatt", type=float, default=0.0)
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's dynamic mmap threshold (the trainer fixes it: pretrain/host_memory.py)")
     p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -105,6 +121,8 @@ def main():
     med = {mode: {k: statistics.median(v) for k, v in row.items()} for mode, row in rows.items()}
     base = med["none"]
     print(f"\nN = M = {args.seg_len}, d {args.d_model}, {args.heads} heads, {args.layers} layers, batch {args.batch}, "
+          f"vocabulary {args.vocab}, "
+          f"{'glibc malloc defaults' if args.malloc_default else 'the trainer malloc setting'}, "
           f"dropout {args.dropout}, dropatt {args.dropatt}, one thread; medians of {args.repeats} rounds x {args.steps} steps")
     print(f"{'recompute':10s} {'peak above short (MiB)':>23s} {'x none':>7s} {'step wall (s)':>14s} {'x none':>7s} "
           f"{'step CPU (s)':>13s} {'x none':>7s}")

@@ -38,6 +38,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def resolve_device(name: str) -> torch.device | None:
+    """The device asked for; None (after one ``error:`` line) when it is CUDA and torch sees none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return None
+    return device
+
+
 def build(variant: int, args, sizes: dict) -> LaMemoModel:
     torch.manual_seed(0)
     config = LaMemoConfig(variant=variant, tgt_len=args.seg_len, mem_len=args.mem_len, **sizes)
@@ -134,9 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a 2-layer d-32 model (the CPU smoke run)")
     p.add_argument("--command", default="", help="the command line to record in the report")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    args.device = resolve_device(args.device)
+    if args.device is None:
         return 2
     args.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     sizes = TINY if args.tiny else BASE

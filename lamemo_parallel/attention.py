@@ -183,17 +183,26 @@ class RelativeAttention(nn.Module):
             from .fused_attention import causal_attention
             vec_cur, lse_cur = causal_attention(content_q, k, v, position, M, key_offsets)
         else:
-            scores = torch.matmul(content_q, k.transpose(-1, -2)).add_(relative_shift(position))
+            # Each [B, H, N, M+N] tensor is dropped as soon as the next one exists (``del``): autograd keeps
+            # none of them but the probabilities, so at most two are alive at once (a step's transient peak,
+            # and under selective recompute the whole forward's and backward's attention peak).
+            shifted = relative_shift(position)                              # the padded copy; position is free
+            del position
+            scores = torch.matmul(content_q, k.transpose(-1, -2)).add_(shifted)
+            del shifted
             scores = scores.masked_fill_(tables.causal_blocked, float("-inf"))
             if key_offsets is not None:
                 scores = scores.masked_fill_(_keys_before(key_offsets, 0, k.shape[2]), float("-inf"))
             if self.lookahead:
-                probs, lse_cur = softmax_with_lse(scores)                  # Z_t, [B, H, N]
+                # probs reach the loss only through ``probs @ v`` (a fresh gradient): its backward reuses it
+                probs, lse_cur = softmax_with_lse(scores, grad_in_place=True)   # Z_t, [B, H, N]
             else:
                 probs = torch.softmax(scores, dim=-1)
+            del scores
             vec_cur = torch.matmul(self.dropatt(probs), v)                  # c_t, [B, H, N, d_h]
             if recorded is not None:
                 recorded["causal"] = probs.detach()
+            del probs                                                       # (autograd's copy, when kept)
         if not self.lookahead:
             return vec_cur, None, None
 
@@ -220,14 +229,17 @@ class RelativeAttention(nn.Module):
             vec_new, lse_new = lookahead_attention(content_q, k_win, v_win, position, plan, key_offsets)
         else:
             scores = torch.matmul(content_q, k_win.transpose(-1, -2)).add_(position)       # [B, H, M, W]
+            del position                                      # (as in the causal part: two [B, H, M, W] at most)
             if plan.future_blocked is not None:   # 33 (full look-ahead ablation): same window, no future mask
                 scores = scores.masked_fill_(plan.future_blocked, float("-inf"))
             if key_offsets is not None:
                 scores = scores.masked_fill_(_keys_before(key_offsets, plan.start, plan.end), float("-inf"))
-            probs, lse_new = softmax_with_lse(scores)                         # Z+, [B, H, M], not detached
+            probs, lse_new = softmax_with_lse(scores, grad_in_place=True)     # Z+, [B, H, M], not detached
+            del scores
             vec_new = torch.matmul(self.dropatt(probs), v_win)                # a_i, [B, H, M, d_h]
             if recorded is not None:
                 recorded["lookahead"] = probs.detach()
+            del probs
         if recorded is not None:
             recorded["lookahead_window"] = (plan.start, plan.end)
 

@@ -3,7 +3,7 @@
     meter = ThroughputMeter(shape, micro_batch_size=8, forward_calls_per_step=dp * micro_batches,
                             n_devices=world_size, peak_tflops=resolve_peak_tflops(cfg.run.peak_tflops, device,
                                                                                  cfg.parallel.precision),
-                            recompute=cfg.parallel.recompute == "full", warmup_steps=2, device=device)
+                            recompute=cfg.parallel.recompute, warmup_steps=2, device=device)
     for step in ...:
         meter.begin()
         ... one optimizer step ...
@@ -13,7 +13,7 @@
                                       total_steps=cfg.run.steps))
 
 FLOPs come from :mod:`lamemo_parallel.flops` (docs/method.md §6): model FLOPs (MFU) are 3 forward passes per step,
-hardware FLOPs (HFU) add the layer stack's recomputed forward under activation checkpointing. The first
+hardware FLOPs (HFU) add what ``parallel.recompute`` runs again (the layer stack's forward, or the attention cores). The first
 ``warmup_steps`` steps the meter sees (after every start or resume: allocator warm-up, autotuning, compile)
 are excluded from every average.
 
@@ -24,7 +24,7 @@ Metric names (also the MLflow keys the trainer logs):
 ``step_time_s``    seconds per optimizer step
 ``tflops``         model TFLOP/s per device
 ``mfu``            model FLOP utilisation, fraction of ``peak_tflops`` (absent when the peak is unknown)
-``hfu``            hardware FLOP utilisation (counts activation recompute)
+``hfu``            hardware FLOP utilisation (counts activation recompute, whole-layer or selective)
 ``peak_mem_gib``   CUDA ``max_memory_allocated`` of this process, or its peak RSS on CPU, GiB
 =================  =========================================================================================
 """
@@ -127,13 +127,13 @@ class ThroughputMeter:
             micro-batches (tensor / pipeline ranks share a call, so they do not multiply it).
         n_devices: devices sharing the work (the world size); TFLOP/s, MFU and HFU are per device.
         peak_tflops: dense peak of one device; None or 0 leaves out MFU and HFU.
-        recompute: activation checkpointing is on (one more forward of the layers in the hardware FLOPs).
+        recompute: ``parallel.recompute`` (none / attention / full): what the hardware FLOPs add.
         warmup_steps: the first steps the meter sees are left out of every average.
         device: where peak memory is read (CUDA device) and what is synchronised before reading the clock.
     """
 
     def __init__(self, shape: StepShape, *, micro_batch_size: int, forward_calls_per_step: int = 1,
-                 n_devices: int = 1, peak_tflops: float | None = None, recompute: bool = False,
+                 n_devices: int = 1, peak_tflops: float | None = None, recompute: str = "none",
                  warmup_steps: int = 2, device: torch.device | str | None = None, synchronize: bool = True,
                  clock=time.perf_counter):
         if micro_batch_size <= 0 or forward_calls_per_step <= 0 or n_devices <= 0:
@@ -164,7 +164,7 @@ class ThroughputMeter:
         """(model FLOPs, hardware FLOPs) of one optimizer step over all devices."""
         shape = self.shape if mem_len is None else dataclasses.replace(self.shape, mem_len=mem_len)
         calls = self.forward_calls_per_step
-        model = calls * training_flops(shape, recompute=False, batch_size=self.micro_batch_size)
+        model = calls * training_flops(shape, batch_size=self.micro_batch_size)
         hardware = calls * training_flops(shape, recompute=self.recompute, batch_size=self.micro_batch_size)
         return float(model), float(hardware)
 

@@ -237,7 +237,7 @@ class Trainer:
             micro_batch_size=d.micro_batch_size, forward_calls_per_step=self.layout.data * d.micro_batches,
             n_devices=self.world, peak_tflops=resolve_peak_tflops(config.run.peak_tflops or None, self.device,
                                                                   config.parallel.precision),
-            recompute=config.parallel.recompute == "full", warmup_steps=2, device=self.device)
+            recompute=config.parallel.recompute, warmup_steps=2, device=self.device)
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> bool:

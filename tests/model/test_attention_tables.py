@@ -127,6 +127,29 @@ def test_softmax_with_lse_gradient():
     assert torch.autograd.gradcheck(lambda s: softmax_with_lse(s), (finite,))
 
 
+
+def test_softmax_with_lse_gradient_in_place_is_the_same_gradient():
+    """``grad_in_place`` (the attention's backward peak, issue 26): the scores' gradient is written into the
+    probabilities' incoming gradient (it shares its storage) and equals the allocating backward bit for bit."""
+    torch.manual_seed(2)
+    scores = torch.randn(2, 3, 5, 9)
+    scores[..., 0, 4:] = float("-inf")
+    values, lse_weights = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 5)
+    seen = {}
+
+    def keep(grad):                    # the probabilities' incoming gradient, before the softmax backward
+        seen["ptr"] = grad.data_ptr()
+
+    grads = []
+    for in_place in (False, True):
+        x = scores.clone().requires_grad_(True)
+        probs, lse = softmax_with_lse(x, grad_in_place=in_place)
+        probs.register_hook(keep)
+        grad, = torch.autograd.grad((torch.matmul(probs, values).sum() + (lse * lse_weights).sum()), x)
+        assert (grad.data_ptr() == seen["ptr"]) == in_place
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1])
+
 # ---------------------------------------------------------------------------------------------- memory storage
 @pytest.mark.parametrize("variant", [0, 3])
 @pytest.mark.parametrize("seg_len,mem_len", [(6, 3), (6, 6), (4, 10)])

@@ -6,13 +6,16 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from lamemo_parallel import LaMemoConfig, LaMemoModel
+from lamemo_parallel.attention import use_selective_recompute
 from lamemo_parallel.flops import (
     StepShape,
     forward_macs,
     lookahead_extra_macs,
+    recomputed_core_macs,
     top_cache_only_macs,
     top_memory_rows_macs,
     training_flops,
@@ -102,7 +105,7 @@ def test_forward_macs_matches_hand_count(L, N, M, lookahead, B):
     if lookahead and M > 0:
         assert trained < 3 * expected
     # Recompute (HFU): the layer stack runs forward once more; the output layer is not checkpointed.
-    assert training_flops(shape, recompute=True, batch_size=B) == 2 * (trained + layers)
+    assert training_flops(shape, recompute="full", batch_size=B) == 2 * (trained + layers)
 
 
 def test_hand_count_by_hand():
@@ -149,6 +152,53 @@ def test_formula_matches_torch_flop_counter_on_the_model(variant, N, M):
     shape = StepShape(L, 4, 8, 5, N, M, lookahead=variant != 0)
     assert counter.get_total_flops() == 2 * forward_macs(shape, batch_size=B)
 
+
+
+class MatmulFlops(TorchDispatchMode):
+    """torch's FLOP formulas for every matmul-like op that runs, forward, backward and recompute alike (the
+    FlopCounterMode's module tracker does not follow the top layer's no-grad cache-only look-ahead in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+@pytest.mark.parametrize("variant,N,M", [(0, 3, 2), (3, 3, 2), (3, 4, 1), (3, 3, 0)])
+def test_selective_recompute_flops_match_torch_count_of_a_training_step(variant, N, M):
+    """What ``parallel.recompute=attention`` adds to a training step's matmuls, counted by torch on the real
+    model (forward + backward, recompute included), equals ``recomputed_core_macs``: the HFU term."""
+    B, L = 2, 3
+    totals = {}
+    for mode in ("none", "attention"):
+        torch.manual_seed(0)
+        config = LaMemoConfig(vocab_size=5, n_layer=L, d_model=4, n_head=2, d_inner=8, variant=variant,
+                              tgt_len=N, mem_len=M)
+        model = LaMemoModel(config).train()
+        use_selective_recompute(model, mode)
+        tokens = torch.randint(0, 5, (B, 4 * N + 1))
+        memory, pos = None, 0
+        with torch.no_grad():
+            while M and (memory is None or memory.length < M):
+                memory = model(tokens[:, pos:pos + N], mem_len=M, memory=memory).memory
+                pos += N
+        with MatmulFlops() as counter:
+            model(tokens[:, :N], targets=tokens[:, 1:N + 1], memory=memory, mem_len=M).nll.sum().backward()
+        totals[mode] = counter.total
+    shape = StepShape(L, 4, 8, 5, N, M, lookahead=variant != 0)
+    extra = 2 * recomputed_core_macs(shape, batch_size=B)
+    assert extra > 0
+    assert totals["attention"] - totals["none"] == extra
+    assert (training_flops(shape, recompute="attention", batch_size=B)
+            - training_flops(shape, batch_size=B)) == extra
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        training_flops(shape, recompute=True)
 
 def _ratios(N, M, d, d_ff, L, V, *, with_position_projection: bool):
     wr_xl = 0 if with_position_projection else (M + N) * d * d
@@ -199,7 +249,7 @@ def test_throughput_meter_figures_and_warmup():
     shape = StepShape(n_layer=2, d_model=64, d_inner=256, vocab_size=100, seg_len=16, mem_len=16, lookahead=True)
     clock = FakeClock()
     meter = ThroughputMeter(shape, micro_batch_size=4, forward_calls_per_step=3, n_devices=2, peak_tflops=1e-3,
-                            recompute=True, warmup_steps=2, clock=clock)
+                            recompute="full", warmup_steps=2, clock=clock)
     assert meter.tokens_per_step == 3 * 4 * 16
     durations = [5.0, 3.0, 0.5, 0.25, 0.25]            # the two slow warm-up steps must not count
     for seconds in durations:
@@ -209,7 +259,7 @@ def test_throughput_meter_figures_and_warmup():
     assert not meter.in_warmup
     figures = meter.interval_metrics()
     model_flops = 3 * training_flops(shape, batch_size=4)
-    hardware_flops = 3 * training_flops(shape, recompute=True, batch_size=4)
+    hardware_flops = 3 * training_flops(shape, recompute="full", batch_size=4)
     assert hardware_flops == model_flops + 3 * 2 * forward_macs(shape, include_output=False, batch_size=4)
     assert figures["step_time_s"] == pytest.approx(1.0 / 3)
     assert figures["tokens_per_s"] == pytest.approx(3 * meter.tokens_per_step / 1.0)
