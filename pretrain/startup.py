@@ -92,7 +92,7 @@ def dry_run(config: TrainConfig) -> int:
     layout = resolve_layout(config, launch_world_size(), cuda=device.type == "cuda")
     data = check_data(config, verify_checksums=False)
     streams = build_streams(data.train, config.data, dp_size=layout.data, dp_rank=0)
-    estimate = estimate_memory(config, layout)
+    estimate = estimate_memory(config, layout, cuda=device.type == "cuda")
     if int(os.environ.get("RANK", "0")) == 0:
         print(dry_run_report(config, layout, estimate, streams.steps_per_epoch, device), flush=True)
         if isinstance(data.train, list):
