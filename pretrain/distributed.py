@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import torch
 import torch.distributed as dist
+
+
+#: The signals that ask a run to save a checkpoint and stop (a scheduler's USR1 before its time limit, TERM, a
+#: first Ctrl-C): the trainer handles them (``run_errors.StopSignal``); its helper processes ignore them.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def free_port() -> int:

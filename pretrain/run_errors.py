@@ -13,7 +13,7 @@ from lamemo_parallel import ConfigError
 from .checkpoint import CheckpointError, complete_checkpoints
 from .config import TrainConfigError
 from .data.errors import DataError
-from .distributed import any_rank
+from .distributed import STOP_SIGNALS, any_rank
 
 #: What is the user's to fix (config, layout, data, checkpoint), reported as one ``error:`` line with exit code 2
 #: (docs/reliability.md): the one list, used by start-up checks and the entry points.
@@ -62,7 +62,7 @@ class StopSignal:
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from .. import faults
-from ..distributed import any_rank, first_problem
+from ..distributed import STOP_SIGNALS, any_rank, first_problem
 from .format import listed_files, sha256_file, share_of
 from .safe_load import write_failure
 
@@ -59,6 +59,12 @@ def _serve(conn) -> None:
     """The writer process's loop: run each (function, args) it is sent, answer (True, result) or (False, the
     one-line failure); None ends it."""
     _die_with_parent()
+    # A stop signal is for the trainer, which saves and exits; it reaches this process too (SLURM signals every
+    # process of the job step, a Ctrl-C the whole process group), and by default would kill it mid-save. Its
+    # lifetime is its trainer's (above).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)      # blocked since its start (WriterProcess)
     os.nice(WRITER_NICE)
     while True:
         try:
@@ -87,7 +93,14 @@ class WriterProcess:
         context = torch.multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child,), name="checkpoint-writer", daemon=True)
-        self.process.start()
+        # The stop signals are blocked while it starts: the process inherits the mask, so a signal that arrives
+        # during its seconds of imports, before its loop ignores them, cannot kill it (SLURM signals every process
+        # of the job step); here they stay pending and reach the trainer's handler once unblocked.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         child.close()
 
     def call(self, function, *args):
