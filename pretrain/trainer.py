@@ -25,7 +25,7 @@ from .checkpoint.export import export_checkpoint
 from .config import TrainConfig
 from .data.mixture import build_streams, data_metrics, mixture_report, span_memory_reset
 from .data.sources import Source
-from .deepspeed_import import import_deepspeed
+from .library_imports import import_deepspeed, import_megatron_core
 from .distributed import init_distributed, launch_world_size
 from .divergence import DivergenceError
 from .layout import Layout, resolve_layout
@@ -44,6 +44,7 @@ from .tracking.metrics_rewind import rewind_metrics
 def run(config: TrainConfig) -> Path:
     """The whole run on this rank (every rank calls it): process set-up, the run directory's lock, training."""
     import_deepspeed(tracking=config.run.mlflow and "mlflow" in config.run.loggers)
+    import_megatron_core()
     device = resolve_device(config)
     # Before the process group: a layout every rank finds impossible stops each rank alone (a rank that left a
     # half-made process group would make the others fail inside gloo's rendezvous with a traceback).
@@ -201,7 +202,7 @@ class Trainer:
     def build_engine(self) -> None:
         """The engine for the layout; on resume, the checkpoint loaded into it and changed settings applied."""
         # DeepSpeed and megatron-core load here, after run() has imported DeepSpeed without its autotuner's mlflow
-        # (pretrain/deepspeed_import.py), and never for --dry-run.
+        # (pretrain/library_imports.py), and never for --dry-run.
         from .engines import build_engine
         config = self.config
         try:

@@ -179,7 +179,7 @@ from lamemo_parallel.memory import LaMemoMemory
 from pretrain.checkpoint.format import rank_state_path
 from pretrain.config import load_config
 from pretrain.data.streams import SegmentStreams
-from pretrain.deepspeed_import import import_deepspeed
+from pretrain.library_imports import import_deepspeed
 from pretrain.distributed import init_distributed, launch_world_size
 from pretrain.layout import resolve_layout
 from pretrain.startup import resolve_device, set_cpu_threads

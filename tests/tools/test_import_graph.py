@@ -200,3 +200,28 @@ def test_function_level_imports_say_why():
                 found[str(path.relative_to(ROOT))] = bad
     assert found == {}, ("imports inside functions without a comment saying why (cost or cycle): move them to "
                          f"the top of the file, or say why on the line or the line above: {found}")
+
+
+def test_megatron_core_loads_with_its_own_no_op_fuser_and_the_stand_in_matches_its_jit_module():
+    """pretrain/library_imports.py puts a stand-in for megatron-core's jit.py in place: the real module must
+    define exactly the stand-in's names (a megatron-core release that changes it fails here, not in a run), and
+    with it megatron-core's tensor-parallel layers load without TorchInductor."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from helpers import ROOT, subprocess_env
+    from pretrain.library_imports import MEGATRON_JIT_NAMES
+
+    package = Path(importlib.util.find_spec("megatron").submodule_search_locations[0])
+    tree = ast.parse((package / "core" / "jit.py").read_text())
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    defined |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+                if isinstance(target, ast.Name)}
+    assert defined == set(MEGATRON_JIT_NAMES)
+    probe = ("import sys; from pretrain.library_imports import import_megatron_core; import_megatron_core(); "
+             "from megatron.core.tensor_parallel import ColumnParallelLinear; from megatron.core.jit import jit_fuser; "
+             "f = lambda x: x; assert jit_fuser(f) is f; print(sorted(m for m in ('torch._inductor.compile_fx',) "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
