@@ -148,6 +148,20 @@ def mount_tmpfs(path: Path, size_bytes: int) -> bool:
     return done.returncode == 0
 
 
+def check_full_disk_stop(result: subprocess.CompletedProcess, run_dir: Path, reference: dict[int, float]) -> None:
+    """A run whose step-4 save found the disk full (a tmpfs that holds one checkpoint): it stopped after
+    start-up (exit 1, docs/reliability.md) with one error line and no traceback, naming the failed checkpoint,
+    the cause and the newest complete one (step 2, still valid); its step-2 loss is ``reference``'s."""
+    from pretrain.checkpoint import validate
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(ROOT / "pretrain") not in result.stderr, result.stderr[-4000:]
+    assert "step_00000004" in errors[0] and "No space left on device" in errors[0]
+    assert "the newest complete one is" in errors[0] and "step_00000002" in errors[0]
+    assert not (run_dir / "checkpoints" / "step_00000004").exists()
+    validate(run_dir / "checkpoints" / "step_00000002")
+    assert losses(run_dir)[2] == reference[2]
+
+
 def one_error(result: subprocess.CompletedProcess) -> str:
     """The trainer's single ``error:`` line of a failed launch (the launcher's own summary line aside), and no
     traceback anywhere."""
