@@ -383,7 +383,8 @@ def test_resharded_resume_continues_exactly_with_the_memory(corpus, tmp_path, ca
 
 
 def info_command(*args) -> tuple[int, str, str]:
-    """``lamemo-checkpoint info`` in this process (its main, as the console script runs it): (status, stdout, stderr)."""
+    """``lamemo-checkpoint info`` in this process (its main, as the console script runs it):
+    (status, stdout, stderr)."""
     return run_main(checkpoint_command, ["info", *args])
 
 
