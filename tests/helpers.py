@@ -105,13 +105,14 @@ def base_overrides(corpus: Path, run_dir: Path) -> list[str]:
 
 
 def launch(nproc: int, overrides: list[str], timeout: float = 300, env_extra: dict[str, str] | None = None,
-           config: Path = TINY_CONFIG) -> subprocess.CompletedProcess:
+           config: Path = TINY_CONFIG, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """One real run of ``python -m pretrain.train`` with ``nproc`` processes (gloo on CPU): under ``torchrun``
     for several, and for one process the trainer alone, as a user starts it (it gives itself a 127.0.0.1
-    rendezvous, pretrain/distributed.py); that saves the launcher's interpreter and imports (seconds a launch)."""
+    rendezvous, pretrain/distributed.py); that saves the launcher's interpreter and imports (seconds a launch).
+    ``prefix``: a command that runs it (``SMALL_SHM``)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                  "--master-addr=127.0.0.1", f"--master-port={free_port()}"] if nproc > 1 else [sys.executable])
-    cmd = [*launcher, "-m", "pretrain.train", "--config", str(config), *overrides]
+    cmd = [*prefix, *launcher, "-m", "pretrain.train", "--config", str(config), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(**(env_extra or {})),
                           timeout=timeout, cwd=ROOT)
 
@@ -137,6 +138,11 @@ def run_main(main, argv: list) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main([str(a) for a in argv])
     return status, out.getvalue(), err.getvalue()
+#: A ``launch`` prefix: the run sees a /dev/shm of 64 kB (its own mount namespace; needs root), too small for an
+#: asynchronous save's host copy.
+SMALL_SHM = ("unshare", "--mount", "--", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"', "sh")
+
+
 def mount_tmpfs(path: Path, size_bytes: int) -> bool:
     """A size-limited tmpfs at ``path`` (a full disk for save tests; needs root); False where mounting is not
     allowed. The caller unmounts it (``umount``)."""

@@ -115,7 +115,7 @@ def start_save(*, engine, streams, config, step: int, layout, tracker_run_id: st
     rank = dist.get_rank()
     root = checkpoint_root(config.run.dir)
     ckpt = root / step_tag(step)
-    host_copy = functools.partial(to_host, shared=True) if writer.asynchronous else None
+    host_copy = to_host if writer.asynchronous else None
     ds_writer = safe_load.install(engine)
     ds_writer.begin(host_copy)
     failure = None

@@ -37,6 +37,7 @@ from .. import faults
 from ..distributed import STOP_SIGNALS, any_rank, first_problem
 from .format import listed_files, sha256_file, share_of
 from .safe_load import write_failure
+from .snapshot import save_file
 
 #: The writer process's CPU priority (a nice value; training runs at the trainer's own, usually 0).
 WRITER_NICE = 10
@@ -86,8 +87,8 @@ class WriterProcess:
     """A process of its own that does the writer's heavy work (``torch.save`` of each file, hashing), so it
     neither holds the trainer's GIL (torch.save keeps it while it writes a tensor's bytes, which would stall
     the training loop's Python between kernels) nor competes with training at the same priority. Tensors reach
-    it through shared memory (``snapshot.to_host(shared=True)``): nothing is copied on the way. Started once,
-    at start-up (spawn: a fresh interpreter, no state inherited from the trainer's threads)."""
+    it through shared memory (``snapshot.to_host``, one block per file): nothing is copied on the way. Started
+    once, at start-up (spawn: a fresh interpreter, no state inherited from the trainer's threads)."""
 
     def __init__(self):
         context = torch.multiprocessing.get_context("spawn")
@@ -199,7 +200,7 @@ class CheckpointWriter:
         try:
             while job.files:
                 path, state = job.files.pop(0)      # written, then let go: the host copy shrinks as it goes
-                self._call(torch.save, state, path)
+                self._call(save_file, state, path)
                 del state
                 faults.kill_while_writing(job.step, self._training_went_on)
             for path, text in job.texts:

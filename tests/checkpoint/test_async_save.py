@@ -12,7 +12,7 @@ import torch
 
 from pretrain.checkpoint import rank_state_path
 
-from helpers import base_overrides, check_full_disk_stop, launch, losses, mount_tmpfs
+from helpers import SMALL_SHM, base_overrides, check_full_disk_stop, launch, losses, mount_tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -52,12 +52,13 @@ def trainer_state(ckpt, rank: int) -> dict:
 
 
 def test_async_save_equals_sync_resumes_exactly_and_survives_kill_and_full_disk(corpus, tmp_path):
-    """Four launches. (1) A synchronous run. (2) The same run asynchronous, killed (-9) by its checkpoint writer
+    """Five launches. (1) A synchronous run. (2) The same run asynchronous, killed (-9) by its checkpoint writer
     in the middle of step 4's save, after training went on to steps 5 and 6 with the save in flight. (3) Its
     restart: it resumes from step 2's asynchronous checkpoint (the one before the half-written one), and every
     checkpoint it writes completes; losses of every step and every tensor file of the last checkpoint are
     bitwise those of the synchronous run. (4) The asynchronous run on a disk that holds one checkpoint: step 4's
-    background write fails, every rank stops at the same step with one error line, step 2 stays usable."""
+    background write fails, every rank stops at the same step with one error line, step 2 stays usable. (5) One
+    process with a /dev/shm too small for the host copy: the save fails with one line that says why."""
     from pretrain.checkpoint import validate
     from pretrain.faults import KILL_WHILE_WRITING_ENV
 
@@ -94,3 +95,13 @@ def test_async_save_equals_sync_resumes_exactly_and_survives_kill_and_full_disk(
     finally:
         subprocess.run(["umount", str(disk)], check=True)
     shutil.rmtree(disk, ignore_errors=True)
+
+    # shared memory (/dev/shm) too small for the host copy: the save fails with one line that says so, and how
+    # to save without one
+    no_shm = launch(1, [*base_overrides(corpus, tmp_path / "no-shm"), "run.steps=3", "run.save_interval=2"],
+                    prefix=SMALL_SHM)
+    errors = [line for line in no_shm.stderr.splitlines() if line.startswith("error:")]
+    assert no_shm.returncode == 1 and len(errors) == 1 and "Traceback" not in no_shm.stderr, no_shm.stderr[-4000:]
+    assert all(s in errors[0] for s in ("step_00000002", "/dev/shm: No space left on device", "host copy",
+                                        "run.async_save=false")), errors
+    assert not (tmp_path / "no-shm" / "checkpoints" / "step_00000002").exists()
