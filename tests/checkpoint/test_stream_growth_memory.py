@@ -26,8 +26,6 @@ from pretrain.preflight import check_data
 
 from helpers import ROOT, TINY_CONFIG, base_overrides, launch, losses, subprocess_env, tiny_config
 
-pytestmark = pytest.mark.xdist_group("stream_growth_memory")   # one worker builds its module-wide fixtures
-
 
 # ---------------------------------------------------------------------------------------------- the model
 def _run(model, tokens, N, memory, steps, first=0):

@@ -16,8 +16,6 @@ from helpers import ROOT, losses, subprocess_env
 from pretrain.cli.prepare_mixture_example import main as prepare_main
 from pretrain.train import main as train_main
 
-pytestmark = pytest.mark.xdist_group("mixture_run")   # one worker builds its module-wide fixtures
-
 CONFIG = ROOT / "configs" / "mixture-cpu.yaml"
 STEPS = 6
 NAMES = ("wikitext2", "shakespeare")

@@ -17,8 +17,6 @@ import torch.multiprocessing as mp
 from lamemo_parallel import LaMemoConfig, LaMemoModel
 from lamemo_parallel.sharding import ParamShard, merge, pipeline_name, shard, sharding_table, stage_names, stage_plan
 
-pytestmark = pytest.mark.xdist_group("sharding")   # one worker builds its module-wide fixtures
-
 
 def make_config(variant, **overrides):
     # its own size: 4 heads of 4 split over TP 2 and 4, and 3 layers give uneven pipeline stages

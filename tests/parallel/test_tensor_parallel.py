@@ -17,8 +17,6 @@ from lamemo_parallel.rng import SplitDropout, split_rng
 
 from helpers import free_port
 
-pytestmark = pytest.mark.xdist_group("tensor_parallel")   # one worker builds its module-wide fixtures
-
 BATCH, SEG_LEN, MEM_LEN, N_SEG = 2, 4, 6, 4
 
 

@@ -20,8 +20,7 @@ from lamemo_parallel import LaMemoModel
 
 from helpers import ROOT, free_port, losses, subprocess_env
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed,
-              pytest.mark.xdist_group("slurm")]   # one worker builds its module-wide fixtures
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
 CONFIG = "configs/tiny-cpu.yaml"
 STEPS = 80

@@ -19,8 +19,6 @@ from lamemo_parallel import LaMemoModel
 from pretrain.cli import attention_utilization, plot_runs
 from pretrain.tracking import Tracker
 
-pytestmark = pytest.mark.xdist_group("plots")   # one worker builds its module-wide fixtures
-
 SIZE = ["--width", "6", "--height", "4", "--dpi", "50"]       # 300 x 200 pixels
 
 

@@ -8,8 +8,6 @@ from helpers import load_tool, tiny_config
 
 from lamemo_parallel import LaMemoModel
 
-pytestmark = pytest.mark.xdist_group("tool_arguments")   # one worker builds its module-wide fixtures
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

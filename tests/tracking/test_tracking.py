@@ -34,8 +34,6 @@ from pretrain.tracking import (
 
 from helpers import free_port, jsonl_values, subprocess_env, tensorboard_scalars, tiny_config
 
-pytestmark = pytest.mark.xdist_group("tracking")   # one worker builds its module-wide fixtures
-
 PARAMS = {"model.variant": 3, "model.d_model": 16, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999),
           "data.eval_mem_len": None, "run.dir": "ignored"}
 
