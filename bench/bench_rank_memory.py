@@ -91,7 +91,9 @@ def worker(out: Path, train_args: list[str]) -> int:
 
     engine_module.build_engine = meter.wrap(build_engine, "init", after="train")
     trainer.evaluate_validation = meter.wrap(trainer.evaluate_validation, "eval")
-    checkpoint.start_save = meter.wrap(checkpoint.start_save, "save")
+    # the trainer calls the name it imported: wrapped there (wrapping only the package's name left the
+    # snapshot of an asynchronous save in the "train" phase)
+    trainer.start_save = checkpoint.start_save = meter.wrap(checkpoint.start_save, "save")
     trainer.export_final = meter.wrap(trainer.export_final, "save")
     code = train.main(train_args)
     meter.switch("after-save")

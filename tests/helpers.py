@@ -138,6 +138,8 @@ def run_main(main, argv: list) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main([str(a) for a in argv])
     return status, out.getvalue(), err.getvalue()
+
+
 #: A ``launch`` prefix: the run sees a /dev/shm of 64 kB (its own mount namespace; needs root), too small for an
 #: asynchronous save's host copy.
 SMALL_SHM = ("unshare", "--mount", "--", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"', "sh")
