@@ -62,7 +62,7 @@ class HostCopy:
                 return torch.nn.Parameter(out, requires_grad=record.requires_grad)
             return out.requires_grad_(record.requires_grad)
 
-        return _rebuild(self.state, lambda leaf: tensor(leaf) if isinstance(leaf, HostTensor) else leaf)
+        return _rebuild(self.state, tensor)        # every tensor of the state is a HostTensor record now
 
 
 def _rebuild(obj, leaf, compact: bool = False):
@@ -97,30 +97,30 @@ def to_host(obj, *, compact: bool = False) -> HostCopy:
         storage = t.untyped_storage()
         if compact:
             nbytes, storage_offset, key = t.numel() * t.element_size(), 0, None
-            stride = torch.empty_like(t, device="meta").stride()      # clone()'s layout, nothing allocated
+            stride = tuple(torch.empty_like(t, device="meta").stride())     # clone()'s layout, nothing allocated
         else:
-            nbytes, storage_offset, stride = storage.nbytes(), t.storage_offset(), t.stride()
+            nbytes, storage_offset, stride = storage.nbytes(), t.storage_offset(), tuple(t.stride())
             # empty storages all have address 0: each stays its own, as torch.save sees them
             key = (storage.device, storage.data_ptr(), storage.nbytes()) if storage.nbytes() else None
         if key in slots:
             offset = slots[key]
         else:
             offset, end = end, end + -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-            copies.append((offset, t, tuple(stride) if compact else None))
+            copies.append((offset, t, stride if compact else None))
             if key is not None:
                 slots[key] = offset
         kept = not compact                   # clone_tensors_for_torch_save detaches: a plain tensor, no grad
-        return HostTensor(offset, nbytes, t.dtype, storage_offset, tuple(t.size()), tuple(stride),
+        return HostTensor(offset, nbytes, t.dtype, storage_offset, tuple(t.size()), stride,
                           kept and t.requires_grad, kept and isinstance(t, torch.nn.Parameter))
 
     state = _rebuild(obj, place, compact)
     try:
         block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(end, 1)))
     except RuntimeError as err:     # torch names a file of its own; say what it was for and the way out
-        raise OSError(errno.ENOSPC if "No space left" in str(err) else errno.EIO,
-                      f"{'No space left on device' if 'No space left' in str(err) else 'cannot allocate'} for the "
-                      f"asynchronous save's host copy ({end} bytes; run.async_save=false saves without one)",
-                      "/dev/shm") from err
+        full = "No space left" in str(err)
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      f"{'No space left on device' if full else 'cannot allocate'} for the asynchronous save's "
+                      f"host copy ({end} bytes; run.async_save=false saves without one)", "/dev/shm") from err
     with torch.no_grad():
         for offset, source, stride in copies:
             if stride is None:             # the whole storage, byte for byte
