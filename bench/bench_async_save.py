@@ -3,13 +3,16 @@
 
     flock /work/bigmem.lock .venv/bin/python bench/bench_async_save.py [--steps 13 --save-interval 3]
     python bench/bench_async_save.py --tensor 1 --pipeline 1 --device cuda      # one GPU (bench/gpu_check.sh)
+    python bench/bench_async_save.py --snapshot host_copy                       # run.async_snapshot (default auto)
 
 Two real ``torchrun -m pretrain.train`` runs of the ~110M LaMemo of bench_rank_memory.py (d 1024, 8 layers, d_ff
 4096, 16 heads, byte vocabulary) on 4 gloo ranks, TP 2 x PP 2, a save every ``--save-interval`` steps, one with
 ``run.async_save=true`` and one with ``false`` (in that order, ``--repeats`` times). The blocked time of a save
 at step S is the gap between the ``time`` of the step records S and S + 1 in ``metrics.jsonl`` (the save runs
 between them) minus a normal step: the median gap between two records with no save between them in the same run.
-The save after the last step is waited for in both modes and is not counted. Reported: each save's blocked time,
+The save after the last step is waited for in both modes and is not counted. Each run's log lines about its saves
+are printed (the loop's wait for the snapshot; with a ``live`` snapshot, any wait of the next optimizer update for
+the files). Reported: each save's blocked time,
 their median per mode, and the ratio async / sync (issue 26's acceptance: <= 0.25). On a machine with few cores
 the background writer competes with training for them, so the steps after an asynchronous save may be slower;
 the total wall time of each run is printed too.
@@ -42,7 +45,8 @@ def run(data: Path, run_dir: Path, args, async_save: bool) -> tuple[list[float],
                   "run.mlflow=false", "run.resume=never", "run.log_interval=1", "data.tgt_len=32", "data.mem_len=32",
                   "data.micro_batch_size=1", "data.micro_batches=2", "model.dropout=0.0",
                   f"run.save_interval={args.save_interval}", "run.keep_checkpoints=1",
-                  f"run.async_save={str(async_save).lower()}", f"parallel.tensor={args.tensor}",
+                  f"run.async_save={str(async_save).lower()}", f"run.async_snapshot={args.snapshot}",
+                  f"parallel.tensor={args.tensor}",
                   f"parallel.pipeline={args.pipeline}", f"run.device={args.device}",
                   *[f"{k}={v}" for k, v in BIG.items()]]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
@@ -62,7 +66,8 @@ def run(data: Path, run_dir: Path, args, async_save: bool) -> tuple[list[float],
     gaps = {s: times[s + 1] - times[s] for s in range(1, args.steps)}
     normal = statistics.median(g for s, g in gaps.items() if s not in saves)
     print(f"  normal step {normal:.2f} s; " + "; ".join(x.strip() for x in result.stdout.splitlines()
-                                                       if x.startswith("checkpoint of step")), flush=True)
+                                                       if x.startswith("checkpoint of step")
+                                                       or "optimizer update after it waited" in x), flush=True)
     return [gaps[s] - normal for s in saves], wall
 
 
@@ -75,6 +80,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--modes", default="async,sync", help="which runs, in this order (async, sync)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per rank: bench/gpu_check.sh)")
+    p.add_argument("--snapshot", default="auto", choices=("auto", "host_copy", "live"),
+                   help="run.async_snapshot of the asynchronous runs (auto: live on CPU, host_copy on a GPU)")
     args = p.parse_args()
     blocked = {True: [], False: []}
     walls = {True: [], False: []}

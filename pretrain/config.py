@@ -242,10 +242,22 @@ class RunSection:
     size; pretrain/data/identity.py): ``refuse`` (stop before step 1, naming the data), or
     ``restart_streams`` (new data: positions from zero, memory emptied, one logged line)."""
     async_save: bool = True
-    """Write checkpoints in the background: the step loop waits only while each rank's state is copied to host
-    memory, then trains on while a writer thread writes, hashes and seals the checkpoint (one save in flight; the
-    final and the signal-driven save are waited for). False: the loop waits for the whole save
+    """Write checkpoints in the background: the step loop waits only while each rank's state is taken
+    (``run.async_snapshot``), then trains on while a writer writes, hashes and seals the checkpoint (one save in
+    flight; the final and the signal-driven save are waited for). False: the loop waits for the whole save
     (docs/checkpoints.md)."""
+    async_snapshot: str = "auto"
+    """How an asynchronous save takes a consistent state: ``host_copy`` (copied to host memory at the save, written
+    whenever: one checkpoint share of extra host memory per rank), ``live`` (no copy: written from the training
+    state during the next step's forward and backward, and that step's optimizer update waits until it is; no extra
+    memory, but a save slower than a step holds training), or ``auto``: host_copy on a GPU, live on CPU
+    (docs/checkpoints.md)."""
+
+    def snapshot_kind(self, cuda: bool) -> str:
+        """``async_snapshot`` resolved for a run on a GPU (``cuda``) or on CPU: ``host_copy`` or ``live``."""
+        if self.async_snapshot != "auto":
+            return self.async_snapshot
+        return "host_copy" if cuda else "live"
 
 
 @dataclass
@@ -485,6 +497,8 @@ def validate(config: TrainConfig) -> None:
         (r.spike_factor == 0 or r.spike_factor > 1,
          f"run.spike_factor must be 0 (off) or > 1, got {r.spike_factor}"),
         (r.spike_window >= 1, f"run.spike_window must be >= 1, got {r.spike_window}"),
+        (r.async_snapshot in ("auto", "host_copy", "live"),
+         f"run.async_snapshot must be auto, host_copy or live, got {r.async_snapshot!r}"),
         (r.data_changed in ("refuse", "restart_streams"),
          f"run.data_changed must be refuse or restart_streams, got {r.data_changed!r}"),
     ]

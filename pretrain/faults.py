@@ -10,10 +10,14 @@ variable set every answer is "no", so a normal run never takes a fault path. The
                                       incomplete and resume must fall back to the previous one.
                                       Used by ``tests/checkpoint/test_checkpoint.py`` (kill during save).
     LAMEMO_FAULT_KILL_WHILE_WRITING=S ``kill_while_writing(S, went_on)``: the checkpoint writer of step S
-                                      SIGKILLs its process after its first file, once the training loop has
-                                      gone on by two steps with the save in flight (at once for a synchronous
-                                      save): a crash in the middle of an asynchronous save
-                                      (``checkpoint/writer.py``). The previous checkpoint must stay usable.
+                                      SIGKILLs its process after its tensor files, before the hashes and the
+                                      marker, once the training loop has gone on by two steps with the save in
+                                      flight (at once for a synchronous save): a crash in the middle of an
+                                      asynchronous save (``checkpoint/writer.py``). The previous checkpoint
+                                      must stay usable. Used by ``tests/checkpoint/test_async_save.py``.
+    LAMEMO_FAULT_SLOW_WRITE=SECONDS   ``slow_write()``: the checkpoint writer waits that long before writing a
+                                      save's files, so with a ``live`` snapshot the next optimizer update comes
+                                      while they are unwritten and must wait for them (``checkpoint/writer.py``).
                                       Used by ``tests/checkpoint/test_async_save.py``.
     LAMEMO_FAULT_NAN_STEPS=3,4        ``nan_gradient_steps()``: the gradients are filled with NaN on those
                                       optimizer steps of the process (1-based, counted by the step guard,
@@ -41,6 +45,7 @@ from typing import Callable
 
 KILL_DURING_SAVE_ENV = "LAMEMO_FAULT_KILL_DURING_SAVE"
 KILL_WHILE_WRITING_ENV = "LAMEMO_FAULT_KILL_WHILE_WRITING"
+SLOW_WRITE_ENV = "LAMEMO_FAULT_SLOW_WRITE"
 NAN_STEPS_ENV = "LAMEMO_FAULT_NAN_STEPS"
 KILL_DURING_EXPORT_ENV = "LAMEMO_FAULT_KILL_DURING_EXPORT"
 EXPORT_MOMENTS = ("weights", "record", "staged", "swapped")
@@ -60,6 +65,11 @@ def kill_while_writing(step: int, went_on: Callable[[], bool]) -> None:
         while not went_on():
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_write() -> None:
+    """Wait before a checkpoint writer writes its files, if a test asked for it."""
+    time.sleep(float(os.environ.get(SLOW_WRITE_ENV, "0")))
 
 
 def nan_gradient_steps() -> set[int]:

@@ -122,7 +122,7 @@ class MemoryEstimate:
     memory_store: int
     framework: int
     zero_buffers: int = 0    # ZeRO's gradient bucket, ZeRO-3's gathered (live + prefetched) parameters
-    checkpoint_copy: int = 0  # an asynchronous save's host copy, where host memory is the device's (CPU)
+    checkpoint_copy: int = 0  # an asynchronous save's host copy, where host memory is the device's (CPU, host_copy)
 
     @property
     def total(self) -> int:
@@ -166,8 +166,9 @@ def estimate_memory(config: TrainConfig, layout: Layout, *, cuda: bool = False) 
       memory store L*M_e*b_e*(2*d*w + 4*H) / T;
     * ZeRO's buffers (``pretrain.zero_limits``): the gradient bucket min(reduce_bucket_size, P)*4 from stage 1,
       and at stage 3 the gathered parameters min(stage3_max_live_parameters + stage3_prefetch_bucket_size, P)*w;
-    * with ``run.async_save`` on CPU (``cuda`` False: the host memory is the device's), the save's host copy of
-      the rank's checkpoint share, weights + optimizer + memory store as above (an upper bound: the writer lets
+    * with ``run.async_save`` and a ``host_copy`` snapshot on CPU (``cuda`` False: the host memory is the device's;
+      ``run.async_snapshot``, ``live`` by default there, copies nothing), the save's host copy of the rank's
+      checkpoint share, weights + optimizer + memory store as above (an upper bound: the writer lets
       each file's copy go once written; measured (1,1,4) ZeRO-3, ~110M: 0.13 x the whole training state against
       0.25 counted); on a GPU the copy is in host memory beside the device's and is not counted;
     * a fixed FRAMEWORK_BYTES per process.
@@ -181,6 +182,7 @@ def estimate_memory(config: TrainConfig, layout: Layout, *, cuda: bool = False) 
     q, k = (N + M if lookahead else N), M + N
     stages = split_layers(m.n_layer, layout.pipeline, p.pipeline_partition)
     params = parameters_per_stage(config, layout)
+    host_copy_on_cpu = config.run.async_save and not cuda and config.run.snapshot_kind(cuda) == "host_copy"
     best = None
     for s, layers in enumerate(stages):
         P, L = params[s], len(layers)
@@ -215,7 +217,7 @@ def estimate_memory(config: TrainConfig, layout: Layout, *, cuda: bool = False) 
         buffers = (min(limits.get("reduce_bucket_size", 0), P) * 4
                    + min(limits.get("stage3_max_live_parameters", 0) + limits.get("stage3_prefetch_bucket_size", 0),
                          P) * w)
-        copy = weights + optim + store if config.run.async_save and not cuda else 0
+        copy = weights + optim + store if host_copy_on_cpu else 0
         estimate = MemoryEstimate(P, weights, grads, optim, acts, store, FRAMEWORK_BYTES, buffers, copy)
         if best is None or estimate.total > best.total:
             best = estimate

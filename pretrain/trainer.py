@@ -168,6 +168,7 @@ class Trainer:
                     f"to metrics.rewound.jsonl")
         self.start_tracking()
         self.writer = CheckpointWriter(self.config.run.async_save)     # collective: its own process group
+        self.engine.before_update(self.writer.fence)     # a live snapshot is written before the state changes
         self.meter = self.throughput_meter()
         self.guard = self.engine.guard.guard
         self.profiler = StepProfiler(self.config.run.profile_steps, self.run_dir, self.rank, self.device, log)

@@ -6,8 +6,8 @@ tampered with inside) a checkpoint directory could run code on every rank at res
 DeepSpeed itself pickles into its shards (its loss scaler, ZeRO stage enum and fragment addresses). Our own
 files hold nothing else. DeepSpeed reads its shards through a checkpoint engine; ``install`` replaces the
 engine's ``TorchCheckpointEngine`` with :class:`SafeCheckpointEngine`, which loads the same way and, when saving,
-does not write: it takes each file's state (through the save's snapshot function, ``snapshot.to_host`` for an
-asynchronous save) for the checkpoint writer (``writer.py``), which writes it with DeepSpeed's collectives long
+does not write: it takes each file's state (through the save's ``snapshot.Snapshot`` for an asynchronous save)
+for the checkpoint writer (``writer.py``), which writes it with DeepSpeed's collectives long
 done. A failed directory creation is recorded instead of raised, so every rank still reaches DeepSpeed's
 closing barrier and the save can be rolled back together.
 
@@ -115,22 +115,22 @@ def _safe_engine_class():
             self.zipfile_serialization = True          # mmap-able, and what the safety scan reads
             self.failures: list[str] = []
             self.files: list[tuple[str, object]] = []  # (path, state) taken by ``save``, for the writer
-            self.host_copy = None
+            self.snapshot = None
 
-        def begin(self, host_copy) -> None:
-            """A new save: files are taken as ``host_copy(state, compact=...)`` gives them (``snapshot.to_host``),
+        def begin(self, snapshot) -> None:
+            """A new save: files are taken as ``snapshot.take(state, compact)`` gives them (``snapshot.Snapshot``),
             or as the live state itself (None: a synchronous save, written before the loop goes on)."""
             self.failures.clear()
-            self.files, self.host_copy = [], host_copy
+            self.files, self.snapshot = [], snapshot
 
         def preserves_storage_sharing(self):
             # True makes DeepSpeed clone a model file's tensors (compacting them) before handing them over; a host
             # copy does that itself on the way to host memory, so they are not copied twice
-            return self.host_copy is None
+            return self.snapshot is None or not self.snapshot.compacts
 
         def save(self, state_dict, path: str):
-            if self.host_copy is not None:      # compacted where DeepSpeed would have cloned: all but ZeRO's files
-                state_dict = self.host_copy(state_dict, compact="optim_states" not in os.path.basename(path))
+            if self.snapshot is not None:       # compacted where DeepSpeed would have cloned: all but ZeRO's files
+                state_dict = self.snapshot.take(state_dict, "optim_states" not in os.path.basename(path))
             self.files.append((path, state_dict))
 
         def makedirs(self, path, exist_ok=False):

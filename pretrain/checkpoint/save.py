@@ -5,7 +5,8 @@ waits for it): DeepSpeed's ``save_checkpoint`` runs with its collectives as usua
 (``safe_load.SafeCheckpointEngine``) takes each file's state instead of writing it; with this rank's memory
 slots, data offset and RNG (``trainer_state_rank_R.pt``) and where its tensors lie in DeepSpeed's files
 (``shards_rank_R.json``) that is the rank's whole part. For an asynchronous save (``run.async_save``) it is
-copied to host memory (``snapshot.to_host``), so the next step cannot change it. Then the ``CheckpointWriter``
+taken as ``run.async_snapshot`` says (``snapshot.py``: copied to host memory, or kept live and written before the
+next optimizer update), so the next step cannot change it. Then the ``CheckpointWriter``
 (``writer.py``) writes the files, the ranks hash them (each its share, about total / world bytes), and rank 0
 writes ``COMPLETE.json`` (layout, the sharding table, shapes, dtypes, every file's size and sha256) by an
 atomic rename, in the background or at once. ``conclude_save`` (main thread, once the writer is done on every
@@ -36,7 +37,7 @@ from .format import (FORMAT_VERSION, MARKER, TRAINER_META, CheckpointError, chec
 from .rotation import rotate_checkpoints
 from .reshard_memory import memory_index
 from .shard_index import rank_pieces
-from .snapshot import to_host
+from .snapshot import snapshot_for
 from .state import rng_state
 from .writer import CheckpointWriter, SaveJob, SaveOutcome
 
@@ -115,9 +116,10 @@ def start_save(*, engine, streams, config, step: int, layout, tracker_run_id: st
     rank = dist.get_rank()
     root = checkpoint_root(config.run.dir)
     ckpt = root / step_tag(step)
-    host_copy = to_host if writer.asynchronous else None
+    snapshot = (snapshot_for(config.run, cuda=engine.device.type == "cuda")
+                if writer.asynchronous else None)
     ds_writer = safe_load.install(engine)
-    ds_writer.begin(host_copy)
+    ds_writer.begin(snapshot)
     failure = None
     try:
         if rank == 0:
@@ -134,11 +136,12 @@ def start_save(*, engine, streams, config, step: int, layout, tracker_run_id: st
             if failure is None:
                 written = {os.path.relpath(path, ckpt) for path, _ in ds_writer.files}
                 files, texts = _own_files(ckpt, engine, streams, config, step, layout, tracker_run_id, written,
-                                          host_copy or (lambda state: state))
+                                          snapshot.take_own if snapshot else (lambda state: state))
                 job = SaveJob(ckpt, step, ds_writer.files + files, texts,
                               tokenizer=Path(config.data.tokenizer) if rank == 0 and config.data.tokenizer else None,
                               seal=functools.partial(_write_marker, ckpt, engine.model_config, config,
-                                                     layout, step) if rank == 0 else None)
+                                                     layout, step) if rank == 0 else None,
+                              live=snapshot is not None and snapshot.live)
         except (OSError, RuntimeError) as err:   # DeepSpeed writes a few small files itself (ZeRO's recovery
             # scripts); the host copy can find shared memory (/dev/shm) full
             failure = safe_load.write_failure(getattr(err, "filename", None) or ckpt, err)
@@ -163,7 +166,9 @@ def conclude_save(outcome: SaveOutcome, *, config, keep: int, log=print) -> Path
                                                                if previous else ""))
     if dist.get_rank() == 0:
         rotate_checkpoints(config.run.dir, keep)
-        log(f"saved checkpoint {outcome.ckpt}")
+        waited = (f" (the optimizer update after it waited {outcome.update_waited:.2f} s for its files)"
+                  if outcome.update_waited else "")
+        log(f"saved checkpoint {outcome.ckpt}{waited}")
     return outcome.ckpt
 
 

@@ -1,13 +1,24 @@
-"""A consistent copy of a rank's state in host memory, so training can go on while a background writer saves it.
+"""How an asynchronous save takes a consistent copy of a rank's state, so training can go on while a background
+writer saves it (``run.async_snapshot``; :func:`snapshot_for` chooses, :class:`Snapshot` is the choice).
 
-``to_host`` copies every tensor of one file's nested state (dicts, lists, tuples, DeepSpeed's records) into one
-block of shared memory and gives a :class:`HostCopy`: the block, and the state's structure with a
-:class:`HostTensor` record where each tensor was. A copy, never a view of a live tensor, so the next optimizer
-step cannot change what is written. One block per file, not one per tensor: the writer process maps it through
-one file descriptor, where one per tensor (hundreds per rank) each took a round trip through a thread of the
-trainer (torch.multiprocessing's resource sharer): 0.3-0.8 s for 300 tensors of 333 MB in all, against 0.05 s
+``host_copy`` (the default on a GPU, where the state must come to host memory to be written anyway): ``to_host``
+copies every tensor of one file's nested state (dicts, lists, tuples, DeepSpeed's records) into one block of shared
+memory and gives a :class:`HostCopy`: the block, and the state's structure with a :class:`HostTensor` record where
+each tensor was. A copy, never a view of a live tensor, so the next optimizer step cannot change what is written,
+and the writer may take as long as it needs. One block per file, not one per tensor: the writer process maps it
+through one file descriptor, where one per tensor (hundreds per rank) each took a round trip through a thread of
+the trainer (torch.multiprocessing's resource sharer): 0.3-0.8 s for 300 tensors of 333 MB in all, against 0.05 s
 for 10. In the writer, ``HostCopy.materialize`` gives the state back with real tensors over the block, each
 storage its own, as ``torch.save`` must see them.
+
+``live`` (the default on CPU, where host memory is the training memory and a host copy would be a second copy of
+the rank's share): nothing is copied. Each file's state keeps the live tensors (:func:`live_state`: containers
+rebuilt and small records deep-copied at the save, so a list or a loss scaler the next step changes stays as it
+was), the writer's thread writes them during the next step's forward and backward, and that step's optimizer
+update waits until every file is written (``CheckpointWriter.fence``, a hook before the update): nothing a
+checkpoint holds changes before then (CheckFreq's pipelined snapshot). The trainer's own small state (memory slots,
+which the next forward replaces) is deep-copied at the save. No memory beyond a synchronous save's; the loop waits
+only if writing takes longer than a forward and backward.
 
 Storage sharing is kept (tensors that are views of one storage stay views of one copied storage, as
 ``torch.save`` would have written them), so an asynchronous checkpoint's files hold exactly what a synchronous
@@ -19,6 +30,7 @@ from __future__ import annotations
 import copy
 import errno
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -120,7 +132,8 @@ def to_host(obj, *, compact: bool = False) -> HostCopy:
         full = "No space left" in str(err)
         raise OSError(errno.ENOSPC if full else errno.EIO,
                       f"{'No space left on device' if full else 'cannot allocate'} for the asynchronous save's "
-                      f"host copy ({end} bytes; run.async_save=false saves without one)", "/dev/shm") from err
+                      f"host copy ({end} bytes; run.async_snapshot=live or run.async_save=false saves without one)",
+                      "/dev/shm") from err
     with torch.no_grad():
         for offset, source, stride in copies:
             if stride is None:             # the whole storage, byte for byte
@@ -131,6 +144,37 @@ def to_host(obj, *, compact: bool = False) -> HostCopy:
                 torch.empty(0, dtype=source.dtype).set_(block.untyped_storage(), offset // source.element_size(),
                                                         source.size(), stride).copy_(source)
     return HostCopy(block, state)
+
+
+def live_state(obj):
+    """``obj`` (one file's state) for a ``live`` snapshot: its tensors as they are, containers rebuilt, anything
+    else deep-copied now. The writer must be done with it before the next optimizer update."""
+    return _rebuild(obj, lambda tensor: tensor)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """How an asynchronous save takes each file's state (see the module docstring)."""
+    take: Callable                  # (state, compact) -> what the writer gets for one of DeepSpeed's files
+    take_own: Callable              # state -> the same for the trainer's own per-rank state
+    live: bool                      # True: ``take`` keeps live tensors, written before the next optimizer update
+
+    @property
+    def compacts(self) -> bool:
+        """Whether ``take`` lays tensors out as DeepSpeed's clone would (else DeepSpeed clones them itself)."""
+        return not self.live
+
+
+SNAPSHOTS = {
+    "host_copy": Snapshot(lambda state, compact: to_host(state, compact=compact), to_host, live=False),
+    "live": Snapshot(lambda state, compact: live_state(state), copy.deepcopy, live=True),
+}
+
+
+def snapshot_for(run, cuda: bool) -> Snapshot:
+    """The :class:`Snapshot` that ``run.async_snapshot`` (``run``: the config's run section) names for a run on a
+    GPU (``cuda``) or on CPU."""
+    return SNAPSHOTS[run.snapshot_kind(cuda)]
 
 
 def save_file(state, path: str) -> None:

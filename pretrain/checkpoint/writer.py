@@ -1,11 +1,13 @@
 """The checkpoint writer: writes one checkpoint's files, hashes them, and has rank 0 seal it with the marker;
 in the background while training goes on (``run.async_save``: a thread that coordinates, a process that does
-the writing and hashing, :class:`WriterProcess`), or at once.
+the heavy work, :class:`WriterProcess`), or at once.
 
-What it writes was taken on the main thread by ``save.start_save`` (a host copy for an asynchronous save, see
-``snapshot.py``); from there every rank's writer runs the same protocol:
+What it writes was taken on the main thread by ``save.start_save`` (for an asynchronous save as
+``run.async_snapshot`` says, see ``snapshot.py``); from there every rank's writer runs the same protocol:
 
-1. write this rank's files (DeepSpeed's shards, the per-rank state, the shard index; rank 0 the run's records);
+1. write this rank's files (DeepSpeed's shards, the per-rank state, the shard index; rank 0 the run's records):
+   a host copy in the writer process; a ``live`` state in the writer's thread, which releases it once written
+   (the next optimizer update waits for that: :meth:`CheckpointWriter.fence`);
 2. agree on failures (a full disk on one rank fails the save on every rank);
 3. hash the checkpoint's files, each rank its share (``format.share_of``), and gather the hashes;
 4. rank 0 writes ``COMPLETE.json`` (atomic rename) only now that every rank's files are written and hashed, or
@@ -20,11 +22,13 @@ failure is raised, at the same step. One save is in flight at a time.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +45,16 @@ from .snapshot import save_file
 
 #: The writer process's CPU priority (a nice value; training runs at the trainer's own, usually 0).
 WRITER_NICE = 10
+
+
+def _lower_this_threads_priority() -> None:
+    """The calling thread (not its process) at WRITER_NICE above the trainer's priority (Linux: a thread's nice
+    value is its own), so the writer's thread yields the cores to training."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
+    except OSError:                     # not permitted here: it runs at the trainer's priority
+        pass
 
 
 class WriteFailed(Exception):
@@ -103,6 +117,22 @@ class WriterProcess:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         child.close()
+        atexit.register(self.close)     # before multiprocessing's own exit handler, which could not end it
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the process: it finishes the call in hand (if any) within ``timeout`` seconds, else it is killed
+        (an unfinished checkpoint has no marker and is never used). It ignores the stop signals, so
+        multiprocessing's exit handler, which ends daemon processes with SIGTERM, would wait for it forever."""
+        if not self.process.is_alive():
+            return
+        try:
+            self.conn.send(None)
+        except OSError:                 # the pipe is gone: so is the process, or it soon will be
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
     def call(self, function, *args):
         """``function(*args)`` in the writer process (not a collective), waited for: the calling thread sleeps
@@ -123,6 +153,9 @@ class SaveJob:
     texts: list[tuple[Path, str]] = field(default_factory=list)   # the shard index; rank 0: run records
     tokenizer: Path | None = None                    # rank 0: copied into the checkpoint
     seal: Callable[[list[dict]], None] | None = None  # rank 0: writes the marker from every rank's hashes
+    live: bool = False                               # files hold live tensors (``snapshot.live_state``)
+    released: threading.Event = field(default_factory=threading.Event)   # set once no file reads live state
+    update_waited: float = 0.0                       # seconds the next optimizer update waited for ``released``
 
 
 @dataclass
@@ -131,6 +164,7 @@ class SaveOutcome:
     ckpt: Path
     step: int
     failure: str | None
+    update_waited: float = 0.0      # this rank's next optimizer update waited so long for a live state's files
 
 
 def _hash_share(ckpt: Path, rank: int, world: int) -> dict[str, dict]:
@@ -160,9 +194,20 @@ class CheckpointWriter:
             return function(*args)
         return self._process.call(function, *args)
 
+    def fence(self) -> None:
+        """Main thread, before an optimizer update (``TrainingEngine.before_update``): wait until the save in flight
+        no longer reads the live training state (at once unless it is a ``live`` snapshot still being written)."""
+        job = self._job
+        if job is not None and not job.released.is_set():
+            began = time.perf_counter()
+            job.released.wait()
+            job.update_waited += time.perf_counter() - began
+
     def submit(self, job: SaveJob) -> None:
         """Start writing ``job`` (the previous save must have been waited for): in the background, or at once."""
         assert self._job is None, "one checkpoint save in flight at a time"
+        if not job.live:
+            job.released.set()
         self._job, self.polls = job, 0
         if self.asynchronous:
             self._thread = threading.Thread(target=self._run, args=(job,), name=f"checkpoint-{job.step}",
@@ -189,20 +234,27 @@ class CheckpointWriter:
             self._thread.join()
         job, failure = self._job, self._failure
         self._job = self._thread = self._failure = None
-        return SaveOutcome(job.ckpt, job.step, failure)
+        return SaveOutcome(job.ckpt, job.step, failure, job.update_waited)
 
     # ------------------------------------------------------------------ the writer's side
     def _training_went_on(self) -> bool:
         return not self.asynchronous or self.polls >= 2
 
     def _run(self, job: SaveJob) -> None:
+        if self.asynchronous:
+            _lower_this_threads_priority()
         failure = None
         try:
+            faults.slow_write()
             while job.files:
-                path, state = job.files.pop(0)      # written, then let go: the host copy shrinks as it goes
-                self._call(save_file, state, path)
+                path, state = job.files.pop(0)      # written, then let go: a host copy shrinks as it goes
+                if job.live:                        # here: only this process can read the live tensors
+                    save_file(state, path)
+                else:
+                    self._call(save_file, state, path)
                 del state
-                faults.kill_while_writing(job.step, self._training_went_on)
+            job.released.set()
+            faults.kill_while_writing(job.step, self._training_went_on)
             for path, text in job.texts:
                 path.write_text(text)
             if job.tokenizer is not None:
@@ -212,6 +264,7 @@ class CheckpointWriter:
         except Exception as err:        # whatever it is, every rank must still reach the agreement below
             failure = write_failure(getattr(err, "filename", None) or job.ckpt, err)
         job.files.clear()
+        job.released.set()
         failure = first_problem(failure, group=self.group)
         if failure is None:
             faults.kill_during_save(job.step)   # tests: a real SIGKILL after the shards, before the marker

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import deepspeed.ops
 import torch
@@ -130,6 +130,7 @@ class TrainingEngine(Protocol):
     def load_memory_state(self, state: list[dict | None]) -> None: ...
     def reset_memory(self, rows: list[list[bool]] | None = None) -> None: ...
     def set_step(self, step: int) -> None: ...
+    def before_update(self, hook: Callable[[], None]) -> None: ...
     def install_checkpoint_engine(self, cls): ...
     def save_shards(self, root: Path, tag: str) -> None: ...
     def load_shards(self, root: Path, tag: str) -> None: ...
@@ -161,6 +162,12 @@ class EngineBase:
     def set_step(self, step: int) -> None:
         """The optimizer-step count DeepSpeed keeps (a resharded load continues from ``step``)."""
         self._deepspeed.global_steps = step
+
+    def before_update(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` before every optimizer update, before it changes any weight or optimizer state of this rank
+        (a step pre-hook on the torch optimizer the engine built, which DeepSpeed's wrappers and the pipeline
+        schedule step; a step the divergence guard skips changes nothing and does not call it)."""
+        self.guard.optimizer.register_step_pre_hook(lambda *_: hook())
 
     def install_checkpoint_engine(self, cls):
         """DeepSpeed's checkpoint reader / writer, made an instance of ``cls`` once (idempotent); returns it."""

@@ -1,9 +1,11 @@
 """Asynchronous checkpoints (``run.async_save``, pretrain/checkpoint/writer.py): the same files and losses as a
-synchronous save, exact resume from them, kill -9 while one is being written, a failed background write agreed
-by every rank. Real two-stage pipeline runs (2 gloo ranks), folded into as few launches as possible."""
+synchronous save, with either snapshot (``run.async_snapshot``: ``live``, CPU's default, and ``host_copy``),
+exact resume from them, kill -9 while one is being written, a failed background write agreed by every rank. Real
+two-stage pipeline runs (2 gloo ranks), folded into as few launches as possible."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -52,15 +54,18 @@ def trainer_state(ckpt, rank: int) -> dict:
 
 
 def test_async_save_equals_sync_resumes_exactly_and_survives_kill_and_full_disk(corpus, tmp_path):
-    """Five launches. (1) A synchronous run. (2) The same run asynchronous, killed (-9) by its checkpoint writer
-    in the middle of step 4's save, after training went on to steps 5 and 6 with the save in flight. (3) Its
-    restart: it resumes from step 2's asynchronous checkpoint (the one before the half-written one), and every
-    checkpoint it writes completes; losses of every step and every tensor file of the last checkpoint are
-    bitwise those of the synchronous run. (4) The asynchronous run on a disk that holds one checkpoint: step 4's
-    background write fails, every rank stops at the same step with one error line, step 2 stays usable. (5) One
-    process with a /dev/shm too small for the host copy: the save fails with one line that says why."""
+    """Five launches. (1) A synchronous run. (2) The same run asynchronous (a ``live`` snapshot, CPU's default),
+    killed (-9) by its checkpoint writer in the middle of step 4's save, after training went on to steps 5 and 6
+    with the save in flight. (3) Its restart, with the writer slowed so that step 5's optimizer update comes
+    before step 4's files are written: it resumes from step 2's asynchronous checkpoint (the one before the
+    half-written one), and every checkpoint it writes completes; losses of every step, and every tensor file and
+    rank state of steps 4 and 6, are bitwise those of the synchronous run (the update waited for the live state to
+    be written). (4) The asynchronous run with a ``host_copy`` snapshot on a disk that holds one checkpoint:
+    step 2's checkpoint holds the synchronous run's bytes, step 4's background write fails, every rank stops at the
+    same step with one error line, step 2 stays usable. (5) One process with a ``host_copy`` snapshot and a
+    /dev/shm too small for it: the save fails with one line that says why."""
     from pretrain.checkpoint import validate
-    from pretrain.faults import KILL_WHILE_WRITING_ENV
+    from pretrain.faults import KILL_WHILE_WRITING_ENV, SLOW_WRITE_ENV
 
     sync = launch(2, args(corpus, tmp_path / "sync", "run.async_save=false"))
     assert sync.returncode == 0, sync.stderr[-4000:]
@@ -73,33 +78,39 @@ def test_async_save_equals_sync_resumes_exactly_and_survives_kill_and_full_disk(
     assert (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / "COMPLETE.json").exists()
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]        # the loop trained on while step 4 was being written
 
-    again = launch(2, args(corpus, run))
+    again = launch(2, args(corpus, run), env_extra={SLOW_WRITE_ENV: "3"})
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stdout and "step_00000002" in again.stdout
     for step in (4, 6):
         validate(ckpts / f"step_{step:08d}")         # complete: marker, sizes, sha256 of every file
+    waited = re.search(r"step_00000004 \(the optimizer update after it waited ([0-9.]+) s for its files\)",
+                       again.stdout)
+    assert waited and float(waited.group(1)) > 1.0, again.stdout[-3000:]    # most of the writer's 3 s delay
     a, b = losses(tmp_path / "sync"), losses(run)
     assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]     # bitwise
-    last = f"checkpoints/step_{STEPS:08d}"
-    assert tensor_file_hashes(tmp_path / "sync" / last) == tensor_file_hashes(run / last)    # the same bytes
-    assert all(same(trainer_state(tmp_path / "sync" / last, r), trainer_state(run / last, r)) for r in (0, 1))
+    for step in (4, 6):
+        ckpt = f"checkpoints/step_{step:08d}"
+        assert tensor_file_hashes(tmp_path / "sync" / ckpt) == tensor_file_hashes(run / ckpt), step  # same bytes
+        assert all(same(trainer_state(tmp_path / "sync" / ckpt, r), trainer_state(run / ckpt, r)) for r in (0, 1))
 
     ckpt_bytes = sum(p.stat().st_size for p in (tmp_path / "sync" / "checkpoints" / "step_00000002").rglob("*")
                      if p.is_file())
     disk = tmp_path / "disk"
     assert mount_tmpfs(disk, int(ckpt_bytes * 1.5) + 64 * 1024), "mounting a size-limited tmpfs needs root"
     try:
-        full = launch(2, args(corpus, disk / "run"))
+        full = launch(2, args(corpus, disk / "run", "run.async_snapshot=host_copy"))
         assert full.returncode != 0 and "exitcode  : 1" in full.stderr, full.stderr[-4000:]
         check_full_disk_stop(full, disk / "run", a)
+        first = "checkpoints/step_00000002"
+        assert tensor_file_hashes(tmp_path / "sync" / first) == tensor_file_hashes(disk / "run" / first)
     finally:
         subprocess.run(["umount", str(disk)], check=True)
     shutil.rmtree(disk, ignore_errors=True)
 
     # shared memory (/dev/shm) too small for the host copy: the save fails with one line that says so, and how
     # to save without one
-    no_shm = launch(1, [*base_overrides(corpus, tmp_path / "no-shm"), "run.steps=3", "run.save_interval=2"],
-                    prefix=SMALL_SHM)
+    no_shm = launch(1, [*base_overrides(corpus, tmp_path / "no-shm"), "run.steps=3", "run.save_interval=2",
+                        "run.async_snapshot=host_copy"], prefix=SMALL_SHM)
     assert no_shm.returncode == 1, no_shm.stderr[-4000:]
     error = one_error(no_shm)
     assert all(s in error for s in ("step_00000002", "/dev/shm: No space left on device", "host copy",

@@ -111,10 +111,13 @@ def test_memory_estimate_follows_recompute_and_zero_buffers():
     zero0 = estimate_memory(load_config(None, sizes), Layout(4, 1, 1, 4))
     assert zero0.zero_buffers == 0 < zero3.zero_buffers < zero3.parameters * 4
     assert zero3.optimizer == zero3.parameters * 12 // 4
-    # an asynchronous save's host copy of the rank's share counts where host memory is the device's (CPU)
-    assert zero3.checkpoint_copy == zero3.weights + zero3.optimizer + zero3.memory_store > 0
+    # an asynchronous save's host copy of the rank's share counts where host memory is the device's (CPU) and the
+    # snapshot is a host copy; CPU's default snapshot (live) copies nothing, nor does a synchronous save
+    zero3_host_copy = estimate_memory(load_config(None, sizes + ["parallel.zero_stage=3",
+                                                                 "run.async_snapshot=host_copy"]), Layout(4, 1, 1, 4))
+    assert zero3_host_copy.checkpoint_copy == zero3.weights + zero3.optimizer + zero3.memory_store > 0
     on_gpu = estimate_memory(load_config(None, sizes + ["parallel.zero_stage=3"]), Layout(4, 1, 1, 4), cuda=True)
     synchronous = estimate_memory(load_config(None, sizes + ["parallel.zero_stage=3", "run.async_save=false"]),
                                   Layout(4, 1, 1, 4))
-    assert on_gpu.checkpoint_copy == synchronous.checkpoint_copy == 0
-    assert on_gpu.total == synchronous.total == zero3.total - zero3.checkpoint_copy
+    assert on_gpu.checkpoint_copy == synchronous.checkpoint_copy == zero3.checkpoint_copy == 0
+    assert on_gpu.total == synchronous.total == zero3.total == zero3_host_copy.total - zero3_host_copy.checkpoint_copy
