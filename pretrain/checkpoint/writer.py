@@ -245,15 +245,17 @@ class CheckpointWriter:
             _lower_this_threads_priority()
         failure = None
         try:
-            faults.slow_write()
-            while job.files:
-                path, state = job.files.pop(0)      # written, then let go: a host copy shrinks as it goes
-                if job.live:                        # here: only this process can read the live tensors
-                    save_file(state, path)
-                else:
-                    self._call(save_file, state, path)
-                del state
-            job.released.set()
+            try:
+                faults.slow_write()
+                while job.files:
+                    path, state = job.files.pop(0)  # written, then let go: a host copy shrinks as it goes
+                    if job.live:                    # here: only this process can read the live tensors
+                        save_file(state, path)
+                    else:
+                        self._call(save_file, state, path)
+                    del state
+            finally:                                # written or failed, the next optimizer update may go on
+                job.released.set()
             faults.kill_while_writing(job.step, self._training_went_on)
             for path, text in job.texts:
                 path.write_text(text)
@@ -264,7 +266,6 @@ class CheckpointWriter:
         except Exception as err:        # whatever it is, every rank must still reach the agreement below
             failure = write_failure(getattr(err, "filename", None) or job.ckpt, err)
         job.files.clear()
-        job.released.set()
         failure = first_problem(failure, group=self.group)
         if failure is None:
             faults.kill_during_save(job.step)   # tests: a real SIGKILL after the shards, before the marker
